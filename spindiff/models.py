@@ -132,7 +132,8 @@ def build_tiny_tokenizer(vocab_size: int = 384):
                                   show_progress=False)
     tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
 
 
 def build_tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
