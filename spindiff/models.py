@@ -118,7 +118,7 @@ To see, you use your eyes. To hear, you use your ears. The sky is blue and the g
 A triangle has three sides. A square has four sides. The first letter is A. The last is Z."""
 
 
-def build_tiny_tokenizer(vocab_size: int = 384):
+def build_tiny_tokenizer(vocab_size: int = 512):
     """A byte-level BPE tokenizer trained in-process on a small built-in corpus (no download).
     Deterministic; words outside the corpus split into several tokens, like real BPE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
