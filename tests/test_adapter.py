@@ -9,13 +9,13 @@ import torch
 from spindiff.adapter import HeadSpecError, get_adapter, manual_attention, parse_heads
 
 
-def _ids(tok, text="The capital of France is Paris. The capital of Germany is"):
-    return tok(text, return_tensors="pt")["input_ids"]
+def _ids(tok, text="The capital of France is Paris. The capital of Germany is", device=None):
+    return tok(text, return_tensors="pt")["input_ids"].to(device)
 
 
 def _check_head_sum(model, tok):
     ad = get_adapter(model)
-    ids = _ids(tok)
+    ids = _ids(tok, device=next(model.parameters()).device)
     attn_out: dict[int, torch.Tensor] = {}
     attn_in: dict[int, torch.Tensor] = {}
     hs = []
@@ -131,3 +131,12 @@ def test_head_sum_identity_smollm2(smollm2):
 @pytest.mark.slow
 def test_ablation_hook_matches_weight_edit_smollm2(smollm2):
     _check_hook_ablation_equals_weight_edit(smollm2.model, smollm2.tokenizer, layer=3, head=5)
+
+
+@pytest.mark.gpu
+def test_head_sum_identity_cuda():
+    from spindiff.models import build_tiny_model
+
+    for name in ("tiny-gpt2", "tiny-llama"):
+        model, tok = build_tiny_model(name, dtype=torch.float64)
+        _check_head_sum(model.cuda(), tok)
