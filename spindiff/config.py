@@ -99,42 +99,80 @@ class FieldConfig:
 
 @dataclass
 class DataConfig:
-    """(context, next token) pairs for training the residual score."""
+    """(context, next token) pairs for training the residual score (see docs/training.md).
 
-    source: str = "lm"  # lm (text sampled from the LM itself) | file
+    Every position of every sequence gives one pair: context = tokens[:p], target = tokens[p].
+    Features (field N, hidden h, target spin S_0, token id) are computed once and cached on
+    disk as memory-mapped .npy under ``cache_dir`` keyed by (model, field config, data config).
+    """
+
+    source: str = "lm"  # lm (continuations sampled from the LM itself) | file
     path: str = ""  # text file when source=file
-    n_sequences: int = 64
-    seq_len: int = 48
-    prompts: str = ""  # seed prompts for source=lm (default: built-in set)
-    val_fraction: float = 0.1
+    n_sequences: int = 64  # lm: continuations to sample; file: max chunks (0 = all)
+    seq_len: int = 48  # lm: new tokens per continuation; file: tokens per chunk
+    prompts: str = ""  # lm: file with one seed prompt per line (default: built-in diverse set)
+    seed: int = 0  # data generation and split (independent of the training seed)
+    temperature: float = 1.0  # lm sampling (0 = greedy)
+    top_p: float = 1.0  # lm sampling
+    gen_batch_size: int = 32  # sequences per model.generate call
+    feature_batch_size: int = 16  # sequences per feature forward pass
+    val_fraction: float = 0.1  # fraction of SEQUENCES held out for validation
     batch_size: int = 256
     num_workers: int = 0
-    cache: bool = True  # features cached on disk, memory-mapped
+    cache: bool = True  # features cached on disk, memory-mapped (false: in memory, per run)
+    cache_dir: str = ""  # default: <model cache root>/features
 
 
 @dataclass
 class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` at trainer.max_steps."""
+
     lr: float = 3e-4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # passed to Trainer(gradient_clip_val=...); 0 = off
+    betas: list = _field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
 class SamplerConfig:
+    """How each next token is produced (``spindiff.samplers.SAMPLERS``; docs/generation.md).
+
+    name: ``spin`` (reverse LLG SDE on S^{d-1}; field-only when ``ckpt=none``), ``ar`` (the LM's
+    own sampling via ``generate``), ``euclid_ddpm`` (Gaussian DDPM in embedding space, needs a
+    checkpoint from ``train.py objective=euclid_ddpm``).
+    """
+
     name: str = "spin"  # spin | ar | euclid_ddpm
-    eta: float = 1.0
-    lam: float = 1.0
-    steps: int = 20
-    method: str = "geodesic_em"
-    kappa: Optional[float] = None  # None: nearest token; else softmax(kappa*cos)
-    temperature: float = 1.0  # ar
-    top_p: float = 1.0  # ar
-    batch_size: int = 8
+    eta: float = 1.0  # spin: LLG damping strength of the field drift eta P_S N (>= 0; 0 = learned score only)
+    lam: float = 1.0  # spin: Gilbert damping lambda > 0; precession = (eta/lam) Prec(S, N); inf = none
+    steps: int = 20  # spin / euclid_ddpm: SDE steps per token (>= 1)
+    method: str = "geodesic_em"  # spin: integrator (spindiff.integrators.SAMPLERS)
+    kappa: Optional[float] = None  # spin/euclid: None = nearest token by cosine; else sample softmax(kappa*cos)
+    temperature: float = 1.0  # ar: softmax temperature (0 = greedy)
+    top_p: float = 1.0  # ar: nucleus mass in (0, 1]
+    batch_size: int = 8  # prompts per batch
+
+
+@dataclass
+class EvalConfig:
+    """``python -m spindiff.evaluate`` / sweeps / bench: what to measure (docs/generation.md)."""
+
+    prompts: str = ""  # "" = the packaged held-out set spindiff/data/eval_prompts.txt; else FILE
+    n_prompts: int = 0  # first N prompts (0 = all)
+    seeds: list = _field(default_factory=lambda: [0, 1, 2])  # mean and 95% CI over these
+    n_draws: int = 64  # next-token draws per prompt for the fidelity metrics
+    fidelity: bool = True  # next-token TV / KL / top-1 agreement against the LM softmax
+    generation: bool = True  # continuations: perplexity, diversity, cost
 
 
 # --------------------------------------------------------------------------- entry points
 @dataclass
 class TrainConfig:
+    """``python train.py``: fit the residual score (see docs/training.md)."""
+
     model: ModelConfig = _field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
     sde: SDEConfig = _field(default_factory=SDEConfig)
     score_net: ScoreNetConfig = _field(default_factory=ScoreNetConfig)
@@ -143,49 +181,81 @@ class TrainConfig:
     optim: OptimConfig = _field(default_factory=OptimConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
     objective: str = "spin"  # spin | euclid_ddpm
+    weighting: str = "normalized"  # spin DSM loss weighting (spindiff.losses.WEIGHTINGS)
+    eval_t: list = _field(default_factory=lambda: [0.05, 0.2, 0.5])  # times of val/acc@t
+    eval_sample_steps: int = 20  # val/acc_sample: reverse steps per sample (0 = off)
+    eval_sample_size: int = 64  # contexts sampled for val/acc_sample
+    validate_at_start: bool = True  # val metrics of the untrained net (not when resuming)
+    ckpt_every_n_steps: int = 50  # last.ckpt cadence (best.ckpt: at every validation)
     trainer: dict = _field(default_factory=dict)  # passed through to lightning.Trainer
     seed: int = 0
     out: str = ""
-    resume: bool = True
+    resume: bool = True  # out/checkpoints/last.ckpt exists -> continue from it
 
 
 @dataclass
 class SampleConfig:
+    """``python sample.py``: token-by-token generation (see docs/generation.md).
+
+    With a checkpoint the field and SDE settings come from the checkpoint (the score network
+    was trained on them); ``field``/``sde`` here apply to the field-only sampler (``ckpt=none``).
+    """
+
     model: ModelConfig = _field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
     sampler: SamplerConfig = _field(default_factory=SamplerConfig)
     field: FieldConfig = _field(default_factory=FieldConfig)
     sde: SDEConfig = _field(default_factory=SDEConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
-    prompt: str = "The capital of France is Paris. The capital of Germany is"
-    prompts: str = ""
+    eval: EvalConfig = _field(default_factory=EvalConfig)
+    prompt: Optional[str] = "The capital of France is Paris. The capital of Germany is"
+    prompts: str = ""  # FILE with one prompt a line (overrides prompt)
     max_new_tokens: int = 16
-    ckpt: str = "auto"  # auto | none | PATH
+    ckpt: str = "auto"  # auto (newest compatible runs/train/*/checkpoints/last.ckpt) | none | PATH
     seed: int = 0
-    out: str = ""
-    stream: bool = True
+    out: str = ""  # default runs/sample/<timestamp>
+    stream: bool = True  # print tokens as they are generated
+    stop_at_eos: bool = True
 
 
 @dataclass
 class AnalysisConfig:
+    """``python -m analysis <command>``: per-head logit-gap analysis (docs/analysis.md).
+
+    protocol: ``paper`` (the reference code exactly, incl. its W_O slice), ``paper_fixed``
+    (correct W_O block), ``in_situ`` (each head's real output, direct logit attribution).
+    prompts / heldout: ``paper`` | ``extended`` | ``heldout`` (bundled) or a .jsonl/.json/.csv
+    file with prompt, good, bad. ``prompt_id`` in every output = 0-based row of the set.
+    """
+
     model: ModelConfig = _field(default_factory=ModelConfig)
     protocol: str = "in_situ"  # paper | paper_fixed | in_situ
-    prompts: str = "paper"  # paper | extended | FILE
-    heldout: str = ""
-    candidates: str = "first_token"  # first_token | full
-    heads: str = "all"
+    prompts: str = "extended"  # paper | extended | heldout | FILE
+    variant: str = "paper"  # paper | reference ("twenty" for "twenty-four", as the reference code)
+    heldout: str = "heldout"  # replication set ("" = none)
+    also_paper: bool = True  # also rank heads on the paper's 20 prompts and test them on `prompts`
+    candidates: str = "first_token"  # first_token (paper) | full (whole-word log-probabilities)
+    add_bos: bool = False  # prepend the tokenizer's BOS (the reference protocol uses none)
+    final_norm: bool = True  # in_situ: through the frozen final-norm scale (logit units)
+    heads: str = "all"  # family of heads analysed (all | L3 | L3H5,L0H2)
     head: str = ""  # head for Fig. 1/2 (default: top head by |r|)
-    ablate: str = "L3H5,L0H0"
-    ablation: str = "zero"  # zero | mean
+    top_k: int = 10  # top heads reported / split-half / replication
+    alpha: float = 0.05  # level for BH, family-wise control and replication
+    n_permutations: int = 1000
+    n_bootstrap: int = 1000
+    n_splits: int = 200  # split-half resamples
+    ablate: str = "L3H5,L0H0"  # heads for the targeted ablation (Fig. 4)
+    ablation: str = "zero"  # zero | mean (scan mode; the targeted table shows both)
     ablation_prompt: str = "Lions are carnivores. Cows are"
     ablation_good: str = "herbivores"
     ablation_bad: str = "omnivores"
-    final_norm: bool = True
-    n_permutations: int = 1000
-    n_bootstrap: int = 1000
+    scan_prompts: int = 24  # prompts in the all-heads scan (evenly spaced over the set; 0 = all)
+    scan_heads: str = ""  # heads in the scan (default: `heads`)
+    landscape_prompt: int = 0  # prompt_id drawn in Fig. 2
     t_min: float = 0.1
     t_max: float = 2.5
     t_steps: int = 30
     batch_size: int = 16
+    progress: bool = True
     seed: int = 0
     out: str = ""
 

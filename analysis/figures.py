@@ -1,0 +1,152 @@
+"""Figures (matplotlib, Agg backend, PNG): Fig. 1 scatter, r heatmap, Fig. 2 landscape,
+Fig. 3 order parameters vs T, Fig. 4 ablation bars, and the causal-check scatter."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis.landscape import Landscape  # noqa: E402
+from analysis.temperature import TemperatureSweep  # noqa: E402
+
+
+def _save(fig: Any, path: str | os.PathLike) -> str:
+    """Atomic PNG write (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(path)
+
+
+def fig_scatter(x: np.ndarray, y: np.ndarray, head: str, r: float, p: float, slope: float, intercept: float,
+                path: str | os.PathLike, title_extra: str = "", labels: Sequence[str] | None = None) -> str:
+    """Fig. 1: dL_theory of one head (x, (P,)) vs dL_actual (y, (P,)) with the least-squares line."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    ax.scatter(x, y, s=22, c="tab:blue", alpha=0.75, edgecolor="k", linewidth=0.3)
+    xs = np.linspace(x.min(), x.max(), 50) if len(x) else np.zeros(1)
+    ax.plot(xs, slope * xs + intercept, "r-", lw=1.5, label=f"fit: y = {slope:.3g} x + {intercept:.3g}")
+    if labels is not None and len(x) <= 30:
+        for xi, yi, lab in zip(x, y, labels):
+            ax.annotate(lab, (xi, yi), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel(rf"$\Delta L_{{theory}}$ of {head}")
+    ax.set_ylabel(r"$\Delta L_{actual}$ (full model)")
+    ax.set_title(f"{head}: r = {r:+.3f}, r$^2$ = {r * r:.3f}, p = {p:.2g}, n = {len(x)}{title_extra}", fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def fig_heatmap(r: np.ndarray, path: str | os.PathLike, title: str = "", marks: Sequence[tuple[int, int]] = ()) -> str:
+    """Layer x head heatmap of r (L, H); ``marks`` are outlined (e.g. the top heads)."""
+    L, H = r.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * H + 2.2), max(3.5, 0.24 * L + 1.4)))
+    lim = max(float(np.nanmax(np.abs(r))), 1e-6)
+    im = ax.imshow(r, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="upper")
+    for l, h in marks:
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.4))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(0, L, max(1, L // 15)))
+    fig.colorbar(im, ax=ax, label=r"Pearson r($\Delta L_{theory}$, $\Delta L_{actual}$)")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def fig_landscape(ls: Landscape, path: str | os.PathLike, n: int = 200) -> str:
+    """Fig. 2: the head's value-space decision plane, colour = N0 . s, N0 as an arrow."""
+    pts = np.stack([ls.coords(ls.N0), ls.coords(ls.S_good), ls.coords(ls.S_bad), np.zeros(2)])
+    span = float(np.abs(pts).max()) * 1.3 or 1.0
+    a, b = np.meshgrid(np.linspace(-span, span, n), np.linspace(-span, span, n))
+    F = ls.field(a, b)
+    lim = float(np.abs(F).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    im = ax.pcolormesh(a, b, F, cmap="RdBu_r", vmin=-lim, vmax=lim, shading="auto")
+    ax.contour(a, b, F, levels=[0.0], colors="k", linewidths=0.8, linestyles="--")
+    n0 = ls.coords(ls.N0)
+    ax.annotate("", xy=n0, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color="k", lw=2))
+    ax.text(*(n0 * 1.04), r"$N_0$", fontsize=10)
+    g, bd = ls.coords(ls.S_good), ls.coords(ls.S_bad)
+    ax.scatter(*g, marker="o", s=80, c="limegreen", edgecolor="k", zorder=3,
+               label=f"S_good '{ls.good}'  (N0.S = {ls.N0 @ ls.S_good:+.3g})")
+    ax.scatter(*bd, marker="s", s=80, c="orange", edgecolor="k", zorder=3,
+               label=f"S_bad '{ls.bad}'  (N0.S = {ls.N0 @ ls.S_bad:+.3g})")
+    ax.set_xlabel(r"decision axis $\Delta S / |\Delta S|$ (good $-$ bad)")
+    ax.set_ylabel(r"$N_0$ orthogonal to $\Delta S$, normalised")
+    ax.set_aspect("equal")
+    fig.colorbar(im, ax=ax, label=r"$N_0 \cdot s$ (head's logit contribution)")
+    prompt = ls.prompt if len(ls.prompt) < 60 else "..." + ls.prompt[-57:]
+    ax.set_title(f"L{ls.layer}H{ls.head} [{ls.protocol}] prompt #{ls.prompt_id}: '{prompt}'\n"
+                 rf"$\Delta L_{{theory}} = N_0\cdot(S_{{good}}-S_{{bad}})$ = {ls.dl_theory:+.4g}", fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def fig_temperature(sw: TemperatureSweep, path: str | os.PathLike, model: str = "") -> str:
+    """Fig. 3: mean entropy (bits) and mean P(top-1) vs the global temperature T."""
+    fig, ax1 = plt.subplots(figsize=(5.6, 3.8))
+    ax1.plot(sw.temps, sw.entropy_bits, "o-", c="tab:red", ms=3, label="entropy S (bits)")
+    ax1.set_xlabel("temperature T")
+    ax1.set_ylabel("mean entropy S(P(T)) [bits]", color="tab:red")
+    ax2 = ax1.twinx()
+    ax2.plot(sw.temps, sw.p_top1, "s-", c="tab:blue", ms=3, label="P(top-1)")
+    ax2.set_ylabel(r"mean $P_{top-1}(T)$", color="tab:blue")
+    ax2.set_ylim(0, 1.02)
+    ax1.set_title(f"Order parameters vs temperature {model} (n = {sw.entropy_per_prompt.shape[1]} prompts)",
+                  fontsize=9)
+    return _save(fig, path)
+
+
+def fig_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> str:
+    """Fig. 4: dL_actual at baseline and with each head (and all together) ablated, per mode."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    names = list(dict.fromkeys(r["ablated"] for r in rows))
+    base = rows[0]["dl_base"]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * (len(names) + 1) * max(1, len(modes)) * 0.6, 3.8))
+    w = 0.8 / max(1, len(modes))
+    ax.bar([0], [base], width=0.6, color="grey", label="baseline")
+    ax.text(0, base, f"{base:+.2f}", ha="center", va="bottom" if base >= 0 else "top", fontsize=7)
+    colors = {"zero": "tab:red", "mean": "tab:blue"}
+    for j, mode in enumerate(modes):
+        vals = [next(r["dl_ablated"] for r in rows if r["mode"] == mode and r["ablated"] == n) for n in names]
+        xs = np.arange(1, len(names) + 1) + (j - (len(modes) - 1) / 2) * w
+        ax.bar(xs, vals, width=w, color=colors.get(mode, None), label=f"{mode}-ablated")
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:+.2f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(range(len(names) + 1), ["baseline"] + names, rotation=20, fontsize=8)
+    ax.set_ylabel(r"$\Delta L_{actual}$ (good $-$ bad)")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig_causal(theory: np.ndarray, effect: np.ndarray, path: str | os.PathLike, r: float, title: str = "") -> str:
+    """Causal check: dL_theory (x) vs the ablation effect on dL_actual (y), one point per (prompt, head)."""
+    fig, ax = plt.subplots(figsize=(5.0, 4.0))
+    ax.scatter(theory.ravel(), effect.ravel(), s=6, alpha=0.4, c="tab:purple")
+    lo, hi = float(np.min(theory)), float(np.max(theory))
+    ax.plot([lo, hi], [-lo, -hi], "k--", lw=0.8, label="effect = -dL_theory (direct path only)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel(r"$\Delta L_{theory}$ (head, prompt)")
+    ax.set_ylabel(r"change in $\Delta L_{actual}$ when the head is ablated")
+    ax.set_title(f"{title} pooled r = {r:+.3f}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

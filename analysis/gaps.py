@@ -1,0 +1,172 @@
+"""Per-head theoretical logit gaps dL_theory and the model's actual gap dL_actual.
+
+For head (l, h) and a prompt with candidates (good, bad):
+
+    dL_theory(l, h) = N_proj(l, h) . (e_good - e_bad)          (paper Eq. 4 / 24)
+
+with N_proj from :class:`spindiff.field.ContextFieldProvider` under one of three protocols:
+
+- ``paper``: the reference protocol (raw token embeddings into every head, no biases, norms or
+  positions; W_O sliced as the reference code does -- the transposed block on GPT-2);
+  e_t = unembedding row without the final-norm gain.
+- ``paper_fixed``: the same with the correct W_O block (identical to ``paper`` on Llama-family
+  models, whose ``nn.Linear`` slice was right all along).
+- ``in_situ``: each head's real output at the last position of the real forward pass (direct
+  logit attribution); with ``final_norm=True`` through the frozen final-norm scale, so the
+  gaps are in logit units and, with the other residual components, sum to dL_actual.
+
+dL_actual = logit_good - logit_bad at the last position of the unmodified prompt
+(``candidates=first_token``), or log P(" "+good | prompt) - log P(" "+bad | prompt) summed over
+the candidates' tokens (``candidates=full``; dL_theory then uses the first tokens' embeddings).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from analysis.prompts import TokenizedSet, pad_left
+from spindiff.adapter import ArchitectureAdapter, get_adapter
+from spindiff.field import ContextFieldProvider, last_positions
+
+PROTOCOLS = ("paper", "paper_fixed", "in_situ")
+CANDIDATES = ("first_token", "full")
+
+
+@dataclass
+class GapTable:
+    """Gaps of one model/protocol on one prompt set.
+
+    dl_theory: (P, L, H) float64 per-head theoretical gaps
+    dl_actual: (P,) float64 full-model gaps
+    valid:     (P,) bool, rows used by the statistics (False where good/bad share a first token)
+    last_logits: (P, V) next-token logits of the unmodified prompts (kept on request)
+    """
+
+    dl_theory: np.ndarray
+    dl_actual: np.ndarray
+    protocol: str
+    candidates: str
+    final_norm: bool
+    valid: np.ndarray
+    last_logits: Tensor | None = None
+
+    @property
+    def n_prompts(self) -> int:
+        return self.dl_theory.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.dl_theory.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.dl_theory.shape[2]
+
+    def flat(self) -> np.ndarray:
+        """(P, L*H): column k = layer k // H, head k % H."""
+        return self.dl_theory.reshape(self.n_prompts, -1)
+
+    def rows(self) -> Iterator[tuple[int, int, int, float, float]]:
+        """(prompt_id, layer, head, dl_theory, dl_actual) rows, prompt-major."""
+        P, L, H = self.dl_theory.shape
+        for p in range(P):
+            for l in range(L):
+                for h in range(H):
+                    yield p, l, h, float(self.dl_theory[p, l, h]), float(self.dl_actual[p])
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, max(1, size))]
+
+
+def unembedding_diff(adapter: ArchitectureAdapter, good: Tensor, bad: Tensor) -> Tensor:
+    """e_good - e_bad (B, D) from the unembedding rows (no final-norm gain)."""
+    W_U = adapter.unembedding()
+    return W_U[good] - W_U[bad]
+
+
+@torch.no_grad()
+def last_logits(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """Next-token logits (B, V) at the last position of a left-padded batch (B, T)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def continuation_logprob(model: nn.Module, prefixes: Sequence[Sequence[int]],
+                         conts: Sequence[Sequence[int]], pad_id: int) -> Tensor:
+    """log P(cont | prefix) summed over the continuation tokens, for a batch: (B,).
+
+    Sequences are prefix + cont, left-padded, so every continuation ends at the last position;
+    only the logits of the last ``max(len(cont)) + 1`` positions are computed."""
+    seqs = [list(p) + list(c) for p, c in zip(prefixes, conts)]
+    ids, mask = pad_left(seqs, pad_id)
+    C = max(len(c) for c in conts)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=C + 1)
+    logp = out.logits[:, :-1].double().log_softmax(-1)  # (B, C, V): predicts positions T-C .. T-1
+    tgt = ids[:, -C:]  # (B, C)
+    lp = logp.gather(-1, tgt[..., None])[..., 0]  # (B, C)
+    keep = torch.arange(C)[None, :] >= (C - torch.tensor([len(c) for c in conts]))[:, None]
+    return (lp * keep).sum(-1).double()
+
+
+@torch.no_grad()
+def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ",
+                 candidates: str = "first_token", final_norm: bool = True, batch_size: int = 16,
+                 adapter: ArchitectureAdapter | None = None, pad_id: int = 0, keep_logits: bool = False,
+                 progress: bool = True) -> GapTable:
+    """dL_theory for every head and dL_actual for every prompt of ``tset``.
+
+    Batched over prompts (left padding) and vectorised over heads: one provider call and one
+    model forward per batch (two more for ``candidates=full``).
+
+    Args:
+        protocol: ``paper`` | ``paper_fixed`` | ``in_situ``.
+        candidates: ``first_token`` | ``full``.
+        final_norm: in_situ only: through the frozen final-norm scale.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates '{candidates}': use one of {', '.join(CANDIDATES)}")
+    ad = adapter or get_adapter(model)
+    prov = ContextFieldProvider(model, [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)],
+                                protocol, normalize=False, final_norm=final_norm, adapter=ad)
+    P = len(tset)
+    theory = torch.empty(P, ad.n_layers * ad.n_heads, dtype=torch.float64)
+    actual = torch.empty(P, dtype=torch.float64)
+    logits_all = [] if keep_logits else None
+    it = _batches(P, batch_size)
+    for rng in tqdm(it, desc=f"gaps[{protocol}]", disable=not progress or len(it) < 2, leave=False):
+        idx = list(rng)
+        ids, mask = pad_left([tset.ids[i] for i in idx], pad_id)
+        out = prov(ids, mask)
+        logits = out.logits if out.logits is not None else last_logits(model, ids, mask)  # (B, V)
+        de = unembedding_diff(ad, tset.good_first[idx], tset.bad_first[idx]).to(out.per_head.dtype)  # (B, D)
+        theory[idx] = torch.einsum("bkd,bd->bk", out.per_head, de).double()
+        if candidates == "first_token":
+            actual[idx] = (logits.gather(-1, tset.good_first[idx, None]) -
+                           logits.gather(-1, tset.bad_first[idx, None]))[:, 0].double()
+        else:
+            pre = [tset.ids[i] for i in idx]
+            actual[idx] = (continuation_logprob(model, pre, [tset.good_ids[i] for i in idx], pad_id)
+                           - continuation_logprob(model, pre, [tset.bad_ids[i] for i in idx], pad_id))
+        if keep_logits:
+            logits_all.append(logits.detach().float())
+    valid = np.ones(P, dtype=bool)
+    valid[list(tset.shared_first)] = False  # dL_theory = 0 for every head: no information
+    return GapTable(theory.view(P, ad.n_layers, ad.n_heads).numpy(), actual.numpy(), protocol, candidates,
+                    final_norm, valid, torch.cat(logits_all) if keep_logits else None)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """A pad id for left padding (masked out, so any valid id works)."""
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if t is not None:
+            return int(t)
+    return 0

@@ -1,0 +1,203 @@
+"""Writing results: CSV tables, report.json and a readable report.md that embeds the figures."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+from spindiff.runtime import atomic_write_text
+
+# the paper's published numbers (GPT-2 small, protocol=paper, 20 prompts)
+PAPER_NUMBERS = {
+    "heads": {"L3H5": -0.691, "L0H2": 0.547, "L0H7": 0.542},
+    "L3H5_p": 7.38e-4,
+    "ablation": {"baseline": -0.85, "L3H5": -0.88, "L0H0": -1.72},
+    "temperature": {"entropy_T0.1": 0.2, "entropy_T2.5": 14.0, "p_top1_T0.1": 0.95, "p_top1_T2.5": 0.02},
+}
+
+
+def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict[str, Any] | Sequence[Any]]) -> str:
+    """Atomic CSV write; rows are dicts (keyed by ``fieldnames``) or sequences in that order."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(fieldnames)
+    for r in rows:
+        vals = [r.get(k, "") for k in fieldnames] if isinstance(r, dict) else list(r)
+        w.writerow([_fmt(v) for v in vals])
+    atomic_write_text(path, buf.getvalue())
+    return str(path)
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v) if abs(v) < 1e-4 and v != 0 else f"{v:.10g}"
+    return v
+
+
+def fnum(x: Any, nd: int = 3) -> str:
+    """Compact number for markdown: 3 significant figures, scientific for small p."""
+    if x is None:
+        return "n/a"
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(x):
+        return "nan"
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.2e}"
+    return f"{x:.{nd}f}"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def heads_md(records: list[dict[str, Any]]) -> str:
+    return md_table(["rank", "head", "r", "95% CI", "p", "q (BH)", "p (FWER)", "role"],
+                    [(i + 1, r["name"], fnum(r["r"]), f"[{fnum(r['r_ci_low'], 2)}, {fnum(r['r_ci_high'], 2)}]",
+                      fnum(r["p"]), fnum(r["q_bh"]), fnum(r["p_fwer"]), r["role"]) for i, r in enumerate(records)])
+
+
+def verdict_lines(rep: dict[str, Any]) -> list[str]:
+    """Plain statements of what survives multiple-testing control and replication."""
+    out = []
+    fw, n = rep["family_wise"], rep["n_prompts"]
+    top = rep["top_heads"][0] if rep["top_heads"] else None
+    if top:
+        out.append(f"- Best head **{top['name']}**: r = {fnum(top['r'])} (n = {n} prompts), nominal p = "
+                   f"{fnum(top['p'])}, 95% bootstrap CI [{fnum(top['r_ci_low'], 2)}, {fnum(top['r_ci_high'], 2)}].")
+    out.append(f"- Family-wise (max-|r| permutation over {fw['n_heads']} heads, {fw['n_permutations']} "
+               f"permutations): p = {fnum(fw['p_family'])}; chance alone gives max |r| >= "
+               f"{fnum(fw['threshold_abs_r'])} in {int(round(rep['alpha'] * 100))}% of permutations. "
+               + (f"**{len(fw['surviving'])} head(s) survive** family-wise control at {rep['alpha']}: "
+                  f"{', '.join(fw['surviving'][:15])}{' ...' if len(fw['surviving']) > 15 else ''}."
+                  if fw["surviving"] else "**No head survives family-wise control.**"))
+    out.append(f"- Benjamini-Hochberg: {rep['bh']['n_significant']} head(s) with q < {rep['alpha']}.")
+    sh = rep.get("split_half") or {}
+    if sh:
+        out.append(f"- Split-half stability of the top {sh['top_k']}: mean overlap {sh['overlap_mean']:.2f} "
+                   f"(chance {sh['overlap_chance']:.2f}); the best head is the same in "
+                   f"{100 * sh['top1_same_frac']:.0f}% of splits.")
+    rp = rep.get("replication")
+    if rp:
+        names = [h["name"] for h in rp["heads"] if h["replicated"]]
+        out.append(f"- Replication on the held-out set ({rp['n_heldout']} prompts): **{rp['n_replicated']} of the "
+                   f"top {rp['top_k']} replicate** (same sign, BH q < {rep['alpha']} over those {rp['top_k']})"
+                   + (f": {', '.join(names)}" if names else "")
+                   + f". r of all heads, main vs held-out: {fnum(rp['r_across_heads'])}.")
+    ps = rep.get("paper_set")
+    if ps:
+        t = ps["top_heads"][0]
+        out.append(f"- On the paper's 20 prompts alone the best head is {t['name']} (r = {fnum(t['r'])}, p = "
+                   f"{fnum(t['p'])}) but family-wise p = {fnum(ps['family_wise']['p_family'])} (chance threshold "
+                   f"|r| = {fnum(ps['family_wise']['threshold_abs_r'])}); {ps['n_top_replicated']} of its top "
+                   f"{len(ps['top_heads'])} heads replicate on '{rep['prompts']['name']}'.")
+    sc = rep.get("scan")
+    if sc:
+        out.append(f"- Causal check ({sc['mode']}-ablation of {sc['n_heads']} heads on {sc['n_prompts']} prompts): "
+                   f"r(dL_theory, change in dL_actual) = {fnum(sc['r_theory_effect'])} pooled over (prompt, head); "
+                   f"median per prompt across heads {fnum(sc['r_per_prompt_median'])}.")
+    return out
+
+
+def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
+    """report.md from the report dict; ``figures`` maps a key to a PNG file name in the run dir."""
+    m = rep["model"]
+    lines = [f"# Head analysis: {m['used']} ({rep['protocol']} protocol)", ""]
+    if m.get("fallback_reason"):
+        lines += [f"> **Model used: {m['used']}**, not the requested '{m['requested']}' "
+                  f"({m['fallback_reason']}). Numbers below are for {m['used']}.", ""]
+    lines += [f"Model: **{m['used']}** ({m['class']}, {m['n_layers']} layers x {m['n_heads']} heads, "
+              f"{m['n_kv_heads']} KV heads, d = {m['d_model']}, {m['dtype']}). Protocol `{rep['protocol']}`"
+              + (" (through the frozen final norm)" if rep["protocol"] == "in_situ" and rep["final_norm"] else "")
+              + f", candidates `{rep['candidates']}`, prompt set '{rep['prompts']['name']}' "
+              f"(n = {rep['n_prompts']}, {rep['prompts']['n_rows_single_token']} rows with single-token candidates).",
+              "", "## Verdict", ""]
+    lines += verdict_lines(rep)
+    lines += ["", f"## Top {len(rep['top_heads'])} heads by |r|", "", heads_md(rep["top_heads"]), ""]
+    if "fig1" in figures:
+        lines += [f"![Fig. 1]({figures['fig1']})", ""]
+    if "heatmap" in figures:
+        lines += [f"![r heatmap]({figures['heatmap']})", ""]
+    rp = rep.get("replication")
+    if rp:
+        lines += ["## Replication on the held-out set", "",
+                  md_table(["head", "r (main)", "r (held-out)", "p (held-out)", "q (BH, top-k)", "replicated"],
+                           [(h["name"], fnum(h["r_main"]), fnum(h["r_heldout"]), fnum(h["p_heldout"]),
+                             fnum(h["q_heldout"]), "yes" if h["replicated"] else "no") for h in rp["heads"]]), ""]
+    ps = rep.get("paper_set")
+    if ps:
+        lines += ["## The paper's 20 prompts", "",
+                  f"Family-wise p of the best head: {fnum(ps['family_wise']['p_family'])}.", "",
+                  md_table(["head", "r (paper set)", "p", "p (FWER)", f"r on '{rep['prompts']['name']}'", "replicated"],
+                           [(h["name"], fnum(h["r"]), fnum(h["p"]), fnum(h["p_fwer"]), fnum(h["r_on_main"]),
+                             "yes" if h["replicated"] else "no") for h in ps["top_heads"]]), ""]
+    ab = rep.get("ablation")
+    if ab:
+        lines += ["## Causal ablation (Fig. 4 case)", "",
+                  f"Prompt: '{ab['prompt']}' good '{ab['good']}' vs bad '{ab['bad']}'. Baseline dL_actual = "
+                  f"{fnum(ab['baseline'])} (paper, GPT-2: {PAPER_NUMBERS['ablation']['baseline']}). Mean-ablation "
+                  "uses each head's mean z over the analysis prompt set.", "",
+                  md_table(["ablated", "mode", "dL_actual", "change"],
+                           [(r["ablated"], r["mode"], fnum(r["dl_ablated"]), fnum(r["delta"])) for r in ab["rows"]]),
+                  ""]
+        if ab.get("multi_token"):
+            lines += [f"Multi-token candidates in this case (first token scored): {ab['multi_token']}", ""]
+        if "fig4" in figures:
+            lines += [f"![Fig. 4]({figures['fig4']})", ""]
+    sc = rep.get("scan")
+    if sc:
+        lines += ["## Full ablation scan: does dL_theory predict the causal effect?", "",
+                  f"{sc['mode']}-ablation of each of {sc['n_heads']} heads alone on {sc['n_prompts']} prompts "
+                  f"(prompt ids {sc['prompt_ids'][:8]}{'...' if len(sc['prompt_ids']) > 8 else ''}). "
+                  f"Correlation of dL_theory with the change in dL_actual: pooled r = {fnum(sc['r_theory_effect'])}"
+                  f" (p = {fnum(sc['p_theory_effect'])}); per prompt across heads, median r = "
+                  f"{fnum(sc['r_per_prompt_median'])}; per head (means over prompts) r = {fnum(sc['r_head_means'])}. "
+                  "For zero-ablation the head's direct effect is -dL_theory (in_situ), so a strongly negative r "
+                  "means the direct logit attribution predicts the causal effect; the rest is mediated by later "
+                  f"layers. Scan time {sc['seconds']:.1f} s for {sc['gflop_fast']:.0f} GFLOP "
+                  f"({sc['gflop_per_s']:.1f} GFLOP/s; one full forward per head would be {sc['gflop_full']:.0f} GFLOP).",
+                  "", "Largest causal effects (mean |change| over prompts):", "",
+                  md_table(["head", "mean change", "mean abs change", "mean dL_theory"],
+                           [(h["name"], fnum(h["mean_effect"]), fnum(h["mean_abs_effect"]), fnum(h["mean_theory"]))
+                            for h in sc["top_causal"]]), ""]
+        if "causal" in figures:
+            lines += [f"![causal check]({figures['causal']})", ""]
+    lc = rep.get("landscape")
+    if lc:
+        lines += ["## Decision landscape (Fig. 2)", "",
+                  f"{lc['head']} on prompt #{lc['prompt_id']} '{lc['prompt']}': N0.(S_good - S_bad) = "
+                  f"{fnum(lc['dl_theory'])} (S_A = W_O[h] @ e_A, paper Eq. 5).", ""]
+        if "fig2" in figures:
+            lines += [f"![Fig. 2]({figures['fig2']})", ""]
+    tp = rep.get("temperature")
+    if tp:
+        lines += ["## Temperature sweep (Fig. 3)", "",
+                  f"One forward pass per prompt, logits rescaled. Mean entropy {fnum(tp['entropy_bits_at_tmin'], 2)} bits "
+                  f"at T = {tp['t_min']} -> {fnum(tp['entropy_bits_at_tmax'], 2)} bits at T = {tp['t_max']}; "
+                  f"P(top-1) {fnum(tp['p_top1_at_tmin'], 3)} -> {fnum(tp['p_top1_at_tmax'], 3)} (paper, GPT-2: "
+                  "~0.2 -> ~14 bits, 0.95 -> 0.02).", ""]
+        if "fig3" in figures:
+            lines += [f"![Fig. 3]({figures['fig3']})", ""]
+    pr = rep["prompts"]
+    if pr.get("multi_token"):
+        lines += ["## Multi-token candidates", "",
+                  f"{len(pr['multi_token'])} candidate word(s) are several tokens; under `first_token` only the "
+                  "first is scored (the paper's rule):", "",
+                  md_table(["prompt_id", "which", "word", "tokens"],
+                           [(r["prompt_id"], r["which"], r["word"], " ".join(r["tokens"])) for r in pr["multi_token"]]),
+                  ""]
+    if pr.get("shared_first"):
+        lines += [f"Prompt ids {pr['shared_first']}: good and bad share their first token; excluded from the "
+                  "statistics.", ""]
+    lines += ["## Files", "", "gaps.csv (prompt_id, layer, head, dl_theory, dl_actual), heads.csv (all heads), "
+              "ablation.csv, scan.csv, temperature.csv, report.json, config.yaml, run.json.", "",
+              f"Seeds: {rep['seeds']}. Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()
+                                                               if k in ("torch", "transformers", "numpy", "scipy")),
+              ""]
+    return "\n".join(lines)

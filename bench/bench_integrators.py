@@ -1,0 +1,141 @@
+"""Norm drift and step cost: torchsde's Euclidean solvers vs the geodesic integrators.
+
+Problem: the forward Brownian motion on S^{d-1} (dimension-scaled linear schedule, T = 1),
+dt = 0.01, 100 steps, the same torchsde Brownian path for every method, d = 16 and 576.
+torchsde integrates the Ito form (``euler``) and the Stratonovich form (``midpoint``) of the same
+SDE; the geodesic steps use the intrinsic drift (see spindiff/integrators.py).
+
+Columns: max and mean | |S_T| - 1 |, the mean cosine E[S_T . S_0]-free check of the law at t = 0.5
+(simulated E[S_t . S_0] vs exp(-(d-1) s(t)/2)), and wall time per step.
+Then the cost of one isolated step (same batch, d, precomputed dW): geodesic EM vs torchsde's
+Euler update y + f dt + g_prod(dW), with the ratio (target <= 1.5).
+
+Usage: python bench/bench_integrators.py [--quick] [--batch B] [--dtype float32|float64]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchsde
+
+from spindiff.integrators import get_sampler, integrate, make_brownian
+from spindiff.schedules import make_schedule
+from spindiff.sde import BrownianSphereSDE
+
+
+def _time_it(fn, repeat: int, inner: int) -> float:
+    """Median over ``repeat`` runs of the mean time of ``inner`` calls (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def drift_table(dims: list[int], batch: int, dtype: torch.dtype, steps: int = 100, dt: float = 0.01) -> list[dict]:
+    rows = []
+    for d in dims:
+        gen = torch.Generator().manual_seed(0)
+        sched = make_schedule("linear", d)
+        sde_ito = BrownianSphereSDE(sched, sde_type="ito")
+        sde_str = BrownianSphereSDE(sched, sde_type="stratonovich")
+        s0 = sde_ito.prior_sampling(batch, dtype=dtype, generator=gen)
+        T = steps * dt
+        ts = torch.linspace(0.0, T, steps + 1, dtype=torch.float64)
+        half = steps // 2
+        law = float(sched.mean_cosine(float(ts[half])))
+        runs = {
+            "torchsde euler (Ito)": lambda bm: torchsde.sdeint(sde_ito, s0, ts.to(dtype), bm=bm, method="euler", dt=dt),
+            "torchsde midpoint (Strat.)": lambda bm: torchsde.sdeint(sde_str, s0, ts.to(dtype), bm=bm, method="midpoint", dt=dt),
+            "geodesic_em": lambda bm: integrate(sde_ito, s0, ts, "geodesic_em", bm=bm, return_path=True),
+            "geodesic_midpoint": lambda bm: integrate(sde_str, s0, ts, "geodesic_midpoint", bm=bm, return_path=True),
+            "geodesic_heun": lambda bm: integrate(sde_str, s0, ts, "geodesic_heun", bm=bm, return_path=True),
+        }
+        for name, run in runs.items():
+            bm = make_brownian(batch, d, 0.0, T, dtype, seed=1)
+            t0 = time.perf_counter()
+            path = run(bm)  # (steps + 1, B, d)
+            wall = (time.perf_counter() - t0) / steps
+            err = (path[-1].norm(dim=-1) - 1).abs()
+            cos_half = float((path[half] * s0).sum(-1).mean() / (path[half].norm(dim=-1).mean()))
+            rows.append({"d": d, "method": name, "max_norm_err": float(err.max()), "mean_norm_err": float(err.mean()),
+                         "cos_t05": cos_half, "law_t05": law, "ms_per_step": 1e3 * wall})
+    return rows
+
+
+def step_cost(dims: list[int], batch: int, dtype: torch.dtype, repeat: int, inner: int) -> list[dict]:
+    rows = []
+    for d in dims:
+        gen = torch.Generator().manual_seed(0)
+        sde = BrownianSphereSDE(make_schedule("linear", d))
+        y = sde.prior_sampling(batch, dtype=dtype, generator=gen)
+        dw = 0.1 * torch.randn(batch, d, dtype=dtype, generator=gen)
+        t0, t1 = torch.tensor(0.3, dtype=dtype), torch.tensor(0.31, dtype=dtype)
+        h = float(t1 - t0)
+        step = get_sampler("geodesic_em")
+
+        def euler() -> torch.Tensor:  # torchsde's Euler.step body: y + f dt + g_prod
+            f, gp = sde.f(t0, y), sde.g_prod(t0, y, dw)
+            return y + f * h + gp
+
+        solver_sde = torchsde._core.base_sde.ForwardSDE(sde)  # what sdeint wraps the SDE in
+        bm = make_brownian(batch, d, 0.0, 1.0, dtype, seed=0)
+        solver = torchsde._core.methods.select(method="euler", sde_type="ito")(
+            sde=solver_sde, bm=bm, dt=h, adaptive=False, rtol=0.0, atol=0.0, dt_min=1e-5, options={})
+
+        def torchsde_step() -> torch.Tensor:
+            return solver.step(t0, t1, y, ())[0]
+
+        def geodesic() -> torch.Tensor:
+            return step(sde, float(t0), float(t1), y, dw)
+
+        def geodesic_with_bm() -> torch.Tensor:
+            return step(sde, float(t0), float(t1), y, bm(t0, t1))
+
+        te = _time_it(euler, repeat, inner)
+        ts_ = _time_it(torchsde_step, repeat, inner)
+        tg = _time_it(geodesic, repeat, inner)
+        tgb = _time_it(geodesic_with_bm, repeat, inner)
+        rows.append({"d": d, "batch": batch, "euler_us": 1e6 * te, "torchsde_step_us": 1e6 * ts_,
+                     "geodesic_us": 1e6 * tg, "geodesic_bm_us": 1e6 * tgb,
+                     "ratio_vs_euler_update": tg / te, "ratio_vs_torchsde_step": tgb / ts_})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller batch and fewer timing repeats")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    batch = args.batch or (64 if args.quick else 256)
+    repeat, inner = (5, 20) if args.quick else (15, 50)
+    dims = [16, 576]
+
+    print(f"# norm drift after 100 steps of dt = 0.01 (batch {batch}, {args.dtype}); law at t=0.5: "
+          "E[S_t.S_0] = exp(-(d-1)s/2)")
+    print(f"{'d':>4}  {'method':<28}{'max||S|-1|':>12}{'mean||S|-1|':>13}{'E[S.S0] t=.5':>14}{'law':>9}{'ms/step':>9}")
+    for r in drift_table(dims, batch, dtype):
+        print(f"{r['d']:>4}  {r['method']:<28}{r['max_norm_err']:>12.2e}{r['mean_norm_err']:>13.2e}"
+              f"{r['cos_t05']:>14.4f}{r['law_t05']:>9.4f}{r['ms_per_step']:>9.3f}")
+    print()
+    print(f"# cost of one step (batch {batch}, {args.dtype}, {args.threads} threads, median of {repeat}x{inner})")
+    print(f"{'d':>4}{'Euler update us':>17}{'geodesic EM us':>16}{'ratio':>7}   "
+          f"{'torchsde Euler.step us':>23}{'geodesic EM + bm us':>21}{'ratio':>7}")
+    for r in step_cost(dims, batch, dtype, repeat, inner):
+        print(f"{r['d']:>4}{r['euler_us']:>17.1f}{r['geodesic_us']:>16.1f}{r['ratio_vs_euler_update']:>7.2f}   "
+              f"{r['torchsde_step_us']:>23.1f}{r['geodesic_bm_us']:>21.1f}{r['ratio_vs_torchsde_step']:>7.2f}")
+    print("target: geodesic step <= 1.5x torchsde's Euler step")
+
+
+if __name__ == "__main__":
+    main()
