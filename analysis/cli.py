@@ -193,7 +193,7 @@ class Analysis:
             "split_half": st.split,
         })
         rep_cols: dict[str, np.ndarray] = {}
-        if c.heldout:
+        if c.heldout and c.heldout.lower() != "none":
             Xh, yh = self.design(self.gaps(c.heldout))
             rp = replication(st, Xh, yh, c.top_k, alpha)
             rep_cols = {"r_heldout": rp.pop("r_heldout_all"), "p_heldout": rp.pop("p_heldout_all")}

@@ -70,25 +70,30 @@ def fig_heatmap(r: np.ndarray, path: str | os.PathLike, title: str = "", marks: 
 
 
 def fig_landscape(ls: Landscape, path: str | os.PathLike, n: int = 200) -> str:
-    """Fig. 2: the head's value-space decision plane, colour = N0 . s, N0 as an arrow."""
-    pts = np.stack([ls.coords(ls.N0), ls.coords(ls.S_good), ls.coords(ls.S_bad), np.zeros(2)])
-    span = float(np.abs(pts).max()) * 1.3 or 1.0
+    """Fig. 2: the head's value-space decision plane, colour = N0 . s, N0 as an arrow.
+
+    The window is sized to the candidates' points S_good, S_bad (and the origin); N0, usually
+    much longer, is drawn as a direction arrow scaled into the window (its norm is labelled)."""
+    g, bd, n0 = ls.coords(ls.S_good), ls.coords(ls.S_bad), ls.coords(ls.N0)
+    span = float(np.abs(np.stack([g, bd])).max()) * 1.6 or 1.0
     a, b = np.meshgrid(np.linspace(-span, span, n), np.linspace(-span, span, n))
     F = ls.field(a, b)
     lim = float(np.abs(F).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    fig, ax = plt.subplots(figsize=(5.8, 4.9))
     im = ax.pcolormesh(a, b, F, cmap="RdBu_r", vmin=-lim, vmax=lim, shading="auto")
     ax.contour(a, b, F, levels=[0.0], colors="k", linewidths=0.8, linestyles="--")
-    n0 = ls.coords(ls.N0)
-    ax.annotate("", xy=n0, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color="k", lw=2))
-    ax.text(*(n0 * 1.04), r"$N_0$", fontsize=10)
-    g, bd = ls.coords(ls.S_good), ls.coords(ls.S_bad)
-    ax.scatter(*g, marker="o", s=80, c="limegreen", edgecolor="k", zorder=3,
+    tip = n0 / max(np.linalg.norm(n0), 1e-300) * 0.8 * span
+    ax.annotate("", xy=tip, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color="k", lw=2))
+    ax.text(*(tip * 1.05), rf"$N_0$ (|N$_0$| = {np.linalg.norm(ls.N0):.3g})", fontsize=8)
+    ax.scatter(*g, marker="o", s=90, c="limegreen", edgecolor="k", zorder=3,
                label=f"S_good '{ls.good}'  (N0.S = {ls.N0 @ ls.S_good:+.3g})")
-    ax.scatter(*bd, marker="s", s=80, c="orange", edgecolor="k", zorder=3,
+    ax.scatter(*bd, marker="s", s=90, c="orange", edgecolor="k", zorder=3,
                label=f"S_bad '{ls.bad}'  (N0.S = {ls.N0 @ ls.S_bad:+.3g})")
+    ax.plot([bd[0], g[0]], [bd[1], g[1]], "k:", lw=0.8)
     ax.set_xlabel(r"decision axis $\Delta S / |\Delta S|$ (good $-$ bad)")
     ax.set_ylabel(r"$N_0$ orthogonal to $\Delta S$, normalised")
+    ax.set_xlim(-span, span)
+    ax.set_ylim(-span, span)
     ax.set_aspect("equal")
     fig.colorbar(im, ax=ax, label=r"$N_0 \cdot s$ (head's logit contribution)")
     prompt = ls.prompt if len(ls.prompt) < 60 else "..." + ls.prompt[-57:]

@@ -119,7 +119,7 @@ def continuation_logprob(model: nn.Module, prefixes: Sequence[Sequence[int]],
 def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ",
                  candidates: str = "first_token", final_norm: bool = True, batch_size: int = 16,
                  adapter: ArchitectureAdapter | None = None, pad_id: int = 0, keep_logits: bool = False,
-                 progress: bool = True) -> GapTable:
+                 progress: bool = True, actual: bool = True) -> GapTable:
     """dL_theory for every head and dL_actual for every prompt of ``tset``.
 
     Batched over prompts (left padding) and vectorised over heads: one provider call and one
@@ -129,6 +129,7 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
         protocol: ``paper`` | ``paper_fixed`` | ``in_situ``.
         candidates: ``first_token`` | ``full``.
         final_norm: in_situ only: through the frozen final-norm scale.
+        actual: compute dL_actual (False: NaN, and no model forward for the paper protocols).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
@@ -139,29 +140,32 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
                                 protocol, normalize=False, final_norm=final_norm, adapter=ad)
     P = len(tset)
     theory = torch.empty(P, ad.n_layers * ad.n_heads, dtype=torch.float64)
-    actual = torch.empty(P, dtype=torch.float64)
+    actual_gap = torch.empty(P, dtype=torch.float64)
     logits_all = [] if keep_logits else None
     it = _batches(P, batch_size)
     for rng in tqdm(it, desc=f"gaps[{protocol}]", disable=not progress or len(it) < 2, leave=False):
         idx = list(rng)
         ids, mask = pad_left([tset.ids[i] for i in idx], pad_id)
         out = prov(ids, mask)
-        logits = out.logits if out.logits is not None else last_logits(model, ids, mask)  # (B, V)
         de = unembedding_diff(ad, tset.good_first[idx], tset.bad_first[idx]).to(out.per_head.dtype)  # (B, D)
         theory[idx] = torch.einsum("bkd,bd->bk", out.per_head, de).double()
+        if not actual:
+            actual_gap[idx] = float("nan")
+            continue
+        logits = out.logits if out.logits is not None else last_logits(model, ids, mask)  # (B, V)
         if candidates == "first_token":
-            actual[idx] = (logits.gather(-1, tset.good_first[idx, None]) -
+            actual_gap[idx] = (logits.gather(-1, tset.good_first[idx, None]) -
                            logits.gather(-1, tset.bad_first[idx, None]))[:, 0].double()
         else:
             pre = [tset.ids[i] for i in idx]
-            actual[idx] = (continuation_logprob(model, pre, [tset.good_ids[i] for i in idx], pad_id)
+            actual_gap[idx] = (continuation_logprob(model, pre, [tset.good_ids[i] for i in idx], pad_id)
                            - continuation_logprob(model, pre, [tset.bad_ids[i] for i in idx], pad_id))
         if keep_logits:
             logits_all.append(logits.detach().float())
     valid = np.ones(P, dtype=bool)
     valid[list(tset.shared_first)] = False  # dL_theory = 0 for every head: no information
-    return GapTable(theory.view(P, ad.n_layers, ad.n_heads).numpy(), actual.numpy(), protocol, candidates,
-                    final_norm, valid, torch.cat(logits_all) if keep_logits else None)
+    return GapTable(theory.view(P, ad.n_layers, ad.n_heads).numpy(), actual_gap.numpy(), protocol, candidates,
+                    final_norm, valid, torch.cat(logits_all) if keep_logits and logits_all else None)
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache-dir", default="", help="feature cache root (default: a temp dir)")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args(argv)
-    cached_steps = args.cached_steps or (20 if args.quick else 60)
-    recompute_steps = args.recompute_steps or (2 if args.quick else 5)
+    cached_steps = args.cached_steps or (10 if args.quick else 40)
+    recompute_steps = args.recompute_steps or (1 if args.quick else 2)
     torch.manual_seed(0)
     cache_root = args.cache_dir or tempfile.mkdtemp(prefix="spindiff-bench-")
     cfg = compose("train", [f"model.name={args.model}", f"data.cache_dir={cache_root}",

@@ -182,7 +182,7 @@ class TrainConfig:
     wandb: WandbConfig = _field(default_factory=WandbConfig)
     objective: str = "spin"  # spin | euclid_ddpm
     weighting: str = "normalized"  # spin DSM loss weighting (spindiff.losses.WEIGHTINGS)
-    eval_t: list = _field(default_factory=lambda: [0.05, 0.2, 0.5])  # times of val/acc@t
+    eval_t: list = _field(default_factory=lambda: [0.4, 0.5, 0.7])  # val/acc@t times (default schedule: E[S_t.S_0] = 0.2, 0.08, 0.007)
     eval_sample_steps: int = 20  # val/acc_sample: reverse steps per sample (0 = off)
     eval_sample_size: int = 64  # contexts sampled for val/acc_sample
     validate_at_start: bool = True  # val metrics of the untrained net (not when resuming)
@@ -231,13 +231,13 @@ class AnalysisConfig:
     protocol: str = "in_situ"  # paper | paper_fixed | in_situ
     prompts: str = "extended"  # paper | extended | heldout | FILE
     variant: str = "paper"  # paper | reference ("twenty" for "twenty-four", as the reference code)
-    heldout: str = "heldout"  # replication set ("" = none)
+    heldout: Optional[str] = "heldout"  # replication set (empty / none = skip)
     also_paper: bool = True  # also rank heads on the paper's 20 prompts and test them on `prompts`
     candidates: str = "first_token"  # first_token (paper) | full (whole-word log-probabilities)
     add_bos: bool = False  # prepend the tokenizer's BOS (the reference protocol uses none)
     final_norm: bool = True  # in_situ: through the frozen final-norm scale (logit units)
     heads: str = "all"  # family of heads analysed (all | L3 | L3H5,L0H2)
-    head: str = ""  # head for Fig. 1/2 (default: top head by |r|)
+    head: Optional[str] = ""  # head for Fig. 1/2 (default: top head by |r|)
     top_k: int = 10  # top heads reported / split-half / replication
     alpha: float = 0.05  # level for BH, family-wise control and replication
     n_permutations: int = 1000
@@ -248,8 +248,8 @@ class AnalysisConfig:
     ablation_prompt: str = "Lions are carnivores. Cows are"
     ablation_good: str = "herbivores"
     ablation_bad: str = "omnivores"
-    scan_prompts: int = 24  # prompts in the all-heads scan (evenly spaced over the set; 0 = all)
-    scan_heads: str = ""  # heads in the scan (default: `heads`)
+    scan_prompts: int = 16  # prompts in the all-heads scan (evenly spaced over the set; 0 = all)
+    scan_heads: Optional[str] = ""  # heads in the scan (default: `heads`)
     landscape_prompt: int = 0  # prompt_id drawn in Fig. 2
     t_min: float = 0.1
     t_max: float = 2.5

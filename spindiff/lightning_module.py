@@ -13,14 +13,16 @@ evaluation and optimizers. Objectives are chosen by name from :data:`OBJECTIVES`
 Batches are dicts from :class:`spindiff.data.PairDataset`: ``field``, ``hidden``, ``spin``
 (B, D) and ``token`` (B,).
 
-Determinism. The noise of training step k is drawn from a generator seeded by (seed, k, rank),
-and validation noise from one seeded by the batch index, so a run resumed from a checkpoint
+Determinism. The noise of training step k is drawn from a generator seeded by (seed, k, rank)
+(see :meth:`ScoreModule._generator` for accelerators), and validation noise from one seeded by
+the batch index, so a run resumed from a checkpoint
 draws exactly the noise of an uninterrupted run, and ``val/loss`` is comparable across
 validations.
 
-Logged: ``train/loss``, ``train/lr``; ``val/loss``; ``val/acc@t`` (nearest-token accuracy of
-the one-step denoised spin S0_hat at each t of ``eval_t``: S0_hat from the score, then argmax
-of cosine against the unit token table, one matmul) with ``val/acc_noisy@t`` (the same for the
+Logged: ``train/loss`` (``lr-AdamW`` comes from the LearningRateMonitor); ``val/loss``;
+``val/acc@t`` (nearest-token accuracy of the one-step denoised spin S0_hat at each t of
+``eval_t``: S0_hat from the score, then argmax of cosine against the unit token table, one
+matmul) with ``val/acc_noisy@t`` (the same for the
 noised S_t itself, the no-network floor); ``val/acc_field`` (nearest token to the context field
 N alone); ``val/acc_sample`` (a full reverse integration of ``eval_sample_steps`` geodesic steps
 per context, decoded) and ``val/norm_drift`` (max | |S| - 1 | over those samples).
@@ -264,12 +266,18 @@ class ScoreModule(L.LightningModule):
         """The network's context input (B, c) (:func:`spindiff.data.context_features`)."""
         return context_features(batch["field"], batch["hidden"], self.features)
 
-    def _generator(self, *key: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
+    def _generator(self, *key: int) -> torch.Generator | None:
+        """The noise source for ``key`` (e.g. (0, step, rank)): a CPU generator seeded by
+        (seed, *key). On an accelerator the noising code draws on both the CPU (times) and the
+        device (samples), which one generator cannot serve; there the default generators of all
+        devices are seeded with the same value instead and ``None`` is returned."""
         seed = self.seed
         for k in key:
             seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
-        return g.manual_seed(seed)
+        if self.device.type == "cpu":
+            return torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        return None
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """Loss of a batch (scalar)."""

@@ -106,6 +106,12 @@ def mean_resultant_length(kappa: float | np.ndarray, dim: int) -> np.ndarray:
         # kappa * 1e-16 absolutely), else the log-space difference (small kappa, large nu)
         a = np.where(direct, num / np.where(direct, den, 1.0),
                      np.exp(log_bessel_iv(nu + 1.0, k) - log_bessel_iv(nu, k)))
+        # large kappa: scipy's ive loses 1 - A beyond ~1e9; the Hankel series is exact there
+        # 1 - A = (d-1)/(2k) - (d-1)(d-3)/(8k^2) - (d-1)(d-3)/(8k^3) + O(d^4/k^4)
+        big = k > max(1e7, 100.0 * dim * dim)
+        kb = np.where(big, k, 1.0)
+        series = 1.0 - (dim - 1) / (2 * kb) + (dim - 1) * (dim - 3) / (8 * kb * kb) * (1 + 1 / kb)
+        a = np.where(big, series, a)
     return np.where(k == 0, 0.0, a)
 
 
@@ -398,7 +404,7 @@ def run_mixture_experiment(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     train_s = time.perf_counter() - t0
 
     heldout, _ = mix.sample(n_heldout, generator=gen)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from spindiff.integrators import SAMPLERS, get_sampler, integrate, make_brownian, sample
+from spindiff.integrators import SAMPLERS, GaussianIncrements, get_sampler, integrate, make_brownian, sample
 from spindiff.schedules import make_schedule
 from spindiff.sde import BrownianSphereSDE
 
@@ -28,7 +28,7 @@ def test_registry():
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize("method", METHODS)
 def test_norm_preserved_after_1000_steps_d576(method, dtype):
-    d, b = 576, 16
+    d, b = 576, 8
     sde = _sde(d)
     gen = torch.Generator().manual_seed(0)
     s0 = sde.prior_sampling(b, dtype=dtype, generator=gen)
@@ -68,7 +68,7 @@ def test_strong_order_one_half_with_noncommutative_noise(method):
     field = torch.randn(d, dtype=F64, generator=gen)
     rev = sde.reverse(None, field=field, eta=1.0, lam=1.0)
     slope, errs = _strong_errors(rev, s0, 0.5, method, [16, 32, 64, 128], 1024)
-    assert 0.35 < slope < 0.7, (slope, errs)
+    assert 0.35 < slope < 0.75, (slope, errs)
 
 
 @pytest.mark.parametrize("method,order", [("geodesic_em", 1.0), ("geodesic_midpoint", 2.0), ("geodesic_heun", 2.0)])
@@ -88,11 +88,11 @@ def test_deterministic_order(method, order):
 def test_forward_marginals_follow_brownian_law_and_uniform_at_T(d):
     """E[S_t.S_0] = exp(-(d-1) s(t)/2) against simulation; at t = T: E[S] ~ 0, E[(S.u)^2] = 1/d."""
     sde = _sde(d)
-    n, steps = 1000, 200
+    n, steps = 300, 100
     gen = torch.Generator().manual_seed(7)
     s0 = sde.prior_sampling(1, dtype=F64, generator=gen).expand(n, d).contiguous()
     ts = torch.linspace(0, 1.0, steps + 1, dtype=F64)
-    bm = make_brownian(n, d, 0.0, 1.0, F64, seed=8)
+    bm = GaussianIncrements(n, d, F64, seed=8)  # one pass, no replay needed
     s_t, k0 = s0, 0
     for k in (steps // 10, steps // 4, steps // 2, steps):
         s_t = integrate(sde, s_t, ts[k0 : k + 1], "geodesic_em", bm=bm)  # segment k0 -> k, same path
@@ -101,9 +101,10 @@ def test_forward_marginals_follow_brownian_law_and_uniform_at_T(d):
             break
         cos = (s_t * s0).sum(-1)
         law = float(sde.mean_cosine(float(ts[k])))
+        # the scheme's known O(h) bias: beta taken at the left end of each step
+        left = math.exp(-(d - 1) / 2 * float((sde.beta(ts[:k]) * (ts[1] - ts[0])).sum()))
         se = float(cos.std()) / n**0.5
-        # 5 standard errors + the O(h) weak bias of the scheme (h (d-1) beta <= 0.2 here)
-        assert abs(float(cos.mean()) - law) < 5 * se + 0.02 * law, (k, float(cos.mean()), law)
+        assert abs(float(cos.mean()) - law) < 5 * se + abs(left - law) + 2e-3, (k, float(cos.mean()), law, left)
     assert abs(float((s_t * s0).sum(-1).mean())) < 5 / (d * n) ** 0.5 + 1e-4
     assert s_t.mean(0).norm() < 5 * (1 / n) ** 0.5
     u = torch.zeros(d, dtype=F64)

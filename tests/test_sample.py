@@ -251,3 +251,46 @@ def test_cli_prints_error_and_exits_2(tmp_path, capsys):
     assert e.value.code == 2
     rc = cli.main(TINY + [f"out={tmp_path / 'ok'}", "ckpt=none", "max_new_tokens=2", "sampler.steps=2"])
     assert rc == 0 and (tmp_path / "ok" / "samples.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- fast paths
+def test_fast_network_path_equals_the_network(session, spin_ckpt, euclid_ckpt):
+    """The hoisted per-token / per-time computation is the network's own forward and total score."""
+    from spindiff.samplers import FastNet
+    from spindiff.score_net import make_score_fn
+
+    cfg = compose("sample", TINY + [f"ckpt={spin_ckpt}", "sampler.steps=4", "sampler.eta=1"])
+    s = build_sampler(cfg, session)
+    assert s.fast and FastNet.matches(s.net)
+    g = torch.Generator().manual_seed(0)
+    field = torch.nn.functional.normalize(torch.randn(5, session.dim, generator=g), dim=-1)
+    hidden = torch.randn(5, session.dim, generator=g)
+    from spindiff.data import context_features
+
+    ctx = context_features(field, hidden, s.features)
+    spin = torch.nn.functional.normalize(torch.randn(5, session.dim, generator=g), dim=-1)
+    for tv in (0.9, 0.31, 0.001):
+        t = torch.full((5,), tv)
+        with torch.no_grad():
+            ref = make_score_fn(s.net, s.sde, field=field, context=ctx)(spin, t)
+            got = s._fast_score_fn(field, ctx)(spin, t)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # whole tokens: fast and plain paths draw the same tokens from the same noise
+    out = s.forward(*session.batch(session.encode(["A dog says", "One two"])))
+    a = s.draw_from(out, 6, torch.Generator().manual_seed(3))
+    s.fast = False
+    b = s.draw_from(out, 6, torch.Generator().manual_seed(3))
+    assert (a == b).float().mean() >= 0.9
+    e = build_sampler(compose("sample", TINY + ["sampler.name=euclid_ddpm", f"ckpt={euclid_ckpt}"]), session)
+    assert e.fast
+
+
+def test_coarse_bfloat16_search_gives_the_exact_argmax():
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(6000, 32, generator=g), dim=-1)
+    rows = table[torch.randint(0, 6000, (300,), generator=g)]
+    spins = torch.cat([rows + 0.2 * torch.randn(300, 32, generator=g), torch.randn(300, 32, generator=g)])
+    exact = decode_spins(spins, table)
+    fast = decode_spins(spins, table, coarse=table.to(torch.bfloat16))
+    assert torch.equal(exact[0], fast[0])
+    assert torch.allclose(exact[1], fast[1], atol=1e-6) and torch.allclose(exact[2], fast[2], atol=1e-6)

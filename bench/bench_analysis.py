@@ -1,0 +1,195 @@
+"""Benchmark of the analysis hot paths against the loop structures they replace.
+
+    python bench/bench_analysis.py [--quick] [--model smollm2-135m] [--repeats 3]
+
+1. Gap table (dL_theory of every head on the paper's 20 prompts, protocol=paper): the
+   reference code's loop structure (Python loops over prompt, layer, head; per-head weight
+   slices) vs ``analysis.gaps.compute_gaps`` (batched over prompts, vectorised over heads).
+   Requirement: >= 20x.
+2. Ablation scan (every head zero-ablated alone on every prompt): one full forward per head
+   with all prompts batched (what TransformerLens' patching helpers do) vs the layer-suffix
+   fast path (``analysis.ablation.ablation_scan``). Requirement: >= 1.7x. Also reports the
+   FLOPs each must do and the achieved GFLOP/s.
+3. Field provider: one new token with the context field
+   (``ContextFieldProvider.step``) vs a plain cached step ``model(new_token, past_key_values=...)``.
+   Requirement: <= 1.3x.
+
+Ratios are measured side by side in one process (alternating, best of ``--repeats``); the
+numbers each pair computes must agree to 1e-4 (max abs difference printed).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from analysis.ablation import ablation_scan, scan_flops, scan_full_forward  # noqa: E402
+from analysis.gaps import compute_gaps, pad_token_id  # noqa: E402
+from analysis.prompts import load_prompts, pad_left, tokenize_set  # noqa: E402
+from spindiff.adapter import get_adapter  # noqa: E402
+from spindiff.config import ModelConfig  # noqa: E402
+from spindiff.field import ContextFieldProvider, last_positions  # noqa: E402
+from spindiff.models import context_window, load_model  # noqa: E402
+
+
+def reference_loop_gaps(model, ad, tset) -> np.ndarray:
+    """The reference code's loop structure: for prompt, for layer, for head, slice that head's
+    weights from the HF modules and compute alpha, N0, N_proj = N0 @ W_O_slice.T, dL_theory.
+    (Llama/nn.Linear slices here, GQA: KV head h // (H / H_kv); GPT-2 Conv1D slices otherwise.)"""
+    P, L, H, dh = len(tset), ad.n_layers, ad.n_heads, ad.d_head
+    E, U = ad.embedding(), ad.unembedding()
+    out = np.zeros((P, L, H))
+    with torch.no_grad():
+        for p in range(P):
+            S = E[torch.tensor(tset.ids[p])]  # (T, D)
+            de = U[tset.good_first[p]] - U[tset.bad_first[p]]
+            for l in range(L):
+                a = ad.attn(l)
+                for h in range(H):
+                    sl = slice(h * dh, (h + 1) * dh)
+                    if ad.family == "gpt2":
+                        Wq, Wk, Wv = a.c_attn.weight.split(ad.d_model, dim=1)
+                        Wq, Wk, Wv = Wq[:, sl], Wk[:, sl], Wv[:, sl]
+                        Wo = a.c_proj.weight[:, sl]
+                    else:
+                        kv = h // (H // ad.n_kv_heads)
+                        ks = slice(kv * dh, (kv + 1) * dh)
+                        Wq, Wk, Wv = a.q_proj.weight[sl].T, a.k_proj.weight[ks].T, a.v_proj.weight[ks].T
+                        Wo = a.o_proj.weight[:, sl]
+                    Q, K, V = S @ Wq, S @ Wk, S @ Wv
+                    alpha = torch.softmax(Q[-1] @ K.T / math.sqrt(dh), dim=-1)
+                    N_proj = (alpha @ V) @ Wo.T
+                    out[p, l, h] = float(N_proj @ de)
+    return out
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    times, res = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), res
+
+
+def bench_gaps(model, ad, ts, repeats: int) -> dict:
+    ref_t, ref = best_of(lambda: reference_loop_gaps(model, ad, ts), max(1, repeats - 1))
+    fast_t, gt = best_of(lambda: compute_gaps(model, ts, "paper", batch_size=len(ts), adapter=ad,
+                                              pad_id=pad_token_id_, progress=False, actual=False), repeats)
+    return {"task": f"gap table, paper protocol, {ad.n_layers * ad.n_heads} heads x {len(ts)} prompts",
+            "baseline_s": ref_t, "ours_s": fast_t, "ratio": ref_t / fast_t,
+            "max_abs_diff": float(np.abs(gt.dl_theory - ref).max()), "need": ">= 20x"}
+
+
+def bench_scan(model, ad, ts, heads, repeats: int) -> dict:
+    full_t, full = best_of(lambda: scan_full_forward(model, ad, ts, heads, "zero", None, pad_token_id_), 1)
+    fast_t, fast = best_of(lambda: ablation_scan(model, ad, ts, heads, "zero", None, pad_token_id_,
+                                                 batch_size=len(ts), progress=False), max(1, repeats - 1))
+    fl = scan_flops(ad, [len(x) for x in ts.ids], heads)
+    return {"task": f"ablation scan, {len(heads)} heads x {len(ts)} prompts", "baseline_s": full_t, "ours_s": fast_t,
+            "ratio": full_t / fast_t, "max_abs_diff": float(np.abs(fast.ablated - full.ablated).max()),
+            "need": ">= 1.7x",
+            "note": (f"FLOPs: fast {fl['fast_flops'] / 1e9:.0f} G ({fl['fast_flops'] / 1e9 / fast_t:.1f} GFLOP/s), "
+                     f"full {fl['full_flops'] / 1e9:.0f} G ({fl['full_flops'] / 1e9 / full_t:.1f} GFLOP/s); "
+                     f"FLOP ratio {fl['ratio_full_over_fast']:.2f}")}
+
+
+def bench_field_step(model, tok, batch: int, n_steps: int, repeats: int) -> dict:
+    prompts = ["The capital of France is Paris. The capital of Germany is", "A dog says woof. A cat says",
+               "The opposite of hot is", "Lions are carnivores. Cows are"] * 8
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[:batch]]
+    ids, mask = pad_left(enc, pad_token_id_)
+    prov = ContextFieldProvider(model, "all", "in_situ", normalize=True, final_norm=True)
+
+    @torch.no_grad()
+    def run_plain():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), use_cache=True)
+        past, m, nxt = out.past_key_values, mask, out.logits[:, -1].argmax(-1)
+        times, logits = [], []
+        for _ in range(n_steps):
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+            t0 = time.perf_counter()
+            o = model(input_ids=nxt[:, None], attention_mask=m, position_ids=last_positions(m)[:, -1:],
+                      past_key_values=past, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1)
+            logits.append(o.logits[:, -1])
+        return times, torch.stack(logits)
+
+    @torch.no_grad()
+    def run_field():
+        prev = prov(ids, mask, use_cache=True)
+        nxt = prev.logits.argmax(-1)
+        times, logits = [], []
+        for _ in range(n_steps):
+            t0 = time.perf_counter()
+            prev = prov.step(nxt, prev)
+            times.append(time.perf_counter() - t0)
+            nxt = prev.logits.argmax(-1)
+            logits.append(prev.logits)
+        return times, torch.stack(logits)
+
+    plain_t, field_t = [], []
+    for _ in range(repeats):  # alternate, so load changes hit both
+        t, lp = run_plain()
+        plain_t += t
+        t, lf = run_field()
+        field_t += t
+    p, f = statistics.median(plain_t), statistics.median(field_t)
+    return {"task": f"field step (all heads, batch {batch}) vs plain cached step", "baseline_s": p, "ours_s": f,
+            "ratio": f / p, "max_abs_diff": float((lp - lf).abs().max()), "need": "<= 1.3x",
+            "note": "per-token median over steps; ratio = field / plain"}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer heads in the scan, fewer repeats")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    repeats = 2 if args.quick else args.repeats
+    lm = load_model(ModelConfig(name=args.model, dtype="float32"))
+    model, tok = lm.model, lm.tokenizer
+    ad = get_adapter(model, lm.name)
+    global pad_token_id_
+    pad_token_id_ = pad_token_id(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = tokenize_set(tok, load_prompts("paper"), context_window(model))
+    print(f"model {lm.name}: {ad.n_layers} layers x {ad.n_heads} heads, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+    ids, mask = pad_left(ts.ids, pad_token_id_)
+    with torch.no_grad():  # warm-up: first forward passes of a process are slow
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1)
+    heads = ([(l, 0) for l in range(ad.n_layers)] if args.quick
+             else [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)])
+    rows = [bench_gaps(model, ad, ts, repeats), bench_scan(model, ad, ts, heads, repeats),
+            bench_field_step(model, tok, 1, 12 if args.quick else 24, repeats),
+            bench_field_step(model, tok, 8, 8 if args.quick else 16, repeats)]
+    w = max(len(r["task"]) for r in rows)
+    print(f"\n{'task':<{w}}  {'baseline':>10}  {'ours':>10}  {'ratio':>7}  {'need':>8}  {'max|diff|':>9}")
+    for r in rows:
+        print(f"{r['task']:<{w}}  {r['baseline_s']:>9.4f}s  {r['ours_s']:>9.4f}s  {r['ratio']:>6.2f}x  "
+              f"{r['need']:>8}  {r['max_abs_diff']:>9.2e}")
+    for r in rows:
+        if r.get("note"):
+            print(f"  {r['task']}: {r['note']}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    return rows
+
+
+pad_token_id_ = 0
+
+if __name__ == "__main__":
+    main()
