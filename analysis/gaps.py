@@ -4,7 +4,9 @@ For head (l, h) and a prompt with candidates (good, bad):
 
     dL_theory(l, h) = N_proj(l, h) . (e_good - e_bad)          (paper Eq. 4 / 24)
 
-with N_proj from :class:`spindiff.field.ContextFieldProvider` under one of three protocols:
+with N_proj as :class:`spindiff.field.ContextFieldProvider` defines it, under one of three
+protocols (``in_situ`` reads the provider; the paper protocols use :func:`paper_gap_table`, the
+same numbers reassociated so that no per-head keys/values are formed):
 
 - ``paper``: the reference protocol (raw token embeddings into every head, no biases, norms or
   positions; W_O sliced as the reference code does -- the transposed block on GPT-2);
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 
 from analysis.prompts import TokenizedSet, pad_left
 from spindiff.adapter import ArchitectureAdapter, get_adapter
-from spindiff.field import ContextFieldProvider, last_positions
+from spindiff.field import ContextFieldProvider, last_positions, reference_W_O
 
 PROTOCOLS = ("paper", "paper_fixed", "in_situ")
 CANDIDATES = ("first_token", "full")
@@ -116,14 +118,54 @@ def continuation_logprob(model: nn.Module, prefixes: Sequence[Sequence[int]],
 
 
 @torch.no_grad()
+def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str,
+                    W_O: list[Tensor] | None = None) -> Tensor:
+    """dL_theory of every head under the reference protocol, reassociated for speed: (B, L, H).
+
+    Same numbers as ``N_proj . de`` with N_proj from :class:`ContextFieldProvider` (tested), but
+    never forms the (T, d_head) keys and values of every head:
+
+        scores_j = (x_last W_Q)(x_j W_K)^T = x_j . u,   u = W_K (x_last W_Q)^T        (D,)
+        N0 = sum_j alpha_j x_j W_V = xbar W_V,           xbar = sum_j alpha_j x_j      (D,)
+        dL = N0 . (W_O[h] de)
+
+    Cost per (prompt, head) ~ 4 D dh + 2 T D multiply-adds instead of 2 T D dh.
+
+    Args:
+        ids, mask: (B, T) left-padded prompts; de: (B, D) e_good - e_bad.
+        protocol: ``paper`` (reference W_O slice) | ``paper_fixed`` (the real block).
+        W_O: optional precomputed per-layer (H, dh, D) output blocks.
+    """
+    ad = adapter
+    X = ad.embedding()[ids]  # (B, T, D) raw token embeddings: no positions, norms or biases
+    de = de.to(X.dtype)
+    keys = mask.bool()[:, None, :]  # (B, 1, T)
+    out = []
+    for l in range(ad.n_layers):
+        w = ad.layer_weights(l)
+        Wo = W_O[l] if W_O is not None else (reference_W_O(ad, l) if protocol == "paper" else w.W_O)
+        q = torch.einsum("bd,hdc->bhc", X[:, -1], w.W_Q)  # (B, H, dh) query of the last position
+        u = torch.einsum("bhc,hdc->bhd", q, w.W_K)  # (B, H, D)
+        s = torch.einsum("btd,bhd->bht", X, u) / ad.d_head**0.5  # (B, H, T)
+        alpha = s.masked_fill(~keys, float("-inf")).softmax(-1)
+        xbar = torch.einsum("bht,btd->bhd", alpha, X)  # (B, H, D)
+        n0 = torch.einsum("bhd,hdc->bhc", xbar, w.W_V)  # (B, H, dh) = N0
+        g = torch.einsum("hcd,bd->bhc", Wo, de)  # (B, H, dh) = W_O[h] de
+        out.append((n0 * g).sum(-1))  # (B, H)
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
 def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ",
                  candidates: str = "first_token", final_norm: bool = True, batch_size: int = 16,
                  adapter: ArchitectureAdapter | None = None, pad_id: int = 0, keep_logits: bool = False,
                  progress: bool = True, actual: bool = True) -> GapTable:
     """dL_theory for every head and dL_actual for every prompt of ``tset``.
 
-    Batched over prompts (left padding) and vectorised over heads: one provider call and one
-    model forward per batch (two more for ``candidates=full``).
+    Batched over prompts (left padding) and vectorised over heads. ``in_situ``: one provider
+    call per batch (its forward pass also gives dL_actual). ``paper``/``paper_fixed``:
+    :func:`paper_gap_table` (no model forward) plus one forward for dL_actual. ``candidates=full``
+    adds two forwards per batch for the continuation log-probabilities.
 
     Args:
         protocol: ``paper`` | ``paper_fixed`` | ``in_situ``.
@@ -136,8 +178,11 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
     if candidates not in CANDIDATES:
         raise ValueError(f"candidates '{candidates}': use one of {', '.join(CANDIDATES)}")
     ad = adapter or get_adapter(model)
-    prov = ContextFieldProvider(model, [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)],
-                                protocol, normalize=False, final_norm=final_norm, adapter=ad)
+    if protocol == "in_situ":
+        prov = ContextFieldProvider(model, [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)],
+                                    protocol, normalize=False, final_norm=final_norm, adapter=ad)
+    else:
+        W_O = [reference_W_O(ad, l) if protocol == "paper" else ad.layer_weights(l).W_O for l in range(ad.n_layers)]
     P = len(tset)
     theory = torch.empty(P, ad.n_layers * ad.n_heads, dtype=torch.float64)
     actual_gap = torch.empty(P, dtype=torch.float64)
@@ -146,13 +191,18 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
     for rng in tqdm(it, desc=f"gaps[{protocol}]", disable=not progress or len(it) < 2, leave=False):
         idx = list(rng)
         ids, mask = pad_left([tset.ids[i] for i in idx], pad_id)
-        out = prov(ids, mask)
-        de = unembedding_diff(ad, tset.good_first[idx], tset.bad_first[idx]).to(out.per_head.dtype)  # (B, D)
-        theory[idx] = torch.einsum("bkd,bd->bk", out.per_head, de).double()
+        de = unembedding_diff(ad, tset.good_first[idx], tset.bad_first[idx])  # (B, D)
+        if protocol == "in_situ":
+            out = prov(ids, mask)  # per_head (B, K, D): each head's real N_proj (final-norm scaled)
+            theory[idx] = torch.einsum("bkd,bd->bk", out.per_head, de.to(out.per_head.dtype)).double()
+            logits = out.logits  # (B, V)
+        else:
+            theory[idx] = paper_gap_table(ad, ids, mask, de, protocol, W_O).reshape(len(idx), -1).double()
+            logits = None
         if not actual:
             actual_gap[idx] = float("nan")
             continue
-        logits = out.logits if out.logits is not None else last_logits(model, ids, mask)  # (B, V)
+        logits = logits if logits is not None else last_logits(model, ids, mask)  # (B, V)
         if candidates == "first_token":
             actual_gap[idx] = (logits.gather(-1, tset.good_first[idx, None]) -
                            logits.gather(-1, tset.bad_first[idx, None]))[:, 0].double()

@@ -213,7 +213,8 @@ def sample(
     spin_T: Tensor | None = None,
     replayable: bool = True,
 ) -> Tensor:
-    """Draw S_T from the prior and integrate a reverse SDE over tau in [0, tau_end]. (n, d).
+    """Draw S_T from the prior (or take ``spin_T``) and integrate a reverse SDE over
+    tau in [0, tau_end] with ``steps`` uniform steps. Returns S at tau_end (t = t_eps), (n, d).
 
     ``reverse_sde`` needs ``prior_sampling`` and ``tau_end`` (a :class:`spindiff.sde.ReverseLLGSDE`).
     ``replayable=True`` drives it with a torchsde ``BrownianInterval`` (the same ``seed`` gives the
@@ -226,6 +227,7 @@ def sample(
         gen.seed()
     if spin_T is None:
         spin_T = reverse_sde.prior_sampling(n, dtype=dtype, device=device, generator=gen)  # type: ignore[attr-defined]
+    n = spin_T.shape[0]
     tau_end = float(reverse_sde.tau_end)  # type: ignore[attr-defined]
     ts = torch.linspace(0.0, tau_end, steps + 1, dtype=torch.float64)
     bm_seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))

@@ -16,10 +16,10 @@ at every d, in float32. Why not the others:
 * Sliced / implicit score matching: valid for any forward process but needs a divergence estimate
   (Hutchinson, variance grows with d) and samples of the Brownian marginals.
 
-Weighting lambda(t) (``WEIGHTINGS``): ``normalized`` (default) = 1 / ((d-1) kappa(t) m(t)), the
-inverse of E|target|^2 / ... so every t contributes O(1) (the net predicts score/score_scale);
-``likelihood`` = beta(t) / ((d-1) ...) is the likelihood weighting g^2 = beta of the reverse SDE;
-``none`` = 1 / (d-1).
+Weighting lambda(t) (``WEIGHTINGS``), applied to |pred - target|^2 / (d-1):
+``normalized`` (default) = 1 / (kappa(t) m(t)) = 1 / score_scale(t)^2, the inverse of
+E|target|^2 / (d-1) = kappa A_d(kappa), so every t contributes O(1) and a zero score has expected
+loss exactly 1; ``likelihood`` = beta(t) (the g^2 weighting of the reverse SDE); ``none`` = 1.
 """
 from __future__ import annotations
 

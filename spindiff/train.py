@@ -81,6 +81,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.source={cfg.data.source!r}: use lm or file")
     if cfg.data.source == "file" and not cfg.data.path:
         raise ConfigError("data.source=file needs data.path=FILE (a UTF-8 text file)")
+    if cfg.data.source == "lm" and cfg.data.n_sequences < 2:
+        raise ConfigError(f"data.n_sequences={cfg.data.n_sequences}: sample at least 2 sequences (train/val split by sequence)")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in [0, 1)")
 
@@ -112,6 +116,32 @@ def _csv_metrics(csv_root: Path) -> dict[str, list[tuple[int, float]]]:
                 continue
             out.setdefault(k, []).append((step, float(v)))
     return out
+
+
+RESUME_MUST_MATCH = ("model", "field", "data", "score_net", "sde", "objective", "weighting", "optim", "seed")
+RESUME_MAY_CHANGE = {"data.num_workers", "data.cache_dir", "data.cache", "data.feature_batch_size", "model.device",
+                     "model.cache_dir", "model.hub_timeout"}
+
+
+def _check_resume_config(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    """A resumed run must train the same thing; only ``trainer``, ``wandb``, logging and
+    evaluation settings may change. Raises :class:`ConfigError` naming the differing keys."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    diff = []
+    for section in RESUME_MUST_MATCH:
+        a, b = flat(old.get(section), f"{section}."), flat(new.get(section), f"{section}.")
+        diff += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE]
+    if diff:
+        raise ConfigError(f"{path} was trained with different settings ({', '.join(diff[:6])}); resuming would mix "
+                          "two runs. Use the original settings, a new out=DIR, or resume=false to start over in this "
+                          "directory")
 
 
 def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -205,7 +235,9 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
     last = ckpt_dir / "last.ckpt"
     resume_from = None
     if cfg.resume and last.exists():
-        load_checkpoint(last, expect_model=meta["model_name"], expect_dim=meta["dim"])  # clear error if unusable
+        ckpt = load_checkpoint(last, expect_model=meta["model_name"], expect_dim=meta["dim"])  # clear error if unusable
+        _check_resume_config(ckpt["hyper_parameters"]["config"], plain, last)
+        del ckpt
         resume_from = str(last)
     val_start: dict[str, float] = {}
     if resume_from is None and cfg.get("validate_at_start", True) and len(dm.val_idx):

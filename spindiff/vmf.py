@@ -198,8 +198,7 @@ def sample_vmf_cosine(
     n = k.shape[0]
     dm1 = float(dim - 1)
     b = dm1 / (2.0 * k + torch.sqrt(4.0 * k * k + dm1 * dm1))  # (B,) in (0, 1]
-    one_minus_x0 = 2.0 * b / (1.0 + b)  # 1 - x0
-    x0 = 1.0 - one_minus_x0
+    one_minus_x0 = 2.0 * b / (1.0 + b)  # 1 - x0, x0 = (1 - b)/(1 + b)
     log1mx0sq = torch.log(4.0 * b) - 2.0 * torch.log1p(b)  # log(1 - x0^2)
     w = torch.empty(n, dtype=torch.float64, device=k.device)
     omw = torch.empty_like(w)
@@ -229,7 +228,6 @@ def sample_vmf_cosine(
         todo = todo[~acc]
     if todo.shape[0] > 0:  # pragma: no cover - acceptance rate is > 0.5 for all (d, kappa)
         raise RuntimeError("Wood's sampler did not accept within max_rounds")
-    del x0
     return w, omw
 
 
@@ -420,7 +418,8 @@ def run_mixture_experiment(
         t1 = time.perf_counter()
         with torch.no_grad():
             rev = sde.reverse(make_score_fn(model, sde))
-            x = sde_sample(rev, n_samples, steps=sample_steps, method=method, dtype=dtype, seed=seed + 1)
+            x = sde_sample(rev, n_samples, steps=sample_steps, method=method, dtype=dtype, seed=seed + 1,
+                           replayable=False)
         out[f"{name}_weights"] = [float(w) for w in mode_weights(x, mix.means)]
         out[f"{name}_mmd2"] = mmd2(x, heldout)
         out[f"{name}_norm_err"] = float((x.norm(dim=-1) - 1).abs().max())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.gaps import compute_gaps
+from analysis.gaps import compute_gaps, paper_gap_table, unembedding_diff
 from analysis.prompts import from_triples, load_prompts, tokenize_set
 
 PROMPTS = [("The capital of France is Paris. The capital of Germany is", "Berlin", "Rome"),
@@ -70,6 +70,24 @@ def test_paper_protocol_matches_reference_loop(tiny_gpt2):
     np.testing.assert_allclose(gt.dl_actual, actual, atol=1e-10)
     fixed = compute_gaps(model, _tset(tok), "paper_fixed", progress=False)
     assert np.abs(fixed.dl_theory - gt.dl_theory).max() > 1e-3  # the W_O slice matters on GPT-2
+
+
+@pytest.mark.parametrize("protocol", ["paper", "paper_fixed"])
+def test_reassociated_paper_table_equals_field_provider(tiny_model, protocol):
+    """paper_gap_table (x_j . u scores, xbar W_V) == N_proj . de from ContextFieldProvider."""
+    from analysis.prompts import pad_left
+    from spindiff.adapter import get_adapter
+    from spindiff.field import ContextFieldProvider
+
+    model, tok = tiny_model
+    ad = get_adapter(model)
+    ts = _tset(tok)
+    ids, mask = pad_left(ts.ids, 0)
+    de = unembedding_diff(ad, ts.good_first, ts.bad_first)
+    fast = paper_gap_table(ad, ids, mask, de, protocol)  # (B, L, H)
+    per_head = ContextFieldProvider(model, "all", protocol, normalize=False)(ids, mask).per_head  # (B, K, D)
+    ref = torch.einsum("bkd,bd->bk", per_head, de).view_as(fast)
+    assert torch.allclose(fast, ref, atol=1e-10)
 
 
 def test_which_wo_slice_is_the_real_head_output(tiny_gpt2):

@@ -15,6 +15,15 @@ F64 = torch.float64
 METHODS = sorted(SAMPLERS)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run fastest on one thread, and far faster when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _sde(d: int, name: str = "linear", **kw) -> BrownianSphereSDE:
     return BrownianSphereSDE(make_schedule(name, d, **kw))
 
@@ -46,8 +55,11 @@ def test_same_path_is_replayed_at_any_step_size():
     assert torch.allclose(coarse, fine, atol=1e-12)
 
 
-def _strong_errors(sde, s0, t1, method, steps_list, ref_steps, seed=11):
-    bm = make_brownian(s0.shape[0], s0.shape[1], 0.0, t1, F64, seed=seed)
+def _strong_errors(sde, s0, t1, method, steps_list, ref_steps, seed=11, noise=True):
+    if noise:
+        bm = make_brownian(s0.shape[0], s0.shape[1], 0.0, t1, F64, seed=seed)
+    else:  # noise off: no path to replay
+        bm = lambda ta, tb: torch.zeros_like(s0)  # noqa: E731
     ref = integrate(sde, s0, torch.linspace(0, t1, ref_steps + 1, dtype=F64), method, bm=bm)
     errs = []
     for n in steps_list:
@@ -67,8 +79,9 @@ def test_strong_order_one_half_with_noncommutative_noise(method):
     s0 = sde.prior_sampling(100, dtype=F64, generator=gen)
     field = torch.randn(d, dtype=F64, generator=gen)
     rev = sde.reverse(None, field=field, eta=1.0, lam=1.0)
-    slope, errs = _strong_errors(rev, s0, 0.5, method, [16, 32, 64, 128], 1024)
-    assert 0.35 < slope < 0.75, (slope, errs)
+    slope, errs = _strong_errors(rev, s0, 0.25, method, [8, 16, 32, 64], 1024)
+    # measured 0.56 (EM), 0.57 (midpoint), 0.68 (Heun: a larger O(h) part still resolving)
+    assert 0.4 < slope < 0.8, (slope, errs)
 
 
 @pytest.mark.parametrize("method,order", [("geodesic_em", 1.0), ("geodesic_midpoint", 2.0), ("geodesic_heun", 2.0)])
@@ -80,7 +93,7 @@ def test_deterministic_order(method, order):
     s0 = sde.prior_sampling(16, dtype=F64, generator=gen)
     field = 2.0 * torch.randn(d, dtype=F64, generator=gen)
     rev = sde.reverse(None, field=field, eta=1.0, lam=0.5, probability_flow=True)
-    slope, errs = _strong_errors(rev, s0, 0.9, method, [32, 64, 128, 256], 2048)
+    slope, errs = _strong_errors(rev, s0, 0.9, method, [32, 64, 128, 256], 2048, noise=False)
     assert abs(slope - order) < 0.25, (slope, errs)
 
 

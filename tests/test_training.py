@@ -210,3 +210,11 @@ def test_one_step_denoise_recovers_a_point_mass():
         assert torch.allclose(s0_hat.norm(dim=-1), torch.ones(256, dtype=torch.float64))
         cos_t, cos_hat = (s_t @ mu).mean(), (s0_hat @ mu).mean()
         assert cos_hat > 0.95 and cos_hat > cos_t, (t, float(cos_t), float(cos_hat))
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, cache_dir):
+    train(quick(tmp_path / "r", cache_dir, "trainer.max_steps=2", "validate_at_start=false"))
+    with pytest.raises(ConfigError, match=r"different settings \(score_net.hidden\).*resume=false"):
+        train(quick(tmp_path / "r", cache_dir, "trainer.max_steps=4", "score_net.hidden=32"))
+    res = train(quick(tmp_path / "r", cache_dir, "trainer.max_steps=4", "validate_at_start=false"))  # trainer.* may change
+    assert res["resumed_from"] and res["global_step"] == 4

@@ -24,6 +24,15 @@ from spindiff.vmf import (
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors run fastest on one thread, and far faster when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("nu", [0.5, 7.0, 287.0, 383.0])
 @pytest.mark.parametrize("x", [1e-30, 1e-3, 1.0, 300.0, 1e5, 1e9])
 def test_log_bessel_iv_against_mpmath(nu, x):
@@ -106,17 +115,8 @@ def test_mmd_separates_distributions():
     assert abs(mmd2(a, b)) < 3e-3 < mmd2(a, c)
 
 
-@pytest.fixture
-def one_thread():
-    """Small MLPs run fastest on one thread, and far faster when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("dim", [3, 16])
-def test_reverse_sde_recovers_mixture_weights(dim, one_thread):
+def test_reverse_sde_recovers_mixture_weights(dim):
     """Train the score net (eta_train = 0) on a 3-mode vMF mixture, sample with the reverse SDE
     through geodesic EM: mode weights within 0.05, MMD far below the untrained network's."""
     res = run_mixture_experiment(dim, kappa=30.0 if dim == 3 else 60.0, train_steps=500, batch_size=256,
