@@ -198,6 +198,7 @@ class Analysis:
             rp = replication(st, Xh, yh, c.top_k, alpha)
             rep_cols = {"r_heldout": rp.pop("r_heldout_all"), "p_heldout": rp.pop("p_heldout_all")}
             rp["set"] = self.prompts_info(c.heldout)["name"]
+            rp["prompts"] = self.prompts_info(c.heldout)
             self.report["replication"] = rp
         if c.also_paper and c.prompts != "paper":
             self.report["paper_set"] = self._paper_set(st)
@@ -241,7 +242,7 @@ class Analysis:
             r["r_on_main"] = float(main.r[k])
             r["p_on_main"] = float(main.p[k])
             r["replicated"] = bool(np.sign(main.r[k]) == np.sign(r["r"]) and qq < c.alpha)
-        return {"n_prompts": ps.n, "top_heads": top,
+        return {"n_prompts": ps.n, "top_heads": top, "prompts": self.prompts_info("paper"),
                 "family_wise": {"p_family": ps.perm.p_family, "threshold_abs_r": ps.perm.threshold(c.alpha),
                                 "max_abs_r": ps.perm.observed_max},
                 "n_top_replicated": int(sum(r["replicated"] for r in top))}

@@ -137,6 +137,10 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
                   md_table(["head", "r (paper set)", "p", "p (FWER)", f"r on '{rep['prompts']['name']}'", "replicated"],
                            [(h["name"], fnum(h["r"]), fnum(h["p"]), fnum(h["p_fwer"]), fnum(h["r_on_main"]),
                              "yes" if h["replicated"] else "no") for h in ps["top_heads"]]), ""]
+        mt = ps.get("prompts", {}).get("multi_token") or []
+        if mt:
+            lines += [f"Multi-token candidates in the paper set ({len(mt)}; first token scored): "
+                      + ", ".join(f"#{m['prompt_id']} {m['word']} ({' '.join(m['tokens'])})" for m in mt), ""]
     ab = rep.get("ablation")
     if ab:
         lines += ["## Causal ablation (Fig. 4 case)", "",
@@ -197,6 +201,7 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
                   "statistics.", ""]
     lines += ["## Files", "", "gaps.csv (prompt_id, layer, head, dl_theory, dl_actual), heads.csv (all heads), "
               "ablation.csv, scan.csv, temperature.csv, report.json, config.yaml, run.json.", "",
+              "Run time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rep.get("timings_s", {}).items()) + ".", "",
               f"Seeds: {rep['seeds']}. Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()
                                                                if k in ("torch", "transformers", "numpy", "scipy")),
               ""]

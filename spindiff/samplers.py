@@ -232,6 +232,7 @@ class GenerationSession:
         self.window = context_window(self.model)
         self._providers: dict[tuple, ContextFieldProvider] = {}
         self._modules: dict[str, Any] = {}
+        self.auto_ckpt: dict[tuple[str, str], Optional[str]] = {}  # ckpt=auto resolutions of this session
 
     @classmethod
     def load(cls, model_cfg: Any) -> "GenerationSession":
@@ -835,9 +836,13 @@ def build_sampler(cfg: Any, session: GenerationSession, ckpt: Optional[str] = No
     module, path = None, None
     if cls.needs_checkpoint != "never":
         if spec == "auto":
-            path, notes = find_checkpoint(session, cls.objective or "", ckpt_root)
-            for n in notes:
-                print(f"note: {n}", flush=True)
+            key = (cls.objective or "", str(Path(ckpt_root).resolve()))
+            if key not in session.auto_ckpt:  # resolved once per session (sweeps build many samplers)
+                path, notes = find_checkpoint(session, cls.objective or "", ckpt_root)
+                for n in notes:
+                    print(f"note: {n}", flush=True)
+                session.auto_ckpt[key] = path
+            path = session.auto_ckpt[key]
             if path is None:
                 if cls.needs_checkpoint == "required":
                     raise SampleError(f"sampler.name={scfg.name} needs a checkpoint (objective={cls.objective}, model "

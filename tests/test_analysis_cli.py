@@ -12,6 +12,7 @@ from analysis import ContextFieldProvider
 from analysis.cli import main
 
 SMALL = ["n_permutations=60", "n_bootstrap=40", "n_splits=20", "progress=false", "batch_size=8"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*(several tokens|share their first token).*:UserWarning")
 
 
 def _csv(path):
@@ -72,6 +73,14 @@ def test_stats_llama_full_candidates(tmp_path, protocol):
     assert res["model"] == "tiny-llama" and res["stats"].r.shape == (8,)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["candidates"] == "full" and "log P" in rep["candidate_rule"]
+
+
+def test_head_family_restricts_statistics(tmp_path):
+    res = main(["stats", "model.name=tiny-gpt2", "prompts=paper", "heads=L1", "heldout=none", "also_paper=false",
+                f"out={tmp_path}", *SMALL])
+    heads = _csv(tmp_path / "heads.csv")
+    assert len(heads) == 4 and {h["layer"] for h in heads} == {"1"}
+    assert res["report"]["family_wise"]["n_heads"] == 4 and "replication" not in res["report"]
 
 
 def test_subcommands_run_alone(tmp_path):

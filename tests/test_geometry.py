@@ -46,6 +46,20 @@ def test_proju_is_tangent_projection(geo):
     assert torch.allclose(pu + (u * s).sum(-1, keepdim=True) * s, u, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_fused_expmap_agrees_with_geoopt(geo, dtype):
+    gen = torch.Generator().manual_seed(9)
+    s = geo.random_uniform(64, 576, dtype=F64, generator=gen)
+    u = geo.proju(s, torch.randn(64, 576, dtype=F64, generator=gen))
+    scale = torch.logspace(-9, 0.4, 64, dtype=F64)[:, None]
+    u = u / u.norm(dim=-1, keepdim=True) * scale  # |u| from 1e-9 to 2.5 rad
+    ours = geo.expmap(s.to(dtype), u.to(dtype)).double()
+    ref = geo.manifold.expmap(s, u)  # geoopt, float64
+    tol = 1e-14 if dtype == F64 else 1e-6
+    assert (ours - ref).norm(dim=-1).max() < tol
+    assert (ours.norm(dim=-1) - 1).abs().max() < tol
+
+
 @pytest.mark.parametrize("d", [3, 576])
 def test_exp_log_inverse_and_distance(geo, d):
     gen = torch.Generator().manual_seed(2)
