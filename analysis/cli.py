@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from analysis.ablation import ScanResult, ablation_scan, ablation_table, mean_z_over, scan_flops
@@ -162,10 +163,14 @@ class Analysis:
         return gt
 
     def _header(self) -> dict[str, Any]:
+        """Model, protocol, prompt set, seeds, versions (computes the main gap table if needed)."""
+        return {**self._meta(), "prompts": self.prompts_info(self.cfg.prompts),
+                "n_prompts": int(self.gaps().valid.sum())}
+
+    def _meta(self) -> dict[str, Any]:
         c = self.cfg
         return {"model": self.lm.info, "model_used": self.lm.name, "protocol": c.protocol,
                 "candidates": c.candidates, "final_norm": bool(c.final_norm), "alpha": c.alpha,
-                "prompts": self.prompts_info(c.prompts), "n_prompts": int(self.gaps().valid.sum()),
                 "heads_family": c.heads, "n_heads": len(self.family),
                 "seeds": {"seed": c.seed, "permutation": c.seed, "bootstrap": c.seed + 1, "split_half": c.seed + 2},
                 "versions": package_versions(),
@@ -218,7 +223,7 @@ class Analysis:
         top = [(int(st.layer[k]), int(st.head[k])) for k in st.order[: c.top_k]]
         self.figures["heatmap"] = Path(fig_heatmap(
             rmap, self.out / "fig_heatmap_r.png", f"{self.lm.name} [{c.protocol}] r over {st.n} prompts "
-            f"('{gt_name(self)}'); boxes: top {c.top_k}", top)).name
+            f"('{self.tset(c.prompts).pset.name}'); boxes: top {c.top_k}", top)).name
         l, h = self.one_head(c.head) if c.head else top[0]
         x = gt.dl_theory[gt.valid, l, h]
         reg = head_regression(x[:, None], gt.dl_actual[gt.valid])
@@ -322,7 +327,6 @@ class Analysis:
             for i in range(0, len(ts), c.batch_size):
                 ids, mask = pad_left(ts.ids[i:i + c.batch_size], self.pad_id)
                 chunks.append(last_logits(self.model, ids, mask).float())
-            import torch
             logits = torch.cat(chunks)
         temps = np.linspace(c.t_min, c.t_max, c.t_steps)
         sw = temperature_sweep(logits, temps)
@@ -360,16 +364,15 @@ class Analysis:
         return ls
 
     def write_report(self, markdown: bool = True) -> dict[str, Any]:
+        """report.json (always with the model used, versions and seeds) and, after stats, report.md."""
+        for k, v in self._meta().items():
+            self.report.setdefault(k, v)
         self.report["timings_s"] = {k: round(v, 3) for k, v in self.timings.items()}
         self.report["figures"] = dict(self.figures)
         atomic_write_json(self.out / "report.json", _jsonable(self.report))
         if markdown and "top_heads" in self.report:
             atomic_write_text(self.out / "report.md", render_markdown(self.report, self.figures))
         return self.report
-
-
-def gt_name(A: Analysis) -> str:
-    return A.tset(A.cfg.prompts).pset.name
 
 
 def _jsonable(x: Any) -> Any:
@@ -517,8 +520,8 @@ def _reproduce_md(A: Analysis, rows, tops, fw, abl, known) -> str:
                        [[i + 1] + [f"{tops[p][i]['name']} ({fnum(tops[p][i]['r'])}, p={fnum(tops[p][i]['p'])})"
                                    if i < len(tops[p]) else "" for p in PROTOCOLS] for i in range(5)]), "",
               md_table(["", *PROTOCOLS],
-                       [["family-wise p (max-|r| permutation)"] + [fnum(fw[p]["p_family"]) for p in PROTOCOLS],
-                        ["|r| needed to survive"] + [fnum(fw[p]["threshold_abs_r"]) for p in PROTOCOLS],
+                       [["family-wise p (max abs r permutation)"] + [fnum(fw[p]["p_family"]) for p in PROTOCOLS],
+                        ["abs r needed to survive"] + [fnum(fw[p]["threshold_abs_r"]) for p in PROTOCOLS],
                         ["heads surviving"] + [", ".join(fw[p]["surviving"]) or "none" for p in PROTOCOLS]]), ""]
     if abl:
         pn = PAPER_NUMBERS["ablation"]

@@ -71,8 +71,10 @@ def verdict_lines(rep: dict[str, Any]) -> list[str]:
     if top:
         out.append(f"- Best head **{top['name']}**: r = {fnum(top['r'])} (n = {n} prompts), nominal p = "
                    f"{fnum(top['p'])}, 95% bootstrap CI [{fnum(top['r_ci_low'], 2)}, {fnum(top['r_ci_high'], 2)}].")
+    floor = " (the smallest value this many permutations can give)" \
+        if fw["p_family"] <= 1.0 / (fw["n_permutations"] + 1) + 1e-12 else ""
     out.append(f"- Family-wise (max-|r| permutation over {fw['n_heads']} heads, {fw['n_permutations']} "
-               f"permutations): p = {fnum(fw['p_family'])}; chance alone gives max |r| >= "
+               f"permutations): p = {fnum(fw['p_family'])}{floor}; chance alone gives max |r| >= "
                f"{fnum(fw['threshold_abs_r'])} in {int(round(rep['alpha'] * 100))}% of permutations. "
                + (f"**{len(fw['surviving'])} head(s) survive** family-wise control at {rep['alpha']}: "
                   f"{', '.join(fw['surviving'][:15])}{' ...' if len(fw['surviving']) > 15 else ''}."
