@@ -132,15 +132,21 @@ def run_sweep(spec: SweepSpec, extra: Sequence[str] = (), out: Optional[str | os
     points = grid_points(spec)
     cache = EvalCache()
     rows: list[dict[str, Any]] = []
+    done: dict[str, Any] = {}  # canonical settings -> result (eta = 0 makes lam irrelevant)
     for i, point in enumerate(points):
         overrides = base + [_override(k, v) for k, v in point.items()]
         cfg = compose("sample", overrides)
+        canon = cfg.copy()
+        if float(canon.sampler.eta) == 0.0:
+            canon.sampler.lam = float("inf")  # no field term: precession off too, same sampler
+        canon_key = OmegaConf.to_yaml(canon)
         if session is None:
             session = GenerationSession.load(cfg.model)
         tag = ",".join(f"{k.split('.')[-1]}={_fmt_val(v)}" for k, v in point.items())
         row: dict[str, Any] = {k: v for k, v in point.items()}
         try:
-            res = evaluate(cfg, session=session, cache=cache, log=False)
+            res = done[canon_key] if canon_key in done else evaluate(cfg, session=session, cache=cache, log=False)
+            done[canon_key] = res
         except SampleError as e:
             row.update(status="skipped", reason=str(e))
             rows.append(row)

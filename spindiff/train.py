@@ -168,7 +168,8 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
 
     Returns:
         dict with ``paths`` (out, best/last checkpoints, metrics CSV, results.json, features),
-        ``metrics`` (train loss at start/end, ``val_start``/``val_end`` metric dicts, best val
+        ``metrics`` (first logged train loss, mean of the last logged ones (up to 10),
+        ``val_start``/``val_end`` metric dicts (untrained / final weights), best val
         loss), ``global_step``, ``resumed_from``, ``wall_s``, ``fit_s`` and run facts.
     """
     import lightning as L
@@ -254,8 +255,9 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
     metrics_csv = out / "csv" / csv_version / "metrics.csv"
     logged = _csv_metrics(out / "csv")
     train_curve = logged.get("train/loss", [])
-    head = [v for _, v in train_curve[:5]]
-    tail = [v for _, v in train_curve[-10:]]
+    k = max(1, min(10, len(train_curve) // 4))  # smoothing window that never spans start and end
+    head = [v for _, v in train_curve[:1]]
+    tail = [v for _, v in train_curve[-k:]]
     best_ckpt = checkpoints[0]
     best_score = best_ckpt.best_model_score
     results: dict[str, Any] = {
