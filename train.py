@@ -1,6 +1,6 @@
 """Fit the residual score of attention-guided spherical diffusion (thin CLI over spindiff.train).
 
-    python train.py                                  # SmolLM2-135M (bundled, offline), ~5 min on 2 CPU cores
+    python train.py                                  # SmolLM2-135M (bundled, offline); docs/training.md for times
     python train.py trainer.max_steps=20 out=DIR     # any key=value override (see --help)
     python train.py experiment=quick                 # tiny model, seconds
     python train.py experiment=euclid_ddpm           # Euclidean DDPM baseline

@@ -10,7 +10,7 @@ Side by side, in one process, on the same pairs, network, optimizer and batch si
                            batch (every position's features at once), then the same step --
                            the cheapest way to recompute.
 
-    python bench/bench_training.py            # smollm2-135m (bundled), ~2-4 min on 2 cores
+    python bench/bench_training.py            # smollm2-135m (bundled): 11 min on 2 shared cores, 4 of them building features
     python bench/bench_training.py --quick    # fewer steps and pairs
 
 Prints the table and the ratio cached / recompute (the acceptance bar is >= 5x).
