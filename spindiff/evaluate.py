@@ -39,7 +39,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from spindiff.field import FieldOutput

@@ -4,7 +4,6 @@ resolution, and every kind of bad input raising a SampleError that names the fix
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spindiff.config import CONFIG_DIR, ConfigError, compose
+from spindiff.config import ConfigError, compose
 from spindiff.sweep import DEFAULT_SWEEP, _override, grid_points, load_sweep, main, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
