@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from analysis.prompts import TokenizedSet, pad_left
 from spindiff.adapter import ArchitectureAdapter, get_adapter
-from spindiff.field import ContextFieldProvider, last_positions, reference_W_O
+from spindiff.field import ContextFieldProvider, last_positions
 
 PROTOCOLS = ("paper", "paper_fixed", "in_situ")
 CANDIDATES = ("first_token", "full")
@@ -117,9 +117,20 @@ def continuation_logprob(model: nn.Module, prefixes: Sequence[Sequence[int]],
     return (lp * keep).sum(-1).double()
 
 
+def _wo_times(adapter: ArchitectureAdapter, layer: int, de: Tensor, protocol: str) -> Tensor:
+    """g = W_O[h] @ de for every head: (B, H, dh), so that dL = N0 . g.
+
+    ``paper_fixed``: the head's real block (adapter convention). ``paper``: the reference
+    code's slice ``W = out_proj.weight``, ``W[:, h*dh:(h+1)*dh].T @ de = (de @ W)[h*dh:(h+1)*dh]``
+    (the same as :func:`spindiff.field.reference_W_O`, without stacking the slices)."""
+    B = de.shape[0]
+    if protocol == "paper":
+        return (de @ adapter.out_proj(layer).weight).view(B, adapter.n_heads, adapter.d_head)
+    return torch.einsum("hcd,bd->bhc", adapter.layer_weights(layer).W_O, de)
+
+
 @torch.no_grad()
-def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str,
-                    W_O: list[Tensor] | None = None) -> Tensor:
+def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str) -> Tensor:
     """dL_theory of every head under the reference protocol, reassociated for speed: (B, L, H).
 
     Same numbers as ``N_proj . de`` with N_proj from :class:`ContextFieldProvider` (tested), but
@@ -134,7 +145,6 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
     Args:
         ids, mask: (B, T) left-padded prompts; de: (B, D) e_good - e_bad.
         protocol: ``paper`` (reference W_O slice) | ``paper_fixed`` (the real block).
-        W_O: optional precomputed per-layer (H, dh, D) output blocks.
     """
     ad = adapter
     X = ad.embedding()[ids]  # (B, T, D) raw token embeddings: no positions, norms or biases
@@ -143,15 +153,13 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
     out = []
     for l in range(ad.n_layers):
         w = ad.layer_weights(l)
-        Wo = W_O[l] if W_O is not None else (reference_W_O(ad, l) if protocol == "paper" else w.W_O)
         q = torch.einsum("bd,hdc->bhc", X[:, -1], w.W_Q)  # (B, H, dh) query of the last position
         u = torch.einsum("bhc,hdc->bhd", q, w.W_K)  # (B, H, D)
-        s = torch.einsum("btd,bhd->bht", X, u) / ad.d_head**0.5  # (B, H, T)
+        s = torch.bmm(u, X.transpose(1, 2)) / ad.d_head**0.5  # (B, H, T) = x_j . u
         alpha = s.masked_fill(~keys, float("-inf")).softmax(-1)
-        xbar = torch.einsum("bht,btd->bhd", alpha, X)  # (B, H, D)
+        xbar = torch.bmm(alpha, X)  # (B, H, D)
         n0 = torch.einsum("bhd,hdc->bhc", xbar, w.W_V)  # (B, H, dh) = N0
-        g = torch.einsum("hcd,bd->bhc", Wo, de)  # (B, H, dh) = W_O[h] de
-        out.append((n0 * g).sum(-1))  # (B, H)
+        out.append((n0 * _wo_times(ad, l, de, protocol)).sum(-1))  # (B, H)
     return torch.stack(out, 1)
 
 
@@ -181,8 +189,6 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
     if protocol == "in_situ":
         prov = ContextFieldProvider(model, [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)],
                                     protocol, normalize=False, final_norm=final_norm, adapter=ad)
-    else:
-        W_O = [reference_W_O(ad, l) if protocol == "paper" else ad.layer_weights(l).W_O for l in range(ad.n_layers)]
     P = len(tset)
     theory = torch.empty(P, ad.n_layers * ad.n_heads, dtype=torch.float64)
     actual_gap = torch.empty(P, dtype=torch.float64)
@@ -197,7 +203,7 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
             theory[idx] = torch.einsum("bkd,bd->bk", out.per_head, de.to(out.per_head.dtype)).double()
             logits = out.logits  # (B, V)
         else:
-            theory[idx] = paper_gap_table(ad, ids, mask, de, protocol, W_O).reshape(len(idx), -1).double()
+            theory[idx] = paper_gap_table(ad, ids, mask, de, protocol).reshape(len(idx), -1).double()
             logits = None
         if not actual:
             actual_gap[idx] = float("nan")
