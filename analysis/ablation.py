@@ -144,47 +144,69 @@ def _baseline_with_cache(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor,
     return _Cache(calls, z, attn, out.logits[:, -1])
 
 
-@torch.no_grad()
+class LayerSuffixScanner:
+    """The fast scan on one left-padded batch (B prompts), one layer at a time.
+
+    ``__init__`` runs the baseline forward and caches, per layer, the decoder layer's call
+    arguments, z and the attention output; :meth:`layer` then returns the gap with each given
+    head of that layer ablated alone, rerunning only the MLP half of the layer and the layers
+    after it, with all those heads x prompts as one batch (chunks of ``max_rows`` rows).
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, good: Tensor,
+                 bad: Tensor, mode: str = "zero", mean_z: dict[int, Tensor] | None = None, max_rows: int = 256):
+        self.model, self.ad, self.mode, self.mean_z, self.max_rows = model, adapter, mode, mean_z, max_rows
+        self.B = ids.shape[0]
+        self.cache = _baseline_with_cache(model, adapter, ids, mask)
+        self.base = _gap(self.cache.logits, good, bad)  # (B,)
+        W_U = adapter.unembedding()
+        self.de = W_U[good] - W_U[bad]  # (B, D)
+        bias = getattr(model.get_output_embeddings(), "bias", None)
+        self.db = (bias[good] - bias[bad]) if bias is not None else torch.zeros(self.B, dtype=self.de.dtype)
+        self.mlp_block = MLP_BLOCKS[adapter.family]
+
+    @torch.no_grad()
+    def layer(self, layer: int, heads: list[int]) -> Tensor:
+        """Gap (B, len(heads)) with each head of ``layer`` in ``heads`` ablated alone."""
+        ad, B, cache = self.ad, self.B, self.cache
+        layers = ad.layers()
+        W_O = ad.layer_weights(layer).W_O  # (H, dh, D)
+        zl = cache.z[layer].view(B, -1, ad.n_heads, ad.d_head)  # (B, T, H, dh)
+        resid_mid = cache.calls[layer][0][0] + cache.attn_out[layer]  # (B, T, D) residual after attention
+        out = torch.empty(B, len(heads), dtype=torch.float64)
+        per_chunk = max(1, self.max_rows // B)
+        for c in range(0, len(heads), per_chunk):
+            hs = heads[c:c + per_chunk]
+            K = len(hs)
+            zh = zl[:, :, hs]  # (B, T, K, dh)
+            dz = -zh if self.mode == "zero" else self.mean_z[layer][hs].to(zh) - zh
+            delta = torch.einsum("btkc,kcd->kbtd", dz, W_O[hs])  # (K, B, T, D): change of attn output
+            x = (resid_mid[None] + delta).reshape(K * B, *resid_mid.shape[1:])  # (K*B, T, D)
+            x = self.mlp_block(layers[layer], x)
+            for l2 in range(layer + 1, ad.n_layers):
+                args, kwargs = cache.calls[l2]
+                x = layers[l2](x, *_expand(args[1:], K, B), **_expand(kwargs, K, B))
+                x = x[0] if isinstance(x, tuple) else x
+            hid = ad.final_norm()(x[:, -1])  # (K*B, D)
+            gap = (hid.view(K, B, -1) * self.de[None]).sum(-1) + self.db[None]  # (K, B)
+            out[:, c:c + K] = gap.T.double()
+        return out
+
+
 def _scan_batch(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask: Tensor, good: Tensor, bad: Tensor,
                 heads: HeadList, mode: str, mean_z: dict[int, Tensor] | None, max_rows: int,
                 progress: bool) -> tuple[Tensor, Tensor]:
     """Fast path on one left-padded batch: returns (base (B,), ablated (B, K))."""
-    B = ids.shape[0]
-    cache = _baseline_with_cache(model, ad, ids, mask)
-    base = _gap(cache.logits, good, bad)
-    layers, fam = ad.layers(), ad.family
-    mlp_block = MLP_BLOCKS[fam]
-    norm = ad.final_norm()
-    W_U = ad.unembedding()
-    bias = getattr(model.get_output_embeddings(), "bias", None)
-    de = W_U[good] - W_U[bad]  # (B, D)
-    db = (bias[good] - bias[bad]) if bias is not None else torch.zeros(B, dtype=de.dtype)
-    out = torch.empty(B, len(heads), dtype=torch.float64)
+    sc = LayerSuffixScanner(model, ad, ids, mask, good, bad, mode, mean_z, max_rows)
+    out = torch.empty(ids.shape[0], len(heads), dtype=torch.float64)
     by_layer: dict[int, list[int]] = {}
     for k, (l, h) in enumerate(heads):
         by_layer.setdefault(l, []).append(k)
-    per_chunk = max(1, max_rows // B)
     for l in tqdm(sorted(by_layer), desc="scan", disable=not progress, leave=False):
-        W_O = ad.layer_weights(l).W_O  # (H, dh, D)
-        zl = cache.z[l].view(B, -1, ad.n_heads, ad.d_head)  # (B, T, H, dh)
-        resid_mid = cache.calls[l][0][0] + cache.attn_out[l]  # (B, T, D)
         ks = by_layer[l]
-        for c in range(0, len(ks), per_chunk):
-            kc = ks[c:c + per_chunk]
-            hs = [heads[k][1] for k in kc]
-            K = len(hs)
-            dz = -zl[:, :, hs] if mode == "zero" else mean_z[l][hs].to(zl) - zl[:, :, hs]  # (B, T, K, dh)
-            delta = torch.einsum("btkc,kcd->kbtd", dz, W_O[hs])  # (K, B, T, D)
-            x = (resid_mid[None] + delta).reshape(K * B, *resid_mid.shape[1:])  # (K*B, T, D)
-            x = mlp_block(layers[l], x)
-            for l2 in range(l + 1, ad.n_layers):
-                args, kwargs = cache.calls[l2]
-                x = layers[l2](x, *_expand(args[1:], K, B), **_expand(kwargs, K, B))
-                x = x[0] if isinstance(x, tuple) else x
-            hid = norm(x[:, -1])  # (K*B, D)
-            gap = (hid.view(K, B, -1) * de[None]).sum(-1) + db[None]  # (K, B)
-            out[:, kc] = gap.T.double()
-    return base, out
+        out[:, ks] = sc.layer(l, [heads[k][1] for k in ks])
+    return sc.base, out
 
 
 @dataclass
