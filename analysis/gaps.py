@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from analysis.prompts import TokenizedSet, pad_left
-from spindiff.adapter import ArchitectureAdapter, get_adapter
+from spindiff.adapter import ArchitectureAdapter, LayerWeights, get_adapter
 from spindiff.field import ContextFieldProvider, last_positions
 
 PROTOCOLS = ("paper", "paper_fixed", "in_situ")
@@ -117,7 +117,8 @@ def continuation_logprob(model: nn.Module, prefixes: Sequence[Sequence[int]],
     return (lp * keep).sum(-1).double()
 
 
-def _wo_times(adapter: ArchitectureAdapter, layer: int, de: Tensor, protocol: str) -> Tensor:
+def _wo_times(adapter: ArchitectureAdapter, layer: int, de: Tensor, protocol: str,
+              W_O: Tensor | None = None) -> Tensor:
     """g = W_O[h] @ de for every head: (B, H, dh), so that dL = N0 . g.
 
     ``paper_fixed``: the head's real block (adapter convention). ``paper``: the reference
@@ -126,11 +127,12 @@ def _wo_times(adapter: ArchitectureAdapter, layer: int, de: Tensor, protocol: st
     B = de.shape[0]
     if protocol == "paper":
         return (de @ adapter.out_proj(layer).weight).view(B, adapter.n_heads, adapter.d_head)
-    return torch.einsum("hcd,bd->bhc", adapter.layer_weights(layer).W_O, de)
+    return torch.einsum("hcd,bd->bhc", adapter.layer_weights(layer).W_O if W_O is None else W_O, de)
 
 
 @torch.no_grad()
-def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str) -> Tensor:
+def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str,
+                    weights: list[LayerWeights] | None = None) -> Tensor:
     """dL_theory of every head under the reference protocol, reassociated for speed: (B, L, H).
 
     Same numbers as ``N_proj . de`` with N_proj from :class:`ContextFieldProvider` (tested), but
@@ -145,6 +147,7 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
     Args:
         ids, mask: (B, T) left-padded prompts; de: (B, D) e_good - e_bad.
         protocol: ``paper`` (reference W_O slice) | ``paper_fixed`` (the real block).
+        weights: per-layer ``adapter.layer_weights(l)``, to reuse across batches.
     """
     ad = adapter
     X = ad.embedding()[ids]  # (B, T, D) raw token embeddings: no positions, norms or biases
@@ -152,14 +155,14 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
     keys = mask.bool()[:, None, :]  # (B, 1, T)
     out = []
     for l in range(ad.n_layers):
-        w = ad.layer_weights(l)
+        w = weights[l] if weights is not None else ad.layer_weights(l)
         q = torch.einsum("bd,hdc->bhc", X[:, -1], w.W_Q)  # (B, H, dh) query of the last position
         u = torch.einsum("bhc,hdc->bhd", q, w.W_K)  # (B, H, D)
         s = torch.bmm(u, X.transpose(1, 2)) / ad.d_head**0.5  # (B, H, T) = x_j . u
         alpha = s.masked_fill(~keys, float("-inf")).softmax(-1)
         xbar = torch.bmm(alpha, X)  # (B, H, D)
         n0 = torch.einsum("bhd,hdc->bhc", xbar, w.W_V)  # (B, H, dh) = N0
-        out.append((n0 * _wo_times(ad, l, de, protocol)).sum(-1))  # (B, H)
+        out.append((n0 * _wo_times(ad, l, de, protocol, w.W_O)).sum(-1))  # (B, H)
     return torch.stack(out, 1)
 
 
@@ -186,6 +189,7 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
     if candidates not in CANDIDATES:
         raise ValueError(f"candidates '{candidates}': use one of {', '.join(CANDIDATES)}")
     ad = adapter or get_adapter(model)
+    weights = [ad.layer_weights(l) for l in range(ad.n_layers)] if protocol != "in_situ" else None
     if protocol == "in_situ":
         prov = ContextFieldProvider(model, [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)],
                                     protocol, normalize=False, final_norm=final_norm, adapter=ad)
@@ -203,7 +207,7 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
             theory[idx] = torch.einsum("bkd,bd->bk", out.per_head, de.to(out.per_head.dtype)).double()
             logits = out.logits  # (B, V)
         else:
-            theory[idx] = paper_gap_table(ad, ids, mask, de, protocol).reshape(len(idx), -1).double()
+            theory[idx] = paper_gap_table(ad, ids, mask, de, protocol, weights).reshape(len(idx), -1).double()
             logits = None
         if not actual:
             actual_gap[idx] = float("nan")

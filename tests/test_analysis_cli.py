@@ -154,7 +154,8 @@ def test_reproduce_tiny_gpt2(tmp_path):
 def test_reproduce_gpt2_falls_back_to_smollm2(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.warns(UserWarning, match="falling back"):
-        res = main(["reproduce", "model.name=gpt2", f"out={tmp_path}", *SMALL])
+        res = main(["reproduce", "model.name=gpt2", f"out={tmp_path}", *SMALL, "batch_size=20", "n_permutations=20",
+                    "n_bootstrap=20"])
     assert res["model"] == "smollm2-135m"
     md = (tmp_path / "report.md").read_text()
     assert "model used = **smollm2-135m**" in md and "requested 'gpt2'" in md

@@ -146,18 +146,14 @@ def test_gqa_paper_fixed_matches_linear_loop(tiny_llama):
                     assert abs(float(N_proj @ de) - gt.dl_theory[p, l, h]) < 1e-10
 
 
-def test_in_situ_decomposes_actual_gap(tiny_model):
-    """in_situ with final_norm: per layer, the heads' dL_theory sum to the frozen-norm logit gap of
-    (attention output - b_O); and the frozen-norm gap of the whole final residual (+ norm bias)
-    is dL_actual. Checked per prompt without padding against hooks on the real modules."""
-    model, tok = tiny_model
+def _check_decomposition(model, ts, tol_ln: float, tol_rms: float) -> None:
     from spindiff.adapter import get_adapter
 
     ad = get_adapter(model)
-    ts = _tset(tok)
     gt = compute_gaps(model, ts, "in_situ", final_norm=True, batch_size=4, progress=False)
     norm = ad.final_norm()
     is_ln = isinstance(norm, torch.nn.LayerNorm)
+    tol = tol_ln if is_ln else tol_rms  # LlamaRMSNorm computes in float32 even for float64 inputs
     eps = getattr(norm, "eps", None) or norm.variance_epsilon
     U = ad.unembedding()
     for p in range(len(ts)):
@@ -180,10 +176,17 @@ def test_in_situ_decomposes_actual_gap(tiny_model):
         for l in range(ad.n_layers):
             b_O = ad.out_proj(l).bias
             attn = store[l] - (b_O if b_O is not None else 0)
-            assert abs(gt.dl_theory[p, l].sum() - dla(attn)) < (1e-9 if is_ln else 1e-7)
+            assert abs(gt.dl_theory[p, l].sum() - dla(attn)) < tol
         bias = float(norm.bias @ de) if getattr(norm, "bias", None) is not None else 0.0
-        # LlamaRMSNorm computes in float32 even for float64 inputs: allow 1e-6 there
-        assert abs(dla(x) + bias - gt.dl_actual[p]) < (1e-9 if is_ln else 1e-6)
+        assert abs(dla(x) + bias - gt.dl_actual[p]) < tol
+
+
+def test_in_situ_decomposes_actual_gap(tiny_model):
+    """in_situ with final_norm: per layer, the heads' dL_theory sum to the frozen-norm logit gap of
+    (attention output - b_O); and the frozen-norm gap of the whole final residual (+ norm bias)
+    is dL_actual. Checked per prompt without padding against hooks on the real modules."""
+    model, tok = tiny_model
+    _check_decomposition(model, _tset(tok), 1e-9, 1e-6)
 
 
 def test_full_candidates_are_whole_word_logprobs(tiny_model):
@@ -229,17 +232,11 @@ def test_shared_first_tokens_are_excluded(tiny_gpt2):
 @pytest.mark.smollm2
 @pytest.mark.slow
 def test_in_situ_sum_on_smollm2(smollm2):
-    """On the real SmolLM2 (float64): all heads' in_situ gaps + the rest reproduce the gap; the
-    paper protocol's W_O slice equals the correct one (Llama's nn.Linear)."""
-    from spindiff.adapter import get_adapter
-
+    """On the real SmolLM2 (float64): the in_situ decomposition of dL_actual holds; the paper
+    protocol's W_O slice equals the correct one (Llama's nn.Linear)."""
     model, tok = smollm2.model, smollm2.tokenizer
-    ad = get_adapter(model)
-    ts = tokenize_set(tok, from_triples(PROMPTS[:3]), 8192, warn=False)
-    gt = compute_gaps(model, ts, "in_situ", progress=False)
-    paper = compute_gaps(model, ts, "paper", progress=False)
-    fixed = compute_gaps(model, ts, "paper_fixed", progress=False)
+    ts = tokenize_set(tok, from_triples(PROMPTS[:2]), 8192, warn=False)
+    _check_decomposition(model, ts, 1e-9, 1e-4)
+    paper = compute_gaps(model, ts, "paper", progress=False, actual=False)
+    fixed = compute_gaps(model, ts, "paper_fixed", progress=False, actual=False)
     np.testing.assert_allclose(paper.dl_theory, fixed.dl_theory, atol=1e-12)
-    np.testing.assert_allclose(paper.dl_actual, gt.dl_actual, atol=1e-9)
-    assert gt.dl_actual[0] > 0  # prefers Berlin over Rome
-    assert gt.dl_theory.shape == (3, ad.n_layers, ad.n_heads)
