@@ -204,9 +204,11 @@ class ArchitectureAdapter(ABC):
     @torch.no_grad()
     def mean_z(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[int, Tensor]:
         """Mean of z over all real tokens of a reference batch: {layer: (H, dh)}."""
-        with self.capture_z() as store:
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
         mask = torch.ones(input_ids.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        # left-padded rows need explicit positions, or their real tokens sit at shifted positions
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0).to(input_ids.device)
+        with self.capture_z() as store:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos)
         mask = mask.to(next(iter(store.values())).device)
         return {l: z[mask].mean(0) for l, z in store.items()}
 

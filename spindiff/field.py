@@ -105,6 +105,11 @@ class ContextFieldProvider(nn.Module):
         self.layers = sorted({l for l, _ in self.heads})
         self._by_layer = {l: [h for ll, h in self.heads if ll == l] for l in self.layers}
         self._W_O = {l: self._wo(l) for l in self.layers}  # (K_l, dh, D)
+        # one stacked (K, dh, D) block so that every step does a single batched matmul, and the
+        # per-layer head index only where a layer is partly selected
+        self._W_all = torch.cat([self._W_O[l] for l in self.layers], 0)
+        self._sel = {l: (None if self._by_layer[l] == list(range(self.adapter.n_heads))
+                         else torch.tensor(self._by_layer[l])) for l in self.layers}
 
     @classmethod
     def from_config(cls, cfg: Any, model: nn.Module) -> "ContextFieldProvider":
@@ -152,19 +157,21 @@ class ContextFieldProvider(nn.Module):
         ad = self.adapter
         pos = last_positions(mask)[:, -ids.shape[1]:]
         resid: dict[str, Tensor] = {}
-        hook = ad.final_norm().register_forward_pre_hook(
-            lambda m, a: resid.__setitem__("x", a[0][:, -1].detach()))
+
+        def grab(m, a, o):  # residual entering the final norm and its output, last position
+            resid["x"], resid["h"] = a[0][:, -1].detach(), o[:, -1].detach()
+        hook = ad.final_norm().register_forward_hook(grab)
         try:
             with ad.capture_z(self.layers, last_only=True) as zs:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                  past_key_values=past, use_cache=use_cache, output_hidden_states=False)
         finally:
             hook.remove()
-        per_head = torch.cat([
-            torch.einsum("bkc,kcd->bkd", zs[l][:, self._by_layer[l]].to(self._W_O[l].dtype), self._W_O[l])
-            for l in self.layers], dim=1)  # (B, K, D)
+        z = torch.cat([zs[l] if self._sel[l] is None else zs[l].index_select(1, self._sel[l])
+                       for l in self.layers], dim=1).to(self._W_all.dtype)  # (B, K, dh)
+        per_head = torch.bmm(z.transpose(0, 1), self._W_all).transpose(0, 1)  # (B, K, D)
         x = resid["x"]  # (B, D) residual stream entering the final norm
-        hidden = ad.final_norm()(x)
+        hidden = resid["h"]
         if self.final_norm:
             scale, center = ad.final_norm_scale(x)
             if center:

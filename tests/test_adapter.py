@@ -140,3 +140,24 @@ def test_head_sum_identity_cuda():
     for name in ("tiny-gpt2", "tiny-llama"):
         model, tok = build_tiny_model(name, dtype=torch.float64)
         _check_head_sum(model.cuda(), tok)
+
+
+def test_mean_z_ignores_left_padding(tiny_gpt2):
+    """A left-padded batch gives the same mean z as the unpadded sequences run one by one
+    (GPT-2's learned absolute positions must start at each row's first real token; RoPE is
+    shift-invariant, so only an absolute-position family shows the difference)."""
+    model, tok = tiny_gpt2
+    ad = get_adapter(model)
+    a = tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    b = tok("a dog", add_special_tokens=False)["input_ids"]
+    assert len(a) > len(b)
+    pad = [0] * (len(a) - len(b))
+    ids = torch.tensor([a, pad + b])
+    mask = torch.tensor([[1] * len(a), [0] * len(pad) + [1] * len(b)])
+    with torch.no_grad():
+        mz = ad.mean_z(ids, mask)
+        za = ad.mean_z(torch.tensor([a]))
+        zb = ad.mean_z(torch.tensor([b]))
+    for l in mz:
+        ref = (za[l] * len(a) + zb[l] * len(b)) / (len(a) + len(b))
+        assert torch.allclose(mz[l], ref, atol=1e-5), l
