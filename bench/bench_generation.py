@@ -13,7 +13,10 @@ Arms (all through the sampler registry of :mod:`spindiff.samplers`):
 * ``spin best``       the same checkpoint plus the attention field drift eta P_S N + (eta/lam) Prec,
                       (eta, lam) = best of an eta x lambda sweep run first (fidelity/tv);
 * ``spin field-only`` no learned score, field drift only (``ckpt=none``) at the best (eta, lam);
-* ``euclid_ddpm``     Gaussian DDPM in embedding space, same network size and features.
+* ``euclid_ddpm``     Gaussian DDPM in embedding space, same network size and features;
+* ``spin prior eta=0`` / ``spin prior best`` (with ``--prior-ckpt``, 20 steps): a checkpoint
+                      trained with the analytic field term in the score (``score_net.eta_train``
+                      > 0, ``experiment=field_prior``), without and with the field drift.
 
 Measured (mean and 95% CI over seeds, :mod:`spindiff.evaluate`): next-token fidelity (TV and
 KL of the empirical next-token distribution against the LM softmax, top-1 agreement, LM
@@ -56,6 +59,7 @@ SETTINGS = {
                   fid_prompts=8, n_draws=16, seeds=[0, 1], batch_size=8,
                   tp_tokens=16, tp_reps=2, tp_b1_tokens=8, tp_b32_tokens=8),
 }
+SINGLE_STEP_ARMS = ("spin field-only", "spin prior eta=0", "spin prior best")
 TABLE_KEYS = [("fidelity/tv", "TV ↓"), ("fidelity/kl", "KL ↓"), ("fidelity/top1_agreement", "top-1 ↑"),
               ("fidelity/logprob", "draw logp ↑"), ("gen/perplexity", "PPL ↓ [95% CI]"), ("gen/distinct_1", "dist-1"),
               ("gen/distinct_2", "dist-2"), ("gen/distinct_3", "dist-3"), ("gen/self_bleu", "self-BLEU"),
@@ -195,7 +199,7 @@ def stage_main(b: Bench, arms: dict[str, Optional[list[str]]]) -> dict[str, dict
             table[name] = {0: b.evaluate("ar", over)}
             continue
         table[name] = {}
-        steps = [20] if name == "spin field-only" else b.s["steps"]  # an extra arm: one steps value
+        steps = [20] if name in SINGLE_STEP_ARMS else b.s["steps"]  # extra arms: one steps value
         for st in steps:
             o = [x for x in over if not x.startswith("sampler.steps=")] + [f"sampler.steps={st}"]
             table[name][st] = b.evaluate(f"{name}@{st}", o)
@@ -333,7 +337,9 @@ def write_report(b: Bench, info: dict[str, Any], sweep: Optional[dict[str, Any]]
              f"{info['host']}; torch threads {torch.get_num_threads()}; load average at start {info['load_start']}, "
              f"at end {info['load_end']}; wall {info['wall_min']:.1f} min; git {info['git']}.\n")
     L.append(f"Checkpoints: spin = `{info['spin_ckpt']}` ({info['spin_ckpt_summary']}); euclid_ddpm = "
-             f"`{info['euclid_ckpt']}` ({info['euclid_ckpt_summary']}).\n")
+             f"`{info['euclid_ckpt']}` ({info['euclid_ckpt_summary']})"
+             + (f"; field prior = `{info['prior_ckpt']}` ({info['prior_ckpt_summary']})" if info.get("prior_ckpt") else "")
+             + ".\n")
     L.append(f"Evaluation: fidelity on {len(b.fid_prompts)} held-out prompts × {s['n_draws']} draws; continuations "
              f"of {s['max_new_tokens']} tokens on {len(b.gen_prompts)} prompts (batch {s['batch_size']}); seeds "
              f"{s['seeds']}; mean ± 95% Student-t CI half-width over seeds. TV/KL compare the empirical next-token "
@@ -420,6 +426,12 @@ def answer(b: Bench, sweep: Optional[dict[str, Any]], table: dict[str, dict[int,
         out.append(f"- In the sweep the lowest TV overall is at eta = {ba['sampler.eta']:g} "
                    + ("(the field drift does not improve next-token fidelity over the learned score)."
                       if ba["sampler.eta"] == 0 else "(a non-zero field drift gives the lowest TV)."))
+    PA, PB = table.get("spin prior eta=0", {}).get(ref_steps), table.get("spin prior best", {}).get(ref_steps)
+    if PA is not None and A is not None:
+        out.append("\n**The field as an analytic prior inside the score (score_net.eta_train > 0).**")
+        out.append(line(PA, A, "learned residual + field prior, no drift", "learned score only"))
+        if PB is not None and B is not None:
+            out.append(line(PB, B, "learned residual + field prior + field drift", "learned score + field drift"))
     if E is not None:
         out.append("\n**Against the Brownian (Euclidean DDPM) baseline.**")
         if A is not None:
@@ -486,6 +498,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--out", default="")
     ap.add_argument("--spin-ckpt", default="auto", help="auto | none | PATH")
     ap.add_argument("--euclid-ckpt", default="auto", help="auto | none | PATH")
+    ap.add_argument("--prior-ckpt", default="none",
+                    help="PATH of a spin checkpoint trained with score_net.eta_train > 0 (experiment=field_prior): "
+                         "adds the arms 'spin prior eta=0' and 'spin prior best' at 20 steps")
     ap.add_argument("--eta", type=float, default=None, help="skip the sweep: use this eta (with --lam)")
     ap.add_argument("--lam", type=float, default=None)
     ap.add_argument("--no-throughput", action="store_true")
@@ -513,6 +528,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "spin field-only": _over("spin", eta, lam, 20, None) if spin_ckpt else None,
         "euclid_ddpm": _over("euclid_ddpm", 0.0, math.inf, 20, euclid_ckpt) if euclid_ckpt else None,
     }
+    prior_ckpt = None if args.prior_ckpt == "none" else args.prior_ckpt
+    if prior_ckpt:
+        arms["spin prior eta=0"] = _over("spin", 0.0, math.inf, 20, prior_ckpt)
+        arms["spin prior best"] = _over("spin", eta, lam, 20, prior_ckpt)
     table = stage_main(b, arms)
     lam_cmp = 1.0 if math.isinf(lam) else lam
     curves = {f"spin best (lam={lam_cmp:g})": _over("spin", eta, lam_cmp, 20, spin_ckpt),
@@ -541,7 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     info = {"command": "python bench/bench_generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "host": f"{platform.platform()}, {os.cpu_count()} CPUs", "load_start": load_start,
             "load_end": _loadavg(), "wall_min": (time.perf_counter() - t_start) / 60, "git": git_commit(),
-            "spin_ckpt": spin_ckpt, "euclid_ckpt": euclid_ckpt,
+            "spin_ckpt": spin_ckpt, "euclid_ckpt": euclid_ckpt, "prior_ckpt": prior_ckpt,
+            "prior_ckpt_summary": _ckpt_summary(b.session, prior_ckpt),
             "spin_ckpt_summary": _ckpt_summary(b.session, spin_ckpt),
             "euclid_ckpt_summary": _ckpt_summary(b.session, euclid_ckpt)}
     report = write_report(b, info, sweep, table, curve_res, tp, figs)

@@ -11,4 +11,6 @@ bash scripts/setup.sh
 OUT=${OUT:-runs/quickstart}
 python train.py out="$OUT/train" trainer.enable_progress_bar=false
 python sample.py ckpt="$OUT/train/checkpoints/last.ckpt" out="$OUT/sample" max_new_tokens=24 "$@"
-echo "outputs: $OUT/train (checkpoints, metrics, W&B offline run) and $OUT/sample (samples.jsonl)"
+# the LM's own sampling on the same prompt, for reference
+python sample.py sampler.name=ar out="$OUT/sample-ar" max_new_tokens=24 "$@"
+echo "outputs: $OUT/train (checkpoints, metrics, W&B offline run), $OUT/sample and $OUT/sample-ar (samples.jsonl)"

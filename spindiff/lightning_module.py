@@ -6,7 +6,7 @@ operations of one training objective) -- and owns only the loss bookkeeping, log
 evaluation and optimizers. Objectives are chosen by name from :data:`OBJECTIVES`:
 
 - ``spin``: denoising score matching on S^{d-1} (:func:`spindiff.losses.dsm_loss`, exact vMF
-  conditional score) of the total score eta_train P_S N + score_scale(t) net(S_t, t, context);
+  conditional score) of the total score eta_train m(t) P_S N + score_scale(t) net(S_t, t, context);
 - ``euclid_ddpm``: the Euclidean Gaussian DDPM baseline in embedding space
   (:mod:`spindiff.euclid`) with the same network size and context features.
 

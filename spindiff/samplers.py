@@ -598,9 +598,9 @@ class SpinSampler(StepSampler):
         return spin
 
     def _fast_score_fn(self, field: Tensor, context: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
-        """The network's total score eta_train P_S N + score_scale(t) net(S, t, context)
+        """The network's total score eta_train m(t) P_S N + score_scale(t) net(S, t, context)
         (:meth:`ResidualScoreNet.total_score`) through :class:`FastNet`, score_scale cached per t."""
-        fast, net, sde, geo = FastNet(self.net, context, self._time_cache), self.net, self.sde, self.sde.geometry
+        fast, net, sde = FastNet(self.net, context, self._time_cache), self.net, self.sde
 
         def score_fn(spin: Tensor, t: Tensor) -> Tensor:
             key = float(t[0])
@@ -609,7 +609,7 @@ class SpinSampler(StepSampler):
                 scale = self._scale_cache[key] = sde.score_scale(t[:1]).to(spin.dtype)  # (1,)
             out = scale[:, None] * fast(spin, t)  # (B, d)
             if net.eta_train != 0.0:
-                out = out + net.eta_train * geo.proju(spin, field)
+                out = out + net.analytic_term(spin, t, sde, field)
             return out
 
         return score_fn

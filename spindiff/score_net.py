@@ -2,10 +2,15 @@
 
 Total score used by the reverse SDE (:func:`make_score_fn`):
 
-    score(S, t) = eta_train P_S N  +  score_scale(t) * net(S, t, context),
+    score(S, t) = eta_train m(t) P_S N  +  score_scale(t) * net(S, t, context),
 
-where eta_train P_S N is the analytic field term (the Riemannian score of vMF(N/|N|, eta_train |N|))
-and the network learns the residual around it (eta_train = 0: the pure learned-score baseline).
+where eta_train m(t) P_S N is the analytic field term and the network learns the residual around
+it (eta_train = 0: the pure learned-score baseline). At t = 0 the term is the Riemannian score of
+vMF(N, eta_train) (N the unit field); m(t) = E[S_t . S_0] carries it through the noising: the
+forward kernel is zonal, so by Funk-Hecke it multiplies the degree-1 harmonic N . S of
+p_0 ~ 1 + eta_train N . S by m(t), and the score of p_t is eta_train m(t) P_S N + O(eta_train^2).
+The term therefore vanishes at t = T, where p_T is uniform (a fixed eta_train P_S N would force
+the network to cancel it there; tests/test_score_losses.py checks the m(t) law by Monte Carlo).
 ``score_scale(t)`` comes from the SDE (``sqrt(kappa(t) m(t))`` for the vMF noising family), so the
 network's output has unit scale per tangent direction at every t. The output is projected onto
 the tangent space at S (``tangent=True``); with ``tangent=False`` the same class is the
@@ -118,7 +123,7 @@ class ResidualScoreNet(nn.Module):
 
     def total_score(self, spin: Tensor, t: Tensor, sde: Any, field: Tensor | None = None,
                     context: Tensor | None = None) -> Tensor:
-        """eta_train P_S N + sde.score_scale(t) * net(S, t, context). (B, d), tangent at S.
+        """eta_train m(t) P_S N + sde.score_scale(t) * net(S, t, context). (B, d), tangent at S.
 
         ``sde`` provides ``score_scale(t)`` (B,) (:class:`spindiff.sde.BrownianSphereSDE`).
         """
@@ -126,8 +131,13 @@ class ResidualScoreNet(nn.Module):
             t = t.expand(spin.shape[0])
         out = sde.score_scale(t).to(spin.dtype)[:, None] * self(spin, t, context)  # (B, d)
         if field is not None and self.eta_train != 0.0:
-            out = out + self.eta_train * self.geometry.proju(spin, field.expand_as(spin))
+            out = out + self.analytic_term(spin, t, sde, field)
         return out
+
+    def analytic_term(self, spin: Tensor, t: Tensor, sde: Any, field: Tensor) -> Tensor:
+        """eta_train m(t) P_S N with m(t) = sde.mean_cosine(t). spin (B, d), t (B,), field (B|1, d)."""
+        m = sde.mean_cosine(t).to(spin.dtype)  # (B,)
+        return (self.eta_train * m)[:, None] * self.geometry.proju(spin, field.expand_as(spin))
 
 
 def make_score_fn(net: ResidualScoreNet, sde: Any, field: Tensor | None = None,

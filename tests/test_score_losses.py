@@ -60,11 +60,40 @@ def test_residual_decomposition_and_eta_train_zero_baseline():
     net = ResidualScoreNet(d, hidden=32, layers=1, time_dim=16, eta_train=0.7).double()
     raw = net(s, t)
     total = net.total_score(s, t, sde, field=field)
-    expected = 0.7 * sde.geometry.proju(s, field) + sde.score_scale(t)[:, None] * raw
+    expected = (0.7 * sde.mean_cosine(t))[:, None] * sde.geometry.proju(s, field) + sde.score_scale(t)[:, None] * raw
     assert torch.allclose(total, expected, atol=1e-12)
     base = ResidualScoreNet(d, hidden=32, layers=1, time_dim=16, eta_train=0.0).double()
     base.load_state_dict(net.state_dict())
     assert torch.allclose(base.total_score(s, t, sde, field=field), sde.score_scale(t)[:, None] * raw, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [3, 16])
+def test_analytic_term_follows_the_noised_field_score(d):
+    """For p_0 = vMF(N, kappa0) with small kappa0, the best multiple c(t) P_S N of the DSM target
+    kappa(t) P_{S_t} S_0 (least squares over (S_0, S_t) pairs, which is what the score network's
+    loss fits) is kappa0 m(t): the m(t) law of ResidualScoreNet.analytic_term. A fixed
+    eta_train P_S N (no decay) fails this at large t."""
+    from spindiff.vmf import sample_vmf
+    g = torch.Generator().manual_seed(0)
+    sde = _sde(d)
+    kappa0, n = 0.5, 400_000
+    N = torch.zeros(d, dtype=F64)
+    N[0] = 1.0
+    s0 = sample_vmf(N, kappa0, n=n, generator=g).to(F64)
+    net = ResidualScoreNet(d, hidden=8, layers=1, time_dim=4, eta_train=kappa0).double()
+    for tv in (0.1, 0.3, 0.6):
+        m = float(sde.mean_cosine(torch.tensor([tv], dtype=F64)))
+        t = torch.full((n,), tv, dtype=F64)
+        st = sde.marginal_sample(s0, t, generator=g)
+        target = sde.conditional_score(st, s0, t)  # (n, d)
+        basis = sde.geometry.proju(st, N.expand_as(st))  # P_S N
+        c = float((target * basis).sum() / (basis * basis).sum())
+        model = net.analytic_term(st, t, sde, N[None])
+        c_model = float((model * basis).sum() / (basis * basis).sum())
+        assert c_model == pytest.approx(kappa0 * m, rel=1e-9)
+        # Monte Carlo standard error of c is ~ kappa(t) / sqrt(n); O(kappa0^2) bias is small
+        assert c == pytest.approx(kappa0 * m, abs=0.02 + 0.05 * kappa0 * m), (tv, m, c)
+        assert abs(c - kappa0) > 0.1 or m > 0.8  # the undecayed term would be visibly wrong
 
 
 def test_euclidean_flag_skips_projection_and_from_config():
