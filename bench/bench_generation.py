@@ -298,9 +298,16 @@ def _fig_curves(b: Bench, curves: dict[str, dict[int, EvalResult]], table: dict[
                 ax.axhline(pts[0].mean[key], color="k", ls="--", lw=1, label="ar")
                 continue
             xs = sorted(pts)
-            ax.errorbar(xs, [pts[x].mean[key] for x in xs],
-                        yerr=[pts[x].ci[key] if math.isfinite(pts[x].ci[key]) else 0 for x in xs],
-                        marker="o", capsize=3, label=name)
+            if key == "gen/perplexity":  # exp(-mean log-prob) with the log-space CI mapped through exp
+                ms = [pts[x].mean["gen/logprob"] for x in xs]
+                cs = [pts[x].ci["gen/logprob"] if math.isfinite(pts[x].ci["gen/logprob"]) else 0 for x in xs]
+                ys = [math.exp(-m) for m in ms]
+                err = [[y - math.exp(-(m + c)) for y, m, c in zip(ys, ms, cs)],
+                       [math.exp(-(m - c)) - y for y, m, c in zip(ys, ms, cs)]]
+            else:
+                ys = [pts[x].mean[key] for x in xs]
+                err = [pts[x].ci[key] if math.isfinite(pts[x].ci[key]) else 0 for x in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
         ax.set_xscale("log")
         if key == "gen/perplexity":
             ax.set_yscale("log")
@@ -314,8 +321,18 @@ def _fig_curves(b: Bench, curves: dict[str, dict[int, EvalResult]], table: dict[
     return paths
 
 
+def _value(r: EvalResult, key: str) -> float:
+    """The reported mean; perplexity as exp(-mean log-prob), as in the table."""
+    if key == "gen/perplexity" and math.isfinite(r.mean.get("gen/logprob", float("nan"))):
+        return math.exp(-r.mean["gen/logprob"])
+    return r.mean.get(key, float("nan"))
+
+
 def _cmp(a: EvalResult, c: EvalResult, key: str, lower_better: bool) -> tuple[str, float]:
-    """'better' | 'worse' | 'indistinguishable' for a vs c on key (95% CIs overlap -> indistinguishable)."""
+    """'better' | 'worse' | 'indistinguishable' for a vs c on key (95% CIs overlap -> indistinguishable).
+    Perplexity is compared through the mean log-prob (its CI is symmetric there, not in PPL)."""
+    if key == "gen/perplexity" and all(math.isfinite(r.mean.get("gen/logprob", float("nan"))) for r in (a, c)):
+        return _cmp(a, c, "gen/logprob", not lower_better)
     ma, mc = a.mean.get(key, float("nan")), c.mean.get(key, float("nan"))
     ca = a.ci.get(key, 0.0) if math.isfinite(a.ci.get(key, float("nan"))) else 0.0
     cc = c.ci.get(key, 0.0) if math.isfinite(c.ci.get(key, float("nan"))) else 0.0
@@ -415,7 +432,7 @@ def answer(b: Bench, sweep: Optional[dict[str, Any]], table: dict[str, dict[int,
         parts = []
         for k, lower, name in metrics:
             verdict, diff = _cmp(x, y, k, lower)
-            parts.append(f"{name} {verdict} ({_fmt(x.mean.get(k))} vs {_fmt(y.mean.get(k))})")
+            parts.append(f"{name} {verdict} ({_fmt(_value(x, k))} vs {_fmt(_value(y, k))})")
         return f"- **{xn} vs {yn}** at {ref_steps} steps: " + "; ".join(parts) + "."
 
     if A is not None and B is not None:
@@ -449,18 +466,28 @@ def answer(b: Bench, sweep: Optional[dict[str, Any]], table: dict[str, dict[int,
         prec = [n for n in names if "lam=inf" not in n and n.startswith("spin best")]
         noprec = [n for n in names if "lam=inf" in n]
         if prec and noprec:
-            P, N = curves[prec[0]], curves[noprec[0]]
-            verdicts = []
-            for st in b.s["curve_steps"]:
-                v, d = _cmp(P[st], N[st], "fidelity/tv", True)
-                verdicts.append(f"{st}: {v} ({_fmt(P[st].mean['fidelity/tv'])} vs {_fmt(N[st].mean['fidelity/tv'])})")
-            out.append(f"- TV of `{prec[0]}` vs `{noprec[0]}` at equal steps — " + "; ".join(verdicts) + ".")
-            wins = sum(_cmp(P[st], N[st], "fidelity/tv", True)[0] == "better" for st in b.s["curve_steps"])
-            loses = sum(_cmp(P[st], N[st], "fidelity/tv", True)[0] == "worse" for st in b.s["curve_steps"])
-            out.append(f"- Precession is better at {wins}, worse at {loses}, indistinguishable at "
-                       f"{len(b.s['curve_steps']) - wins - loses} of {len(b.s['curve_steps'])} step counts.")
+            N = curves[noprec[0]]
+            for pn in prec:
+                P = curves[pn]
+                verdicts = []
+                for st in b.s["curve_steps"]:
+                    v, d = _cmp(P[st], N[st], "fidelity/tv", True)
+                    verdicts.append(f"{st}: {v} ({_fmt(P[st].mean['fidelity/tv'])} vs {_fmt(N[st].mean['fidelity/tv'])})")
+                out.append(f"- TV of `{pn}` vs `{noprec[0]}` at equal steps — " + "; ".join(verdicts) + ".")
+                wins = sum(_cmp(P[st], N[st], "fidelity/tv", True)[0] == "better" for st in b.s["curve_steps"])
+                loses = sum(_cmp(P[st], N[st], "fidelity/tv", True)[0] == "worse" for st in b.s["curve_steps"])
+                out.append(f"  Precession ({pn.split('(')[-1].rstrip(')')}) is better at {wins}, worse at {loses}, "
+                           f"indistinguishable at {len(b.s['curve_steps']) - wins - loses} of "
+                           f"{len(b.s['curve_steps'])} step counts.")
+            steps_to = {}
+            for n in prec + noprec:
+                floor = min(curves[n][st].mean["fidelity/tv"] for st in b.s["curve_steps"])
+                ok = [st for st in b.s["curve_steps"] if curves[n][st].mean["fidelity/tv"] <= floor + 0.01]
+                steps_to[n] = ok[0]
+            out.append("- Steps to come within 0.01 TV of each curve's own best: "
+                       + "; ".join(f"{n.split('(')[-1].rstrip(')')}: {v}" for n, v in steps_to.items()) + ".")
         else:
-            out.append("- The best sweep point has lam = inf, so the finite-lambda curve uses lam = 1 for comparison.")
+            out.append("- No precession-off curve was run.")
     out.append("\n**Controllability** was not measured beyond the knobs themselves: eta moves the sampler "
                "between the learned distribution (eta = 0) and the attention-field attractor (large eta), as the "
                "sweep table shows; no attribute-control task was run.")
@@ -488,7 +515,8 @@ def _ckpt_summary(session: GenerationSession, path: Optional[str]) -> str:
     params = s.get("score_net_params")
     return (f"{s.get('objective')}, {s.get('global_step')} optimizer steps, "
             + (f"{params / 1e6:.2f}M params, " if params else "")
-            + f"features {s.get('context_features')}, best val loss {s.get('best_val_loss')}")
+            + f"features {s.get('context_features')}, eta_train {s.get('eta_train')}, "
+            + f"best val loss {_fmt(s['best_val_loss']) if s.get('best_val_loss') is not None else 'not recorded'}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -533,9 +561,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         arms["spin prior eta=0"] = _over("spin", 0.0, math.inf, 20, prior_ckpt)
         arms["spin prior best"] = _over("spin", eta, lam, 20, prior_ckpt)
     table = stage_main(b, arms)
-    lam_cmp = 1.0 if math.isinf(lam) else lam
-    curves = {f"spin best (lam={lam_cmp:g})": _over("spin", eta, lam_cmp, 20, spin_ckpt),
-              "spin best (lam=inf)": _over("spin", eta, math.inf, 20, spin_ckpt)}
+    # precession on (finite lambda: the best one and 1, 0.25) vs off (lambda = inf), same eta
+    lams = sorted({x for x in ([lam] if math.isfinite(lam) else []) + [1.0, 0.25]}, reverse=True)
+    curves = {f"spin best (lam={x:g})": _over("spin", eta, x, 20, spin_ckpt) for x in lams}
+    curves["spin best (lam=inf)"] = _over("spin", eta, math.inf, 20, spin_ckpt)
     if spin_ckpt:
         curves["spin eta=0"] = _over("spin", 0.0, math.inf, 20, spin_ckpt)
     if euclid_ckpt:

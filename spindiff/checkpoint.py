@@ -135,7 +135,13 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
     """A short description of a validated checkpoint (for logs and run records)."""
     meta = ckpt["hyper_parameters"]["meta"]
     n_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("score_net.") and torch.is_tensor(v))
+    best = None
+    for state in (ckpt.get("callbacks") or {}).values():  # Lightning's ModelCheckpoint state
+        score = state.get("best_model_score") if isinstance(state, dict) else None
+        if score is not None:
+            best = float(score)
     return {"objective": meta["objective"], "model": meta["model_name"], "dim": meta["dim"],
             "vocab_size": meta["vocab_size"], "context_features": meta["context_features"],
+            "eta_train": meta.get("score_net", {}).get("eta_train"),
             "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
-            "score_net_params": n_params}
+            "score_net_params": n_params, "best_val_loss": best}
