@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from analysis.prompts import TokenizedSet, pad_left
-from spindiff.adapter import ArchitectureAdapter, LayerWeights, get_adapter
+from spindiff.adapter import ArchitectureAdapter, get_adapter
 from spindiff.field import ContextFieldProvider, last_positions
 
 PROTOCOLS = ("paper", "paper_fixed", "in_situ")
@@ -117,22 +117,48 @@ def continuation_logprob(model: nn.Module, prefixes: Sequence[Sequence[int]],
     return (lp * keep).sum(-1).double()
 
 
-def _wo_times(adapter: ArchitectureAdapter, layer: int, de: Tensor, protocol: str,
-              W_O: Tensor | None = None) -> Tensor:
-    """g = W_O[h] @ de for every head: (B, H, dh), so that dL = N0 . g.
+@dataclass
+class StackedHeads:
+    """Every head's weights stacked for :func:`paper_gap_table` (one GEMM or one batched matmul per
+    step instead of one per layer). LH = n_layers * n_heads, head index l * H + h.
 
-    ``paper_fixed``: the head's real block (adapter convention). ``paper``: the reference
-    code's slice ``W = out_proj.weight``, ``W[:, h*dh:(h+1)*dh].T @ de = (de @ W)[h*dh:(h+1)*dh]``
-    (the same as :func:`spindiff.field.reference_W_O`, without stacking the slices)."""
-    B = de.shape[0]
-    if protocol == "paper":
-        return (de @ adapter.out_proj(layer).weight).view(B, adapter.n_heads, adapter.d_head)
-    return torch.einsum("hcd,bd->bhc", adapter.layer_weights(layer).W_O if W_O is None else W_O, de)
+    Wq: (D, LH*dh) so that q = x @ Wq; Wk: (LH, dh, D) so that u = q_h @ Wk[h];
+    Wv: (LH, D, dh) so that N0 = xbar_h @ Wv[h]; Wo: (D, LH*dh) so that g = de @ Wo (the head's
+    W_O block applied to de: the reference slice for ``paper``, the real block for ``paper_fixed``).
+    """
+
+    key: tuple
+    Wq: Tensor
+    Wk: Tensor
+    Wv: Tensor
+    Wo: Tensor
 
 
-@torch.no_grad()
+def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
+    """The :class:`StackedHeads` of ``adapter`` for ``protocol``, cached on the adapter and rebuilt
+    when a weight changes (the same key as :meth:`ArchitectureAdapter.frozen_weights`)."""
+    ad = adapter
+    key = tuple((id(p), p.data_ptr(), p._version) for l in range(ad.n_layers) for p in ad.attn(l).parameters())
+    cache = ad.__dict__.setdefault("_stacked_heads", {})
+    hit = cache.get(protocol)
+    if hit is not None and hit.key == key:
+        return hit
+    D, H, dh = ad.d_model, ad.n_heads, ad.d_head
+    with torch.no_grad():
+        ws = [ad.frozen_weights(l) for l in range(ad.n_layers)]
+        Wq = torch.cat([w.W_Q.permute(1, 0, 2).reshape(D, H * dh) for w in ws], 1).contiguous()
+        Wk = torch.cat([w.W_K.transpose(1, 2) for w in ws], 0).contiguous()
+        Wv = torch.cat([w.W_V for w in ws], 0).contiguous()
+        if protocol == "paper":  # (de @ out_proj.weight)[h*dh:(h+1)*dh]: the reference slice
+            Wo = torch.cat([ad.out_proj(l).weight.detach() for l in range(ad.n_layers)], 1).contiguous()
+        else:  # g_h = W_O[h] de: the real block
+            Wo = torch.cat([w.W_O.permute(2, 0, 1).reshape(D, H * dh) for w in ws], 1).contiguous()
+    cache[protocol] = hit = StackedHeads(key, Wq, Wk, Wv, Wo)
+    return hit
+
+
 def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str,
-                    weights: list[LayerWeights] | None = None) -> Tensor:
+                    weights: StackedHeads | None = None) -> Tensor:
     """dL_theory of every head under the reference protocol, reassociated for speed: (B, L, H).
 
     Same numbers as ``N_proj . de`` with N_proj from :class:`ContextFieldProvider` (tested), but
@@ -142,28 +168,27 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
         N0 = sum_j alpha_j x_j W_V = xbar W_V,           xbar = sum_j alpha_j x_j      (D,)
         dL = N0 . (W_O[h] de)
 
-    Cost per (prompt, head) ~ 4 D dh + 2 T D multiply-adds instead of 2 T D dh.
+    Cost per (prompt, head) ~ 4 D dh + 2 T D multiply-adds instead of 2 T D dh; all heads of all
+    layers go through each step together (:class:`StackedHeads`).
 
     Args:
         ids, mask: (B, T) left-padded prompts; de: (B, D) e_good - e_bad.
         protocol: ``paper`` (reference W_O slice) | ``paper_fixed`` (the real block).
-        weights: per-layer ``adapter.layer_weights(l)``, to reuse across batches.
+        weights: :func:`stacked_heads` (looked up when omitted).
     """
     ad = adapter
-    X = ad.embedding()[ids]  # (B, T, D) raw token embeddings: no positions, norms or biases
-    de = de.to(X.dtype)
-    keys = mask.bool()[:, None, :]  # (B, 1, T)
-    out = []
-    for l in range(ad.n_layers):
-        w = weights[l] if weights is not None else ad.layer_weights(l)
-        q = torch.einsum("bd,hdc->bhc", X[:, -1], w.W_Q)  # (B, H, dh) query of the last position
-        u = torch.einsum("bhc,hdc->bhd", q, w.W_K)  # (B, H, D)
-        s = torch.bmm(u, X.transpose(1, 2)) / ad.d_head**0.5  # (B, H, T) = x_j . u
-        alpha = s.masked_fill(~keys, float("-inf")).softmax(-1)
-        xbar = torch.bmm(alpha, X)  # (B, H, D)
-        n0 = torch.einsum("bhd,hdc->bhc", xbar, w.W_V)  # (B, H, dh) = N0
-        out.append((n0 * _wo_times(ad, l, de, protocol, w.W_O)).sum(-1))  # (B, H)
-    return torch.stack(out, 1)
+    st = weights if weights is not None else stacked_heads(ad, protocol)
+    L, H, dh = ad.n_layers, ad.n_heads, ad.d_head
+    X = ad.embedding()[ids].to(st.Wq.dtype)  # (B, T, D) raw token embeddings: no positions, norms or biases
+    B = X.shape[0]
+    q = (X[:, -1] @ st.Wq).view(B, L * H, dh).transpose(0, 1)  # (LH, B, dh) query of the last position
+    u = torch.bmm(q, st.Wk).transpose(0, 1)  # (B, LH, D)
+    s = torch.bmm(u, X.transpose(1, 2)) / dh**0.5  # (B, LH, T) = x_j . u
+    alpha = s.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+    xbar = torch.bmm(alpha, X).transpose(0, 1)  # (LH, B, D)
+    n0 = torch.bmm(xbar, st.Wv).transpose(0, 1)  # (B, LH, dh) = N0
+    g = (de.to(X.dtype) @ st.Wo).view(B, L * H, dh)  # (B, LH, dh) = W_O[h] de
+    return (n0 * g).sum(-1).view(B, L, H)
 
 
 @torch.no_grad()
@@ -189,7 +214,7 @@ def compute_gaps(model: nn.Module, tset: TokenizedSet, protocol: str = "in_situ"
     if candidates not in CANDIDATES:
         raise ValueError(f"candidates '{candidates}': use one of {', '.join(CANDIDATES)}")
     ad = adapter or get_adapter(model)
-    weights = [ad.layer_weights(l) for l in range(ad.n_layers)] if protocol != "in_situ" else None
+    weights = stacked_heads(ad, protocol) if protocol != "in_situ" else None
     if protocol == "in_situ":
         prov = ContextFieldProvider(model, [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)],
                                     protocol, normalize=False, final_norm=final_norm, adapter=ad)

@@ -22,6 +22,7 @@ Llama (``nn.Linear``, weight ``[out, in]``, computes ``x @ W.T``): W_Q[h] =
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class ArchitectureAdapter(ABC):
         self.d_model: int = c.hidden_size
         self.d_head: int = getattr(c, "head_dim", None) or self.d_model // self.n_heads
         self._mean_z: dict[int, Tensor] = {}
+        self._frozen: dict[int, tuple[tuple, LayerWeights]] = {}
 
     # ----------------------------------------------------------------- structure
     @abstractmethod
@@ -137,6 +139,21 @@ class ArchitectureAdapter(ABC):
 
     @abstractmethod
     def layer_weights(self, layer: int) -> LayerWeights: ...
+
+    def frozen_weights(self, layer: int) -> LayerWeights:
+        """:meth:`layer_weights` detached and contiguous, for repeated no-grad use (gap tables,
+        fields). Cached per layer and rebuilt when any parameter of the layer's attention module is
+        replaced or modified in place (keyed on identity, storage and autograd version counter)."""
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self.attn(layer).parameters())
+        hit = self._frozen.get(layer)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            w = self.layer_weights(layer)
+            w = LayerWeights(*(None if t is None else t.detach().contiguous()
+                               for t in (getattr(w, f.name) for f in dataclasses.fields(w))))
+        self._frozen[layer] = (key, w)
+        return w
 
     def kv_head(self, head: int) -> int:
         """KV head read by query head ``head`` (GQA: h // (H / H_kv))."""

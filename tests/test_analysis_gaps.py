@@ -240,3 +240,32 @@ def test_in_situ_sum_on_smollm2(smollm2):
     paper = compute_gaps(model, ts, "paper", progress=False, actual=False)
     fixed = compute_gaps(model, ts, "paper_fixed", progress=False, actual=False)
     np.testing.assert_allclose(paper.dl_theory, fixed.dl_theory, atol=1e-12)
+
+
+def test_stacked_and_frozen_weights_follow_weight_edits(tiny_model):
+    """The cached stacked weights (and the adapter's frozen per-layer weights) are rebuilt when a
+    parameter is edited in place, so a gap table never uses stale weights."""
+    from analysis.gaps import stacked_heads
+    from spindiff.adapter import get_adapter
+
+    model, tok = tiny_model
+    ad = get_adapter(model)
+    ids = torch.tensor([tok("the cat sat on the mat", add_special_tokens=False)["input_ids"][:5]])
+    mask = torch.ones_like(ids)
+    de = torch.randn(1, ad.d_model, dtype=torch.float64)
+    before = paper_gap_table(ad, ids, mask, de, "paper_fixed")
+    assert stacked_heads(ad, "paper_fixed") is stacked_heads(ad, "paper_fixed")  # cached
+    w0 = ad.frozen_weights(0)
+    assert ad.frozen_weights(0) is w0
+    out = ad.out_proj(0)
+    with torch.no_grad():
+        out.weight.mul_(2.0)
+    try:
+        assert ad.frozen_weights(0) is not w0
+        after = paper_gap_table(ad, ids, mask, de, "paper_fixed")
+        assert torch.allclose(after[:, 0], 2 * before[:, 0], atol=1e-10)
+        assert torch.allclose(after[:, 1:], before[:, 1:], atol=1e-12)
+    finally:
+        with torch.no_grad():
+            out.weight.mul_(0.5)
+    assert torch.allclose(paper_gap_table(ad, ids, mask, de, "paper_fixed"), before, atol=1e-12)
