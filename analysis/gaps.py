@@ -122,9 +122,12 @@ class StackedHeads:
     """Every head's weights stacked for :func:`paper_gap_table` (one GEMM or one batched matmul per
     step instead of one per layer). LH = n_layers * n_heads, head index l * H + h.
 
-    Wq: (D, LH*dh) so that q = x @ Wq; Wk: (LH, dh, D) so that u = q_h @ Wk[h];
-    Wv: (LH, D, dh) so that N0 = xbar_h @ Wv[h]; Wo: (D, LH*dh) so that g = de @ Wo (the head's
-    W_O block applied to de: the reference slice for ``paper``, the real block for ``paper_fixed``).
+    Wq: (D, LH*dh) so that q = x @ Wq; Wk: (L*H_kv, dh, D), one block per KV head (GQA: the
+    ``group`` query heads of a KV head share it and are multiplied together, so each block is read
+    once; with tens of prompts these products are bound by reading the weights); Wv: (LH, D, dh)
+    so that N0 = xbar_h @ Wv[h];
+    Wo: (D, LH*dh) so that g = de @ Wo (the head's W_O block applied to de: the reference slice for
+    ``paper``, the real block for ``paper_fixed``).
     """
 
     key: tuple
@@ -132,6 +135,7 @@ class StackedHeads:
     Wk: Tensor
     Wv: Tensor
     Wo: Tensor
+    group: int
 
 
 def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
@@ -147,13 +151,14 @@ def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
     with torch.no_grad():
         ws = [ad.frozen_weights(l) for l in range(ad.n_layers)]
         Wq = torch.cat([w.W_Q.permute(1, 0, 2).reshape(D, H * dh) for w in ws], 1).contiguous()
-        Wk = torch.cat([w.W_K.transpose(1, 2) for w in ws], 0).contiguous()
+        g = H // ad.n_kv_heads  # W_K, W_V are expanded to query heads: every g-th is a KV head
+        Wk = torch.cat([w.W_K[::g].transpose(1, 2) for w in ws], 0).contiguous()
         Wv = torch.cat([w.W_V for w in ws], 0).contiguous()
         if protocol == "paper":  # (de @ out_proj.weight)[h*dh:(h+1)*dh]: the reference slice
             Wo = torch.cat([ad.out_proj(l).weight.detach() for l in range(ad.n_layers)], 1).contiguous()
         else:  # g_h = W_O[h] de: the real block
             Wo = torch.cat([w.W_O.permute(2, 0, 1).reshape(D, H * dh) for w in ws], 1).contiguous()
-    cache[protocol] = hit = StackedHeads(key, Wq, Wk, Wv, Wo)
+    cache[protocol] = hit = StackedHeads(key, Wq, Wk, Wv, Wo, g)
     return hit
 
 
@@ -178,11 +183,14 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
     """
     ad = adapter
     st = weights if weights is not None else stacked_heads(ad, protocol)
-    L, H, dh = ad.n_layers, ad.n_heads, ad.d_head
+    L, H, dh, G = ad.n_layers, ad.n_heads, ad.d_head, st.group
     X = ad.embedding()[ids].to(st.Wq.dtype)  # (B, T, D) raw token embeddings: no positions, norms or biases
-    B = X.shape[0]
-    q = (X[:, -1] @ st.Wq).view(B, L * H, dh).transpose(0, 1)  # (LH, B, dh) query of the last position
-    u = torch.bmm(q, st.Wk).transpose(0, 1)  # (B, LH, D)
+    B, D = X.shape[0], X.shape[-1]
+
+    # query heads of one KV head side by side: (L*H_kv, G*B, dh), so each W_K block is read once;
+    # the product comes out head-major, (LH, B, D) in memory, which is what the next bmm takes
+    q = (X[:, -1] @ st.Wq).view(B, L * (H // G), G, dh).permute(1, 2, 0, 3).reshape(L * (H // G), G * B, dh)
+    u = torch.bmm(q, st.Wk).view(L * H, B, D).transpose(0, 1)  # (B, LH, D) = W_K q
     s = torch.bmm(u, X.transpose(1, 2)) / dh**0.5  # (B, LH, T) = x_j . u
     alpha = s.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
     xbar = torch.bmm(alpha, X).transpose(0, 1)  # (LH, B, D)

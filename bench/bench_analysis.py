@@ -218,7 +218,7 @@ def main(argv=None) -> list[dict]:
             model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1)
     heads = ([(l, 0) for l in range(ad.n_layers)] if args.quick
              else [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)])
-    rows = [bench_gaps(model, ad, ts, max(3, repeats)), bench_scan(model, ad, ts, heads, repeats),
+    rows = [bench_gaps(model, ad, ts, max(7, repeats)), bench_scan(model, ad, ts, heads, repeats),
             bench_field_step(model, tok, 1, 12 if args.quick else 24, repeats),
             bench_field_step(model, tok, 8, 8 if args.quick else 16, repeats)]
     w = max(len(r["task"]) for r in rows)
