@@ -83,7 +83,7 @@ class ScoreNetConfig:
     layers: int = 4
     time_dim: int = 64
     features: str = "field+hidden"  # field | hidden | field+hidden | none
-    eta_train: float = 1.0
+    eta_train: float = 1000.0  # analytic field term eta_train m(t) P_S N (0: pure learned score); docs/training.md
 
 
 @dataclass
