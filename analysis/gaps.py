@@ -23,7 +23,7 @@ the candidates' tokens (``candidates=full``; dL_theory then uses the first token
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -136,6 +136,21 @@ class StackedHeads:
     Wv: Tensor
     Wo: Tensor
     group: int
+    workspace: dict = field(default_factory=dict)  # (B, T) -> reused intermediate buffers
+
+    def buffers(self, B: int, T: int) -> dict[str, Tensor]:
+        """Intermediate buffers for a (B, T) batch, reused across calls (one shape kept): fresh
+        multi-MB allocations on every call cost page faults that were ~25% of the table's time.
+        Not re-entrant (one gap table at a time per adapter and protocol)."""
+        if (B, T) not in self.workspace:
+            LH, dh, D = self.Wk.shape[0] * self.group, self.Wk.shape[1], self.Wk.shape[2]
+            kw = dict(dtype=self.Wq.dtype, device=self.Wq.device)
+            self.workspace.clear()
+            self.workspace[(B, T)] = {
+                "q": torch.empty(B, LH * dh, **kw), "u": torch.empty(LH // self.group, self.group * B, D, **kw),
+                "s": torch.empty(B, LH, T, **kw), "xbar": torch.empty(B, LH, D, **kw),
+                "n0": torch.empty(LH, B, dh, **kw), "g": torch.empty(B, LH * dh, **kw)}
+        return self.workspace[(B, T)]
 
 
 def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
@@ -162,6 +177,7 @@ def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
     return hit
 
 
+@torch.no_grad()
 def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de: Tensor, protocol: str,
                     weights: StackedHeads | None = None) -> Tensor:
     """dL_theory of every head under the reference protocol, reassociated for speed: (B, L, H).
@@ -185,17 +201,18 @@ def paper_gap_table(adapter: ArchitectureAdapter, ids: Tensor, mask: Tensor, de:
     st = weights if weights is not None else stacked_heads(ad, protocol)
     L, H, dh, G = ad.n_layers, ad.n_heads, ad.d_head, st.group
     X = ad.embedding()[ids].to(st.Wq.dtype)  # (B, T, D) raw token embeddings: no positions, norms or biases
-    B, D = X.shape[0], X.shape[-1]
-
+    B, T, D = X.shape
+    ws = st.buffers(B, T)
     # query heads of one KV head side by side: (L*H_kv, G*B, dh), so each W_K block is read once;
     # the product comes out head-major, (LH, B, D) in memory, which is what the next bmm takes
-    q = (X[:, -1] @ st.Wq).view(B, L * (H // G), G, dh).permute(1, 2, 0, 3).reshape(L * (H // G), G * B, dh)
-    u = torch.bmm(q, st.Wk).view(L * H, B, D).transpose(0, 1)  # (B, LH, D) = W_K q
-    s = torch.bmm(u, X.transpose(1, 2)) / dh**0.5  # (B, LH, T) = x_j . u
-    alpha = s.masked_fill(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
-    xbar = torch.bmm(alpha, X).transpose(0, 1)  # (LH, B, D)
-    n0 = torch.bmm(xbar, st.Wv).transpose(0, 1)  # (B, LH, dh) = N0
-    g = (de.to(X.dtype) @ st.Wo).view(B, L * H, dh)  # (B, LH, dh) = W_O[h] de
+    q = torch.matmul(X[:, -1], st.Wq, out=ws["q"])  # (B, LH*dh) query of the last position
+    q = q.view(B, L * (H // G), G, dh).permute(1, 2, 0, 3).reshape(L * (H // G), G * B, dh)
+    u = torch.bmm(q, st.Wk, out=ws["u"]).view(L * H, B, D).transpose(0, 1)  # (B, LH, D) = W_K q
+    s = torch.bmm(u, X.transpose(1, 2), out=ws["s"]).div_(dh**0.5)  # (B, LH, T) = x_j . u
+    alpha = s.masked_fill_(~mask.bool()[:, None, :], float("-inf")).softmax(-1)
+    xbar = torch.bmm(alpha, X, out=ws["xbar"]).transpose(0, 1)  # (LH, B, D)
+    n0 = torch.bmm(xbar, st.Wv, out=ws["n0"]).transpose(0, 1)  # (B, LH, dh) = N0
+    g = torch.matmul(de.to(X.dtype), st.Wo, out=ws["g"]).view(B, L * H, dh)  # (B, LH, dh) = W_O[h] de
     return (n0 * g).sum(-1).view(B, L, H)
 
 

@@ -269,3 +269,27 @@ def test_stacked_and_frozen_weights_follow_weight_edits(tiny_model):
         with torch.no_grad():
             out.weight.mul_(0.5)
     assert torch.allclose(paper_gap_table(ad, ids, mask, de, "paper_fixed"), before, atol=1e-12)
+
+
+def test_gap_table_workspace_reuse_does_not_leak_between_calls(tiny_model):
+    """paper_gap_table reuses its intermediate buffers across calls of the same shape: results of
+    one call are not changed by the next, and interleaved inputs give the same numbers."""
+    from spindiff.adapter import get_adapter
+
+    model, tok = tiny_model
+    ad = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    V = ad.embedding().shape[0]
+    ids_a, ids_b = torch.randint(0, V, (3, 6), generator=g), torch.randint(0, V, (3, 6), generator=g)
+    mask = torch.ones_like(ids_a)
+    de_a = torch.randn(3, ad.d_model, generator=g, dtype=torch.float64)
+    de_b = torch.randn(3, ad.d_model, generator=g, dtype=torch.float64)
+    a1 = paper_gap_table(ad, ids_a, mask, de_a, "paper")
+    keep = a1.clone()
+    b1 = paper_gap_table(ad, ids_b, mask, de_b, "paper")
+    assert torch.equal(a1, keep)  # the first result is not a view of the workspace
+    assert not torch.allclose(a1, b1)
+    assert torch.equal(paper_gap_table(ad, ids_a, mask, de_a, "paper"), keep)
+    # another shape, then back
+    paper_gap_table(ad, ids_a[:2, 1:], mask[:2, 1:], de_a[:2], "paper")
+    assert torch.equal(paper_gap_table(ad, ids_b, mask, de_b, "paper"), b1)
