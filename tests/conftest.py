@@ -32,6 +32,17 @@ def tiny_gpt2():
     return build_tiny_model("tiny-gpt2", seed=0, dtype=torch.float64)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of small (B, d) tensors: each op takes microseconds, and a
+    thread pool costs more than the op (far more when the 2 cores are shared); the same rule
+    the samplers apply (:func:`spindiff.samplers.small_op_threads`)."""
+    from spindiff.samplers import small_op_threads
+
+    with small_op_threads(0):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return build_tiny_model("tiny-llama", seed=0, dtype=torch.float64)

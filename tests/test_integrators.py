@@ -15,13 +15,7 @@ F64 = torch.float64
 METHODS = sorted(SAMPLERS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run fastest on one thread, and far faster when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 def _sde(d: int, name: str = "linear", **kw) -> BrownianSphereSDE:

@@ -16,13 +16,7 @@ from spindiff.vmf import kappa_from_mean_resultant, vmf_log_density
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors run fastest on one thread, and far faster when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 def _sde(d: int, sde_type: str = "ito", name: str = "linear") -> BrownianSphereSDE:
