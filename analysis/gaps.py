@@ -155,9 +155,9 @@ class StackedHeads:
 
 def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
     """The :class:`StackedHeads` of ``adapter`` for ``protocol``, cached on the adapter and rebuilt
-    when a weight changes (the same key as :meth:`ArchitectureAdapter.frozen_weights`)."""
+    when a weight changes (:meth:`ArchitectureAdapter.weights_key` of every layer)."""
     ad = adapter
-    key = tuple((id(p), p.data_ptr(), p._version) for l in range(ad.n_layers) for p in ad.attn(l).parameters())
+    key = tuple(ad.weights_key(l) for l in range(ad.n_layers))
     cache = ad.__dict__.setdefault("_stacked_heads", {})
     hit = cache.get(protocol)
     if hit is not None and hit.key == key:

@@ -140,11 +140,17 @@ class ArchitectureAdapter(ABC):
     @abstractmethod
     def layer_weights(self, layer: int) -> LayerWeights: ...
 
+    def weights_key(self, layer: int) -> tuple:
+        """Changes whenever a parameter of the layer's attention module is replaced or modified in
+        place (identity, storage, autograd version counter, dtype, device): the cache key of
+        everything derived from that layer's weights."""
+        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self.attn(layer).parameters())
+
     def frozen_weights(self, layer: int) -> LayerWeights:
         """:meth:`layer_weights` detached and contiguous, for repeated no-grad use (gap tables,
         fields). Cached per layer and rebuilt when any parameter of the layer's attention module is
-        replaced or modified in place (keyed on identity, storage and autograd version counter)."""
-        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self.attn(layer).parameters())
+        replaced or modified in place (:meth:`weights_key`)."""
+        key = self.weights_key(layer)
         hit = self._frozen.get(layer)
         if hit is not None and hit[0] == key:
             return hit[1]
