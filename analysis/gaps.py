@@ -23,6 +23,7 @@ the candidates' tokens (``candidates=full``; dL_theory then uses the first token
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -153,12 +154,15 @@ class StackedHeads:
         return self.workspace[(B, T)]
 
 
+_STACKED: "weakref.WeakKeyDictionary[ArchitectureAdapter, dict[str, StackedHeads]]" = weakref.WeakKeyDictionary()
+
+
 def stacked_heads(adapter: ArchitectureAdapter, protocol: str) -> StackedHeads:
-    """The :class:`StackedHeads` of ``adapter`` for ``protocol``, cached on the adapter and rebuilt
+    """The :class:`StackedHeads` of ``adapter`` for ``protocol``, cached per adapter (weakly, so it goes with the adapter) and rebuilt
     when a weight changes (:meth:`ArchitectureAdapter.weights_key` of every layer)."""
     ad = adapter
     key = tuple(ad.weights_key(l) for l in range(ad.n_layers))
-    cache = ad.__dict__.setdefault("_stacked_heads", {})
+    cache = _STACKED.setdefault(ad, {})
     hit = cache.get(protocol)
     if hit is not None and hit.key == key:
         return hit

@@ -52,6 +52,11 @@ class LayerWeights:
     b_O: Tensor | None  # (D,)
 
 
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids for a left- or right-padded batch: cumsum(mask) - 1, clipped at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 _HEAD_RE = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
 
 
@@ -229,7 +234,7 @@ class ArchitectureAdapter(ABC):
         """Mean of z over all real tokens of a reference batch: {layer: (H, dh)}."""
         mask = torch.ones(input_ids.shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         # left-padded rows need explicit positions, or their real tokens sit at shifted positions
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0).to(input_ids.device)
+        pos = last_positions(mask).to(input_ids.device)
         with self.capture_z() as store:
             self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos)
         mask = mask.to(next(iter(store.values())).device)

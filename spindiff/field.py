@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from spindiff.adapter import ArchitectureAdapter, HeadList, get_adapter
+from spindiff.adapter import ArchitectureAdapter, HeadList, get_adapter, last_positions  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -72,11 +72,6 @@ def resolve_head_spec(spec: str, adapter: ArchitectureAdapter, report: str = "")
         adapter.parse_heads(",".join(f"L{l}H{h}" for l, h in heads))  # validates the shape
         return heads
     return adapter.parse_heads(spec)
-
-
-def last_positions(attention_mask: Tensor) -> Tensor:
-    """Position ids for a left- or right-padded batch: cumsum(mask) - 1, clipped at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class ContextFieldProvider(nn.Module):
