@@ -1,4 +1,4 @@
-"""Token-by-token generation: ``python sample.py [key=value ...]`` (thin CLI over spindiff.sample)."""
+"""Token-by-token generation: ``python sample.py [key=value ...]`` (thin CLI over spindiff.generation.sample)."""
 from __future__ import annotations
 
 import sys
@@ -19,8 +19,8 @@ Bad input (empty prompt, eta < 0, steps = 0, a checkpoint for another model ...)
 def main(argv: Sequence[str] | None = None) -> int:
     from spindiff.checkpoint import CheckpointError
     from spindiff.config import ConfigError, parse_cli
-    from spindiff.models import ModelLoadError
-    from spindiff.sample import SampleError, sample
+    from spindiff.lm.models import ModelLoadError
+    from spindiff.generation.sample import SampleError, sample
 
     cfg = parse_cli("sample", argv, USAGE)
     try:

@@ -1,4 +1,4 @@
-"""Fit the residual score of attention-guided spherical diffusion (thin CLI over spindiff.train).
+"""Fit the residual score of attention-guided spherical diffusion (thin CLI over spindiff.training.train).
 
     python train.py                                  # SmolLM2-135M (bundled, offline); docs/training.md for times
     python train.py trainer.max_steps=20 out=DIR     # any key=value override (see --help)
@@ -25,14 +25,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_cli("train", argv, USAGE)
     from spindiff.config import ConfigError
     from spindiff.checkpoint import CheckpointError
-    from spindiff.train import train
+    from spindiff.training.train import train
 
     try:
         results = train(cfg)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from spindiff.train import _rank
+    from spindiff.training.train import _rank
 
     if _rank() != 0:  # DDP child processes: rank 0 reports
         return results

@@ -6,7 +6,7 @@ paper_fixed and in_situ protocols), stats (per-head r, BH, permutation FWER, boo
 replication), ablation (targeted and full-scan head ablation), temperature (order parameters vs T),
 landscape (Fig. 2 decision plane), figures, report, cli.
 """
-from spindiff.field import ContextFieldProvider, FieldOutput
+from spindiff.lm.field import ContextFieldProvider, FieldOutput
 
 from analysis.ablation import (LayerSuffixScanner, ScanResult, ablation_scan, ablation_table, mean_z_over,
                                scan_full_forward)

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from analysis.gaps import last_logits
 from analysis.prompts import TokenizedSet, pad_left
-from spindiff.adapter import ArchitectureAdapter, HeadList
-from spindiff.field import last_positions
+from spindiff.lm.adapter import ArchitectureAdapter, HeadList
+from spindiff.lm.field import last_positions
 
 # second half of a decoder layer (post-attention norm + MLP + residual), per family
 MLP_BLOCKS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {

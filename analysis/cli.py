@@ -25,9 +25,9 @@ from analysis.prompts import (PromptFileError, PromptTokenError, TokenizedSet, f
 from analysis.report import PAPER_NUMBERS, fnum, md_table, render_markdown, write_csv
 from analysis.stats import HeadStats, bh_q, head_regression, head_stats, pearson_many, r_pvalue, replication
 from analysis.temperature import TemperatureSweep, temperature_sweep
-from spindiff.adapter import HeadList, HeadSpecError, get_adapter
+from spindiff.lm.adapter import HeadList, HeadSpecError, get_adapter
 from spindiff.config import ConfigError, parse_cli
-from spindiff.models import LoadedModel, ModelLoadError, context_window, load_model
+from spindiff.lm.models import LoadedModel, ModelLoadError, context_window, load_model
 from spindiff.runtime import atomic_write_json, atomic_write_text, package_versions, prepare_run, record_model
 
 USAGE = """\

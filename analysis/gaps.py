@@ -4,7 +4,7 @@ For head (l, h) and a prompt with candidates (good, bad):
 
     dL_theory(l, h) = N_proj(l, h) . (e_good - e_bad)          (paper Eq. 4 / 24)
 
-with N_proj as :class:`spindiff.field.ContextFieldProvider` defines it, under one of three
+with N_proj as :class:`spindiff.lm.field.ContextFieldProvider` defines it, under one of three
 protocols (``in_situ`` reads the provider; the paper protocols use :func:`paper_gap_table`, the
 same numbers reassociated so that no per-head keys/values are formed):
 
@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from analysis.prompts import TokenizedSet, pad_left
-from spindiff.adapter import ArchitectureAdapter, get_adapter
-from spindiff.field import ContextFieldProvider, last_positions
+from spindiff.lm.adapter import ArchitectureAdapter, get_adapter
+from spindiff.lm.field import ContextFieldProvider, last_positions
 
 PROTOCOLS = ("paper", "paper_fixed", "in_situ")
 CANDIDATES = ("first_token", "full")

@@ -1,7 +1,7 @@
 """Decision landscape of one head in its value space (paper Sec. IV.1, Fig. 2, Eq. 5).
 
 Eq. (5) defines the head-space token vector S_A = (W_O^(h))^T e_A (d_head,); in the row
-convention of :mod:`spindiff.adapter` that is ``S_A = W_O[h] @ e_A``. Then
+convention of :mod:`spindiff.lm.adapter` that is ``S_A = W_O[h] @ e_A``. Then
 
     dL_theory = N0 . (S_good - S_bad)
 
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from analysis.gaps import last_logits
 from analysis.prompts import TokenizedSet, pad_left
-from spindiff.adapter import ArchitectureAdapter
-from spindiff.field import paper_context_vectors, reference_W_O
+from spindiff.lm.adapter import ArchitectureAdapter
+from spindiff.lm.field import paper_context_vectors, reference_W_O
 
 
 @dataclass

@@ -35,10 +35,10 @@ import torch
 from analysis.ablation import LayerSuffixScanner, gaps_with_ablation, scan_flops
 from analysis.gaps import compute_gaps, pad_token_id
 from analysis.prompts import load_prompts, pad_left, tokenize_set
-from spindiff.adapter import get_adapter
+from spindiff.lm.adapter import get_adapter
 from spindiff.config import ModelConfig
-from spindiff.field import ContextFieldProvider, last_positions
-from spindiff.models import context_window, load_model
+from spindiff.lm.field import ContextFieldProvider, last_positions
+from spindiff.lm.models import context_window, load_model
 
 
 def reference_loop_gaps(model, ad, tset) -> np.ndarray:

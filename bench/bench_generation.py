@@ -5,7 +5,7 @@ One command, one process, one model load, every arm side by side on the same pro
     python bench/bench_generation.py            # full: ~20-30 min on 2 CPU cores
     python bench/bench_generation.py --quick    # a few minutes, smaller everything
 
-Arms (all through the sampler registry of :mod:`spindiff.samplers`):
+Arms (all through the sampler registry of :mod:`spindiff.generation`):
 
 * ``ar``              the LM's own sampling (``generate``, temperature 1, top-p 1): the reference
                       and the finite-sample floor of the fidelity metrics;
@@ -18,7 +18,7 @@ Arms (all through the sampler registry of :mod:`spindiff.samplers`):
                       trained with the analytic field term in the score (``score_net.eta_train``
                       > 0, ``experiment=field_prior``), without and with the field drift.
 
-Measured (mean and 95% CI over seeds, :mod:`spindiff.evaluate`): next-token fidelity (TV and
+Measured (mean and 95% CI over seeds, :mod:`spindiff.evaluation.evaluate`): next-token fidelity (TV and
 KL of the empirical next-token distribution against the LM softmax, top-1 agreement, LM
 log-prob of the draws), perplexity of continuations under the LM, diversity (distinct-1/2/3,
 self-BLEU, rep-2), cost (tokens/s, SDE steps per token) at steps in {10, 20, 50, 100}; fidelity
@@ -44,10 +44,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from spindiff.config import compose
-from spindiff.evaluate import EvalCache, EvalResult, evaluate_sampler, load_eval_prompts
+from spindiff.evaluation.evaluate import EvalCache, EvalResult, evaluate_sampler, load_eval_prompts
 from spindiff.runtime import atomic_write_json, atomic_write_text, git_commit, package_versions
-from spindiff.samplers import GenerationSession, Sampler, build_sampler, find_checkpoint
-from spindiff.sweep import SweepSpec, load_sweep, run_sweep, DEFAULT_SWEEP
+from spindiff.generation import GenerationSession, Sampler, build_sampler, find_checkpoint
+from spindiff.evaluation.sweep import SweepSpec, load_sweep, run_sweep, DEFAULT_SWEEP
 
 SETTINGS = {
     "full": dict(sweep_eta=None, sweep_lam=None, sweep_steps=20, sweep_prompts=20, sweep_draws=32, sweep_seeds=[0, 1],
@@ -267,7 +267,7 @@ def _fig_curves(b: Bench, curves: dict[str, dict[int, EvalResult]], table: dict[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spindiff.sweep import _savefig
+    from spindiff.evaluation.sweep import _savefig
 
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))

@@ -23,9 +23,9 @@ import time
 import torch
 import torchsde
 
-from spindiff.integrators import get_sampler, integrate, make_brownian
-from spindiff.schedules import make_schedule
-from spindiff.sde import BrownianSphereSDE
+from spindiff.sphere.integrators import get_sampler, integrate, make_brownian
+from spindiff.sphere.schedules import make_schedule
+from spindiff.sphere.sde import BrownianSphereSDE
 
 
 def _time_it(fn, repeat: int, inner: int) -> float:

@@ -2,7 +2,7 @@
 
 Side by side, in one process, on the same pairs, network, optimizer and batch size:
 
-* ``cached``               batches read from the feature cache (``spindiff.data``), then one
+* ``cached``               batches read from the feature cache (``spindiff.training.data``), then one
                            training step (loss, backward, AdamW step);
 * ``recompute/prefix``     per batch, the context field provider runs on every prefix of the
                            batch (one batched, left-padded LM forward), then the same step;
@@ -28,11 +28,11 @@ import torch
 from omegaconf import OmegaConf
 
 from spindiff.config import compose
-from spindiff.data import (PairDataModule, left_pad, load_or_build_features, prefix_features,
+from spindiff.training.data import (PairDataModule, left_pad, load_or_build_features, prefix_features,
                            sequence_features)
-from spindiff.field import ContextFieldProvider
-from spindiff.lightning_module import ScoreModule, build_parts, make_meta
-from spindiff.models import load_model
+from spindiff.lm.field import ContextFieldProvider
+from spindiff.training.module import ScoreModule, build_parts, make_meta
+from spindiff.lm.models import load_model
 
 
 def _sequences(directory: Path) -> list[list[int]]:

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from spindiff.vmf import run_mixture_experiment
+from spindiff.validation.vmf_mixture import run_mixture_experiment
 
 
 def main(argv: list[str] | None = None) -> None:

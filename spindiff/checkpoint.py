@@ -9,12 +9,12 @@ A spindiff checkpoint is a Lightning checkpoint (``out/checkpoints/{best,last}.c
              "score_net": constructor arguments, "feature_key", ...}
 
 so ``sample.py`` rebuilds the score network, the SDE and the context features from the file
-alone (:func:`spindiff.lightning_module.load_score_module`).
+alone (:func:`spindiff.training.module.load_score_module`).
 
 Every read goes through ``torch.load(..., weights_only=True)``: a file that needs arbitrary
 Python objects to unpickle is refused instead of executed. (Lightning 2.6 ``fit(ckpt_path=)`` and
 ``load_from_checkpoint`` pass ``weights_only=None`` to ``torch.load``, which torch >= 2.6 treats
-as True for local files; :func:`spindiff.train.train` validates a resume checkpoint here first
+as True for local files; :func:`spindiff.training.train.train` validates a resume checkpoint here first
 and then passes ``weights_only=True`` explicitly.)
 """
 from __future__ import annotations

@@ -138,7 +138,7 @@ class OptimConfig:
 
 @dataclass
 class SamplerConfig:
-    """How each next token is produced (``spindiff.samplers.SAMPLERS``; docs/generation.md).
+    """How each next token is produced (``spindiff.generation.SAMPLERS``; docs/generation.md).
 
     name: ``spin`` (reverse LLG SDE on S^{d-1}; field-only when ``ckpt=none``), ``ar`` (the LM's
     own sampling via ``generate``), ``euclid_ddpm`` (Gaussian DDPM in embedding space, needs a
@@ -149,7 +149,7 @@ class SamplerConfig:
     eta: float = 1.0  # spin: LLG damping strength of the field drift eta P_S N (>= 0; 0 = learned score only)
     lam: float = 1.0  # spin: Gilbert damping lambda > 0; precession = (eta/lam) Prec(S, N); inf = none
     steps: int = 20  # spin / euclid_ddpm: SDE steps per token (>= 1)
-    method: str = "geodesic_em"  # spin: integrator (spindiff.integrators.SAMPLERS)
+    method: str = "geodesic_em"  # spin: integrator (spindiff.sphere.integrators.SAMPLERS)
     kappa: Optional[float] = None  # spin/euclid: None = nearest token by cosine; else sample softmax(kappa*cos)
     temperature: float = 1.0  # ar: softmax temperature (0 = greedy)
     top_p: float = 1.0  # ar: nucleus mass in (0, 1]
@@ -181,7 +181,7 @@ class TrainConfig:
     optim: OptimConfig = _field(default_factory=OptimConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
     objective: str = "spin"  # spin | euclid_ddpm
-    weighting: str = "normalized"  # spin DSM loss weighting (spindiff.losses.WEIGHTINGS)
+    weighting: str = "normalized"  # spin DSM loss weighting (spindiff.score.losses.WEIGHTINGS)
     eval_t: list = _field(default_factory=lambda: [0.4, 0.5, 0.7])  # val/acc@t times (default schedule: E[S_t.S_0] = 0.2, 0.08, 0.007)
     eval_sample_steps: int = 20  # val/acc_sample: reverse steps per sample (0 = off)
     eval_sample_size: int = 64  # contexts sampled for val/acc_sample

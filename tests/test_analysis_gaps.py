@@ -76,8 +76,8 @@ def test_paper_protocol_matches_reference_loop(tiny_gpt2):
 def test_reassociated_paper_table_equals_field_provider(tiny_model, protocol):
     """paper_gap_table (x_j . u scores, xbar W_V) == N_proj . de from ContextFieldProvider."""
     from analysis.prompts import pad_left
-    from spindiff.adapter import get_adapter
-    from spindiff.field import ContextFieldProvider
+    from spindiff.lm.adapter import get_adapter
+    from spindiff.lm.field import ContextFieldProvider
 
     model, tok = tiny_model
     ad = get_adapter(model)
@@ -147,7 +147,7 @@ def test_gqa_paper_fixed_matches_linear_loop(tiny_llama):
 
 
 def _check_decomposition(model, ts, tol_ln: float, tol_rms: float) -> None:
-    from spindiff.adapter import get_adapter
+    from spindiff.lm.adapter import get_adapter
 
     ad = get_adapter(model)
     gt = compute_gaps(model, ts, "in_situ", final_norm=True, batch_size=4, progress=False)
@@ -246,7 +246,7 @@ def test_stacked_and_frozen_weights_follow_weight_edits(tiny_model):
     """The cached stacked weights (and the adapter's frozen per-layer weights) are rebuilt when a
     parameter is edited in place, so a gap table never uses stale weights."""
     from analysis.gaps import stacked_heads
-    from spindiff.adapter import get_adapter
+    from spindiff.lm.adapter import get_adapter
 
     model, tok = tiny_model
     ad = get_adapter(model)
@@ -274,7 +274,7 @@ def test_stacked_and_frozen_weights_follow_weight_edits(tiny_model):
 def test_gap_table_workspace_reuse_does_not_leak_between_calls(tiny_model):
     """paper_gap_table reuses its intermediate buffers across calls of the same shape: results of
     one call are not changed by the next, and interleaved inputs give the same numbers."""
-    from spindiff.adapter import get_adapter
+    from spindiff.lm.adapter import get_adapter
 
     model, tok = tiny_model
     ad = get_adapter(model)

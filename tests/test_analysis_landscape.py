@@ -11,7 +11,7 @@ from analysis.figures import fig_landscape
 from analysis.gaps import compute_gaps
 from analysis.landscape import decision_landscape
 from analysis.prompts import load_prompts, tokenize_set
-from spindiff.adapter import get_adapter
+from spindiff.lm.adapter import get_adapter
 
 
 @pytest.mark.parametrize("protocol", ["paper", "paper_fixed", "in_situ"])

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spindiff.evaluate import EvalResult
+from spindiff.evaluation.evaluate import EvalResult
 
 ROOT = Path(__file__).resolve().parents[1]
 

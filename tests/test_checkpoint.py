@@ -11,8 +11,8 @@ import torch
 
 from spindiff.checkpoint import CheckpointError, checkpoint_summary, load_checkpoint
 from spindiff.config import compose
-from spindiff.lightning_module import load_score_module
-from spindiff.train import train
+from spindiff.training.module import load_score_module
+from spindiff.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from spindiff.config import compose
-from spindiff.data import (
+from spindiff.training.data import (
     DEFAULT_PROMPTS, EpochSampler, FeatureStore, PairDataModule, PairDataset, ResumableDataLoader, collate_batch,
     compute_features, context_dim, context_features, feature_cache_dir, file_sequences, left_pad, load_or_build_features,
     prefix_features, sample_lm_sequences, sequence_features,
 )
-from spindiff.field import ContextFieldProvider
+from spindiff.lm.field import ContextFieldProvider
 
 
 def _seqs(model, tok, n=4, new=8):
@@ -101,7 +101,7 @@ def test_cache_built_once_memmapped_and_keyed(tmp_path):
     calls = []
 
     def loader():
-        from spindiff.models import load_model
+        from spindiff.lm.models import load_model
 
         calls.append(1)
         return load_model(cfg.model)
@@ -127,7 +127,7 @@ def test_cache_built_once_memmapped_and_keyed(tmp_path):
 
 def test_split_by_sequence_and_batches(tmp_path):
     cfg = _cfg(tmp_path, "data.val_fraction=0.34")
-    store, _ = load_or_build_features(cfg, lambda: __import__("spindiff.models").models.load_model(cfg.model),
+    store, _ = load_or_build_features(cfg, lambda: __import__("spindiff.lm.models").lm.models.load_model(cfg.model),
                                       progress=False)
     dm = PairDataModule(store, cfg.data, seed=0)
     seq = np.asarray(store.arrays["seq"])

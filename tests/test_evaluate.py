@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from spindiff import evaluate as ev
+from spindiff.evaluation import evaluate as ev
 from spindiff.config import ModelConfig, compose
-from spindiff.samplers import GenerationSession, build_sampler
+from spindiff.generation import GenerationSession, build_sampler
 
 TINY = ["model.name=tiny-gpt2", "wandb.mode=disabled", "stream=false"]
 
@@ -83,7 +83,7 @@ def test_mean_ci_matches_student_t():
 
 # ----------------------------------------------------------------------------- prompts
 def test_eval_prompts_are_held_out():
-    from spindiff.data import DEFAULT_PROMPTS
+    from spindiff.training.data import DEFAULT_PROMPTS
 
     prompts = ev.default_eval_prompts()
     assert len(prompts) == 40 and all(p.strip() for p in prompts) and len(set(prompts)) == 40

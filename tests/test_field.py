@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spindiff.adapter import get_adapter
-from spindiff.field import ContextFieldProvider, reference_W_O
+from spindiff.lm.adapter import get_adapter
+from spindiff.lm.field import ContextFieldProvider, reference_W_O
 
 PROMPTS = ["The capital of France is Paris. The capital of Germany is", "A dog says woof. A cat says"]
 

@@ -7,7 +7,7 @@ import geoopt
 import pytest
 import torch
 
-from spindiff.geometry import SphereGeometry, apply_complex_structure, nearest_token, precession
+from spindiff.sphere.geometry import SphereGeometry, apply_complex_structure, nearest_token, precession
 
 F64 = torch.float64
 

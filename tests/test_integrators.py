@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from spindiff.integrators import SAMPLERS, GaussianIncrements, get_sampler, integrate, make_brownian, sample
-from spindiff.schedules import make_schedule
-from spindiff.sde import BrownianSphereSDE
+from spindiff.sphere.integrators import SAMPLERS, GaussianIncrements, get_sampler, integrate, make_brownian, sample
+from spindiff.sphere.schedules import make_schedule
+from spindiff.sphere.sde import BrownianSphereSDE
 
 F64 = torch.float64
 METHODS = sorted(SAMPLERS)

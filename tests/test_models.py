@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spindiff.config import ModelConfig, compose
-from spindiff.models import ModelLoadError, build_tiny_tokenizer, load_model
+from spindiff.lm.models import ModelLoadError, build_tiny_tokenizer, load_model
 from spindiff.runtime import prepare_run, record_model, resolve_device, resolve_dtype
 
 

@@ -1,4 +1,4 @@
-"""Token-by-token generation (spindiff.sample / spindiff.samplers) on tiny-gpt2: the samplers of
+"""Token-by-token generation (spindiff.generation.sample / spindiff.generation) on tiny-gpt2: the samplers of
 the registry, the KV-cache loop against a full recompute, decoding, JSONL output, checkpoint
 resolution, and every kind of bad input raising a SampleError that names the fix (CLI: exit 2)."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from spindiff.config import compose
-from spindiff.sample import SampleError, sample
-from spindiff.samplers import (SAMPLERS, GenerationSession, build_sampler, decode_spins, find_checkpoint,
-                               warp_logits)
+from spindiff.generation.sample import SampleError, sample
+from spindiff.generation.decoding import warp_logits
+from spindiff.generation import (SAMPLERS, GenerationSession, build_sampler, decode_spins, find_checkpoint)
 
 TINY = ["model.name=tiny-gpt2", "wandb.mode=disabled", "stream=false"]
 
@@ -27,7 +27,7 @@ def session() -> GenerationSession:
 
 
 def _train_tiny(root: Path, objective: str = "spin") -> Path:
-    from spindiff.train import train
+    from spindiff.training.train import train
 
     cfg = compose("train", ["experiment=quick", f"objective={objective}", f"out={root / objective}",
                             f"data.cache_dir={root / 'cache'}", "trainer.max_steps=2",
@@ -255,8 +255,8 @@ def test_cli_prints_error_and_exits_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------- fast paths
 def test_fast_network_path_equals_the_network(session, spin_ckpt, euclid_ckpt):
     """The hoisted per-token / per-time computation is the network's own forward and total score."""
-    from spindiff.samplers import FastNet
-    from spindiff.score_net import make_score_fn
+    from spindiff.generation.fastnet import FastNet
+    from spindiff.score.net import make_score_fn
 
     cfg = compose("sample", TINY + [f"ckpt={spin_ckpt}", "sampler.steps=4", "sampler.eta=1"])
     s = build_sampler(cfg, session)
@@ -264,7 +264,7 @@ def test_fast_network_path_equals_the_network(session, spin_ckpt, euclid_ckpt):
     g = torch.Generator().manual_seed(0)
     field = torch.nn.functional.normalize(torch.randn(5, session.dim, generator=g), dim=-1)
     hidden = torch.randn(5, session.dim, generator=g)
-    from spindiff.data import context_features
+    from spindiff.score.features import context_features
 
     ctx = context_features(field, hidden, s.features)
     spin = torch.nn.functional.normalize(torch.randn(5, session.dim, generator=g), dim=-1)

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from spindiff import schedules
+from spindiff.sphere import schedules
 from spindiff.config import SDEConfig
-from spindiff.schedules import make_schedule, schedule_from_config
+from spindiff.sphere.schedules import make_schedule, schedule_from_config
 
 F64 = torch.float64
 

@@ -8,11 +8,11 @@ import torch
 import torchsde
 
 from spindiff.config import ScoreNetConfig
-from spindiff.euclid import VPSDE, ddpm_loss, make_eps_fn, nearest_embedding, sample_ddpm
-from spindiff.losses import WEIGHTINGS, dsm_loss
-from spindiff.schedules import make_schedule
-from spindiff.score_net import ResidualScoreNet, make_score_fn
-from spindiff.sde import BrownianSphereSDE
+from spindiff.score.euclid import VPSDE, ddpm_loss, make_eps_fn, nearest_embedding, sample_ddpm
+from spindiff.score.losses import WEIGHTINGS, dsm_loss
+from spindiff.sphere.schedules import make_schedule
+from spindiff.score.net import ResidualScoreNet, make_score_fn
+from spindiff.sphere.sde import BrownianSphereSDE
 
 F64 = torch.float64
 
@@ -67,7 +67,7 @@ def test_analytic_term_follows_the_noised_field_score(d):
     kappa(t) P_{S_t} S_0 (least squares over (S_0, S_t) pairs, which is what the score network's
     loss fits) is kappa0 m(t): the m(t) law of ResidualScoreNet.analytic_term. A fixed
     eta_train P_S N (no decay) fails this at large t."""
-    from spindiff.vmf import sample_vmf
+    from spindiff.sphere.vmf import sample_vmf
     g = torch.Generator().manual_seed(0)
     sde = _sde(d)
     kappa0, n = 0.5, 400_000
@@ -132,7 +132,7 @@ def test_dsm_training_reduces_loss_and_handles_mapping_batch():
     mu[0] = 1.0
     net = ResidualScoreNet(d, hidden=64, layers=2, time_dim=16)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    from spindiff.vmf import sample_vmf
+    from spindiff.sphere.vmf import sample_vmf
 
     losses = []
     for _ in range(100):

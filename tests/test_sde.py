@@ -8,10 +8,10 @@ import torch
 import torchsde
 
 from spindiff.config import SDEConfig
-from spindiff.integrators import integrate, make_brownian
-from spindiff.schedules import make_schedule
-from spindiff.sde import BrownianSphereSDE, ReverseLLGSDE, kappa_of_decay, llg_field_drift
-from spindiff.vmf import kappa_from_mean_resultant, vmf_log_density
+from spindiff.sphere.integrators import integrate, make_brownian
+from spindiff.sphere.schedules import make_schedule
+from spindiff.sphere.sde import BrownianSphereSDE, ReverseLLGSDE, kappa_of_decay, llg_field_drift
+from spindiff.sphere.vmf import kappa_from_mean_resultant, vmf_log_density
 
 F64 = torch.float64
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from spindiff.config import ConfigError, compose
-from spindiff.sweep import DEFAULT_SWEEP, _override, grid_points, load_sweep, main, run_sweep
+from spindiff.evaluation.sweep import DEFAULT_SWEEP, _override, grid_points, load_sweep, main, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def test_shipped_sweep_file_is_a_wandb_grid_sweep():
     spec = load_sweep(DEFAULT_SWEEP)
     pts = grid_points(spec)
     assert len(pts) == math.prod(len(v) for v in spec.grid.values())
-    for p in pts:  # every point is a valid command line for spindiff.evaluate (as the W&B agent passes it)
+    for p in pts:  # every point is a valid command line for spindiff.evaluation.evaluate (as the W&B agent passes it)
         args = [f"{k}={v}" for k, v in {**spec.fixed, **p}.items() if not isinstance(v, list)]
         args += [_override(k, v) for k, v in spec.fixed.items() if isinstance(v, list)]
         cfg = compose("sample", args)

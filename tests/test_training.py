@@ -14,9 +14,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from spindiff.config import CONFIG_DIR, ConfigError, TrainConfig, compose, to_object
-from spindiff.data import FeatureStore, PairDataset
-from spindiff.lightning_module import ScoreModule, SpinObjective, load_score_module
-from spindiff.train import train, trainer_kwargs
+from spindiff.training.data import FeatureStore, PairDataset
+from spindiff.training.module import ScoreModule, SpinObjective, load_score_module
+from spindiff.training.train import train, trainer_kwargs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,8 +193,8 @@ def test_cli_short_run_on_bundled_model(tmp_path):
 def test_one_step_denoise_recovers_a_point_mass():
     """With the exact score of a point mass mu (kappa(t) P_S mu), the one-step denoised spin used
     for val/acc@t is much closer to mu than S_t is, at every t."""
-    from spindiff.sde import BrownianSphereSDE
-    from spindiff.schedules import make_schedule
+    from spindiff.sphere.sde import BrownianSphereSDE
+    from spindiff.sphere.schedules import make_schedule
 
     class ExactScore(torch.nn.Module):
         def total_score(self, spin, t, sde, field=None, context=None):

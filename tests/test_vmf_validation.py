@@ -9,16 +9,18 @@ import pytest
 import torch
 from scipy import integrate, special
 
-from spindiff.vmf import (
-    VMFMixture,
+from spindiff.sphere.vmf import (
     kappa_from_mean_resultant,
     log_bessel_iv,
     log_normalizer,
     mean_resultant_length,
+    sample_vmf,
+)
+from spindiff.validation.vmf_mixture import (
+    VMFMixture,
     mmd2,
     random_mixture,
     run_mixture_experiment,
-    sample_vmf,
 )
 
 F64 = torch.float64

@@ -5,7 +5,7 @@ For a head (l, h) at the last position of a context,
     N0   = sum_j alpha_j V_j           (d_head,)   the head's value-space context vector
     N_proj = N0 @ W_O[h]                (D,)        its contribution to the residual stream
 
-(row-vector convention of :mod:`spindiff.adapter`; the paper writes N_proj = W_O N0).
+(row-vector convention of :mod:`spindiff.lm.adapter`; the paper writes N_proj = W_O N0).
 
 Two protocols:
 
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from spindiff.adapter import ArchitectureAdapter, HeadList, get_adapter, last_positions  # noqa: F401 (re-exported)
+from spindiff.lm.adapter import ArchitectureAdapter, HeadList, get_adapter, last_positions  # noqa: F401 (re-exported)
 
 
 @dataclass

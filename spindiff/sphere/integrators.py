@@ -1,4 +1,4 @@
-"""Sphere-preserving integrators for :class:`spindiff.sde.SphereSDE`, driven by torchsde Brownian paths.
+"""Sphere-preserving integrators for :class:`spindiff.sphere.sde.SphereSDE`, driven by torchsde Brownian paths.
 
 torchsde's solvers are Euclidean (y + f dt + g dW has no projection hook), so an Ito Euler step of
 dS = -(d-1)/2 beta S dt + sqrt(beta) P_S dW changes |S| by O(((d-1) beta dt)^2) per step, which is
@@ -32,7 +32,7 @@ import torch
 import torchsde
 from torch import Tensor
 
-from .geometry import SphereGeometry
+from spindiff.sphere.geometry import SphereGeometry
 
 __all__ = [
     "StepFn",
@@ -172,7 +172,7 @@ def integrate(
     """Integrate on the grid ``ts`` (strictly increasing, the SDE's own time variable).
 
     Args:
-        sde: a :class:`spindiff.sde.SphereSDE` (forward time t or reverse time tau).
+        sde: a :class:`spindiff.sphere.sde.SphereSDE` (forward time t or reverse time tau).
         spin0: (B, d) initial unit spins.
         ts: (n + 1,) time grid.
         method: sampler name (:data:`SAMPLERS`).
@@ -211,7 +211,7 @@ def sample(
     """Draw S_T from the prior (or take ``spin_T``) and integrate a reverse SDE over
     tau in [0, tau_end] with ``steps`` uniform steps. Returns S at tau_end (t = t_eps), (n, d).
 
-    ``reverse_sde`` needs ``prior_sampling`` and ``tau_end`` (a :class:`spindiff.sde.ReverseLLGSDE`).
+    ``reverse_sde`` needs ``prior_sampling`` and ``tau_end`` (a :class:`spindiff.sphere.sde.ReverseLLGSDE`).
     ``replayable=True`` drives it with a torchsde ``BrownianInterval`` (the same ``seed`` gives the
     same Brownian path at any ``steps``); False uses cheaper :class:`GaussianIncrements`.
     """

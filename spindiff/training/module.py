@@ -5,12 +5,12 @@ forward process (``sde``) and an :class:`Objective` (the loss function and the e
 operations of one training objective) -- and owns only the loss bookkeeping, logging,
 evaluation and optimizers. Objectives are chosen by name from :data:`OBJECTIVES`:
 
-- ``spin``: denoising score matching on S^{d-1} (:func:`spindiff.losses.dsm_loss`, exact vMF
+- ``spin``: denoising score matching on S^{d-1} (:func:`spindiff.score.losses.dsm_loss`, exact vMF
   conditional score) of the total score eta_train m(t) P_S N + score_scale(t) net(S_t, t, context);
 - ``euclid_ddpm``: the Euclidean Gaussian DDPM baseline in embedding space
-  (:mod:`spindiff.euclid`) with the same network size and context features.
+  (:mod:`spindiff.score.euclid`) with the same network size and context features.
 
-Batches are dicts from :class:`spindiff.data.PairDataset`: ``field``, ``hidden``, ``spin``
+Batches are dicts from :class:`spindiff.training.data.PairDataset`: ``field``, ``hidden``, ``spin``
 (B, D) and ``token`` (B,).
 
 Determinism. The noise of training step k is drawn from a generator seeded by (seed, k, rank)
@@ -39,8 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from spindiff.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
-from spindiff.data import context_dim, context_features
-from spindiff.geometry import nearest_token
+from spindiff.score.features import context_dim, context_features
+from spindiff.sphere.geometry import nearest_token
 
 Batch = Mapping[str, Tensor]
 
@@ -70,7 +70,7 @@ class Objective(Protocol):
 
 @dataclass
 class SpinObjective:
-    """Denoising score matching on the sphere (vMF noising family, :mod:`spindiff.losses`).
+    """Denoising score matching on the sphere (vMF noising family, :mod:`spindiff.score.losses`).
 
     One-step denoising uses the exact identity for the vMF family: the score of p_t is
     kappa(t) P_{S_t} E[S_0 | S_t], so E[S_0 | S_t] = m(t) S_t + score / kappa(t) with
@@ -82,12 +82,12 @@ class SpinObjective:
     name: str = "spin"
 
     def score_fn(self, net: nn.Module, sde: Any, batch: Batch, context: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
-        from spindiff.score_net import make_score_fn
+        from spindiff.score.net import make_score_fn
 
         return make_score_fn(net, sde, field=batch["field"], context=context)
 
     def loss(self, net, sde, batch, context, generator):
-        from spindiff.losses import dsm_loss
+        from spindiff.score.losses import dsm_loss
 
         return dsm_loss(sde, self.score_fn(net, sde, batch, context), batch, weighting=self.weighting,
                         generator=generator)
@@ -101,7 +101,7 @@ class SpinObjective:
         return spin_t, sde.geometry.projx(mean)
 
     def sample(self, net, sde, batch, context, steps, seed):
-        from spindiff.integrators import sample as integrate_reverse
+        from spindiff.sphere.integrators import sample as integrate_reverse
 
         spin0 = batch["spin"]
         rev = sde.reverse(self.score_fn(net, sde, batch, context))
@@ -110,8 +110,8 @@ class SpinObjective:
 
 def build_spin(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any, Objective]:
     """Score network, BrownianSphereSDE and :class:`SpinObjective` for ``config``/``meta``."""
-    from spindiff.score_net import ResidualScoreNet
-    from spindiff.sde import BrownianSphereSDE
+    from spindiff.score.net import ResidualScoreNet
+    from spindiff.sphere.sde import BrownianSphereSDE
 
     net = ResidualScoreNet(**{**meta["score_net"], "tangent": True})
     sde = BrownianSphereSDE.from_config(config.sde, int(meta["dim"]))
@@ -120,7 +120,7 @@ def build_spin(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any, Ob
 
 @dataclass
 class EuclidDDPMObjective:
-    """The Euclidean Gaussian DDPM baseline (:mod:`spindiff.euclid`) on the same targets.
+    """The Euclidean Gaussian DDPM baseline (:mod:`spindiff.score.euclid`) on the same targets.
 
     The clean point is x_0 = sqrt(d) S_0 (the target token's unit unembedding row scaled to unit
     variance per coordinate, the scale the VP-SDE assumes) in R^d, with no sphere constraint.
@@ -138,12 +138,12 @@ class EuclidDDPMObjective:
         return spin * math.sqrt(spin.shape[-1])  # (B, D)
 
     def loss(self, net, sde, batch, context, generator):
-        from spindiff.euclid import ddpm_loss, make_eps_fn
+        from spindiff.score.euclid import ddpm_loss, make_eps_fn
 
         return ddpm_loss(sde, make_eps_fn(net, context), {"x0": self._x0(batch)}, generator=generator)
 
     def denoise(self, net, sde, batch, context, t, generator):
-        from spindiff.euclid import make_eps_fn
+        from spindiff.score.euclid import make_eps_fn
 
         x0 = self._x0(batch)
         tt = torch.full((x0.shape[0],), float(t), dtype=x0.dtype, device=x0.device)  # (B,)
@@ -154,7 +154,7 @@ class EuclidDDPMObjective:
         return x_t / scale, x0_hat / scale
 
     def sample(self, net, sde, batch, context, steps, seed):
-        from spindiff.euclid import make_eps_fn, sample_ddpm
+        from spindiff.score.euclid import make_eps_fn, sample_ddpm
 
         spin0 = batch["spin"]
         n, d = spin0.shape
@@ -165,8 +165,8 @@ class EuclidDDPMObjective:
 
 def build_euclid_ddpm(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any, Objective]:
     """Noise-prediction network (same size/context, ``tangent=False``), VPSDE and objective."""
-    from spindiff.euclid import VPSDE
-    from spindiff.score_net import ResidualScoreNet
+    from spindiff.score.euclid import VPSDE
+    from spindiff.score.net import ResidualScoreNet
 
     net = ResidualScoreNet(**{**meta["score_net"], "tangent": False, "eta_train": 0.0})
     return net, VPSDE.from_config(config.sde), EuclidDDPMObjective()
@@ -226,8 +226,8 @@ class ScoreModule(L.LightningModule):
     """Fits a score network; owns loss, logging, evaluation and optimizers.
 
     Args:
-        score_net: the network (pure ``nn.Module``), e.g. :class:`spindiff.score_net.ResidualScoreNet`.
-        sde: the forward process (:class:`spindiff.sde.BrownianSphereSDE` or the Euclidean one).
+        score_net: the network (pure ``nn.Module``), e.g. :class:`spindiff.score.net.ResidualScoreNet`.
+        sde: the forward process (:class:`spindiff.sphere.sde.BrownianSphereSDE` or the Euclidean one).
         objective: loss and evaluation operations (:data:`OBJECTIVES`).
         config: the resolved TrainConfig as a plain dict (saved as a hyperparameter).
         meta: the checkpoint self-description (:func:`make_meta`; saved as a hyperparameter).
@@ -263,7 +263,7 @@ class ScoreModule(L.LightningModule):
 
     # ------------------------------------------------------------------ helpers
     def context(self, batch: Batch) -> Tensor | None:
-        """The network's context input (B, c) (:func:`spindiff.data.context_features`)."""
+        """The network's context input (B, c) (:func:`spindiff.training.data.context_features`)."""
         return context_features(batch["field"], batch["hidden"], self.features)
 
     def _generator(self, *key: int) -> torch.Generator | None:

@@ -14,7 +14,7 @@ the network to cancel it there; tests/test_score_losses.py checks the m(t) law b
 ``score_scale(t)`` comes from the SDE (``sqrt(kappa(t) m(t))`` for the vMF noising family), so the
 network's output has unit scale per tangent direction at every t. The output is projected onto
 the tangent space at S (``tangent=True``); with ``tangent=False`` the same class is the
-Euclidean noise predictor of the ``euclid_ddpm`` baseline (:mod:`spindiff.euclid`).
+Euclidean noise predictor of the ``euclid_ddpm`` baseline (:mod:`spindiff.score.euclid`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import geoopt
 import torch
 from torch import Tensor, nn
 
-from .geometry import SphereGeometry
+from spindiff.sphere.geometry import SphereGeometry
 
 __all__ = ["SinusoidalTimeEmbedding", "ResidualBlock", "ResidualScoreNet", "make_score_fn"]
 
@@ -125,7 +125,7 @@ class ResidualScoreNet(nn.Module):
                     context: Tensor | None = None) -> Tensor:
         """eta_train m(t) P_S N + sde.score_scale(t) * net(S, t, context). (B, d), tangent at S.
 
-        ``sde`` provides ``score_scale(t)`` (B,) (:class:`spindiff.sde.BrownianSphereSDE`).
+        ``sde`` provides ``score_scale(t)`` (B,) (:class:`spindiff.sphere.sde.BrownianSphereSDE`).
         """
         if t.dim() == 0:
             t = t.expand(spin.shape[0])
@@ -144,7 +144,7 @@ def make_score_fn(net: ResidualScoreNet, sde: Any, field: Tensor | None = None,
                   context: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """The total score (S (B, d), t (B,)) -> (B, d) with field N (B, d) and context (B, c) bound.
 
-    Pass the result to ``sde.reverse(score_fn, ...)`` or to :func:`spindiff.losses.dsm_loss`.
+    Pass the result to ``sde.reverse(score_fn, ...)`` or to :func:`spindiff.score.losses.dsm_loss`.
     """
 
     def score_fn(spin: Tensor, t: Tensor) -> Tensor:

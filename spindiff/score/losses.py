@@ -1,7 +1,7 @@
 """Denoising score matching on S^{d-1}, as plain functions of (sde, score_fn, batch).
 
 Target. For S_0 from the data and S_t ~ q(. | S_0) = vMF(S_0, kappa(t)) (the noising family of
-:class:`spindiff.sde.BrownianSphereSDE`, kappa matched to the Brownian mean cosine), the
+:class:`spindiff.sphere.sde.BrownianSphereSDE`, kappa matched to the Brownian mean cosine), the
 conditional score is exactly
 
     grad_{S_t} log q(S_t | S_0) = kappa(t) P_{S_t} S_0,
@@ -72,9 +72,9 @@ def dsm_loss(
     (stratified), S_t ~ vMF(S_0, kappa(t)).
 
     Args:
-        sde: a :class:`spindiff.sde.BrownianSphereSDE`.
+        sde: a :class:`spindiff.sphere.sde.BrownianSphereSDE`.
         score_fn: (S_t (B, d), t (B,)) -> (B, d); bind the field/context of the batch first
-            (:func:`spindiff.score_net.make_score_fn`).
+            (:func:`spindiff.score.net.make_score_fn`).
         batch: S_0 (B, d) or a mapping with ``spin``.
         weighting: key of :data:`WEIGHTINGS`.
         t: optional (B,) times (default: sampled).

@@ -20,7 +20,7 @@ with P_S = I - S S^T and W a d-dimensional Wiener process. The Ito drift is the 
 correction (1/2) sum_k D(P e_k)[P e_k] = -(d-1) S / 2 (times beta); it keeps |S| = 1 because
 |P_S dW|^2 = (d-1) dt. The paper's Eq. (10) writes -beta/2 S, which is the correction only for
 d = 2 (S^1); at d = 576 it is 575 times too small and Euclidean Euler steps of it leave the
-sphere. E[S_t . S_0] = exp(-(d-1) s(t)/2), s = int beta (see :mod:`spindiff.schedules`).
+sphere. E[S_t . S_0] = exp(-(d-1) s(t)/2), s = int beta (see :mod:`spindiff.sphere.schedules`).
 
 Noising family used for training (closed form)
 ----------------------------------------------
@@ -49,7 +49,7 @@ sqrt(beta) P_S dW). The field part is the LLG equation
     dS/dt = -gamma/(1+lam^2) S x N + gamma lam/(1+lam^2) P_S N,   eta = gamma lam/(1+lam^2),
 
 i.e. damping eta P_S N and precession (eta/lam) Prec(S, N) with Prec(S, N) = -S x N for d = 3
-and -P_S J P_S N for d > 3 (fixed complex structure J, see :func:`spindiff.geometry.precession`).
+and -P_S J P_S N for d > 3 (fixed complex structure J, see :func:`spindiff.sphere.geometry.precession`).
 Precession over damping is 1/lam, so lam changes the dynamics and not only the scale;
 lam = inf is the overdamped limit of the paper's Appendix B. eta P_S N is exactly the Riemannian
 score of vMF(N/|N|, eta |N|): the damping term is the gradient flow toward the context direction.
@@ -68,9 +68,9 @@ import torch
 from scipy import special
 from torch import Tensor
 
-from .geometry import SphereGeometry, precession
-from .schedules import NoiseSchedule, schedule_from_config
-from .vmf import kappa_from_mean_resultant, sample_vmf
+from spindiff.sphere.geometry import SphereGeometry, precession
+from spindiff.sphere.schedules import NoiseSchedule, schedule_from_config
+from spindiff.sphere.vmf import kappa_from_mean_resultant, sample_vmf
 
 __all__ = [
     "ScoreFn",
@@ -153,7 +153,7 @@ class SphereSDE(ABC):
     amplitude sigma = ``diffusion``. ``drift`` is the drift of the form named by ``sde_type``:
     Stratonovich = a, Ito = a - (d-1)/2 sigma^2 S. torchsde's ``sdeint`` accepts the object
     directly (``noise_type='general'``, ``f``, ``g_prod``; pass ``bm`` of size (B, d)); the
-    geodesic integrators of :mod:`spindiff.integrators` use ``tangent_drift`` and ``diffusion``.
+    geodesic integrators of :mod:`spindiff.sphere.integrators` use ``tangent_drift`` and ``diffusion``.
     No ``g`` method: torchsde would build the (B, d, d) matrix for its shape check
     (use :meth:`diffusion_matrix` explicitly where the matrix is wanted).
     """

@@ -4,9 +4,9 @@ What a run does (``python train.py``; every setting in ``configs/train.yaml``):
 
 1. prepares ``out/`` (``config.yaml``, ``run.json`` with versions and seed);
 2. opens the cached features for (model, field, data) or builds them once
-   (:func:`spindiff.data.load_or_build_features`; the LM is loaded only then);
-3. builds the parts for ``objective`` (:func:`spindiff.lightning_module.build_parts`) and the
-   :class:`~spindiff.lightning_module.ScoreModule`;
+   (:func:`spindiff.training.data.load_or_build_features`; the LM is loaded only then);
+3. builds the parts for ``objective`` (:func:`spindiff.training.module.build_parts`) and the
+   :class:`~spindiff.training.module.ScoreModule`;
 4. fits with ``lightning.Trainer(**cfg.trainer)`` -- CSV logger in ``out/csv/v<k>/metrics.csv`` (k = 0, then 1 per resume) and
    W&B (offline unless a key is configured) -- keeping ``out/checkpoints/best.ckpt`` (lowest
    ``val/loss``) and ``out/checkpoints/last.ckpt``; with ``resume=true`` an existing
@@ -73,7 +73,7 @@ def trainer_kwargs(trainer_cfg: Any) -> dict[str, Any]:
 
 
 def _validate(cfg: DictConfig) -> None:
-    from spindiff.lightning_module import OBJECTIVES
+    from spindiff.training.module import OBJECTIVES
 
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r}: choose one of {sorted(OBJECTIVES)}")
@@ -177,9 +177,9 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
     from lightning.pytorch.loggers import CSVLogger
 
     from spindiff.checkpoint import load_checkpoint
-    from spindiff.data import PairDataModule, load_or_build_features
-    from spindiff.lightning_module import ScoreModule, build_parts, make_meta
-    from spindiff.models import load_model
+    from spindiff.training.data import PairDataModule, load_or_build_features
+    from spindiff.training.module import ScoreModule, build_parts, make_meta
+    from spindiff.lm.models import load_model
     from spindiff.tracking import make_lightning_logger
 
     t_start = time.perf_counter()

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spindiff.runtime import atomic_write_json, atomic_write_text, prepare_run, record_model
-from spindiff.samplers import (DIAG_KEYS, GenerationBatch, GenerationSession, Sampler, SampleError,
+from spindiff.generation import (DIAG_KEYS, GenerationBatch, GenerationSession, Sampler, SampleError,
                                build_sampler, get_sampler_class)
 
 __all__ = ["SampleError", "SampleResult", "sample", "load_prompt_list", "validate_config", "as_config"]

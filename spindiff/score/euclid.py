@@ -6,9 +6,9 @@ This is the "Brownian" model the paper contrasts with: x in R^d (token embedding
     x_t | x_0 ~ N(alpha(t) x_0, sigma(t)^2 I),  alpha = exp(-s(t)/2), sigma^2 = 1 - alpha^2,
 
 with s(t) = int_0^t beta (linear beta 0.1 -> 20 by default, the VP-SDE of Song et al.). The network
-(:class:`spindiff.score_net.ResidualScoreNet` with ``tangent=False``, same size and context as the
+(:class:`spindiff.score.net.ResidualScoreNet` with ``tangent=False``, same size and context as the
 spherical model) predicts the noise eps; score = -eps / sigma. Time convention as in
-:mod:`spindiff.sde`: t is forward time; :class:`ReverseVPSDE` runs in tau = T - t so that
+:mod:`spindiff.sphere.sde`: t is forward time; :class:`ReverseVPSDE` runs in tau = T - t so that
 torchsde's ``sdeint`` (increasing ts, Ito Euler) integrates it. Decoding rounds to the nearest
 embedding (Euclidean distance, one matmul).
 """
@@ -20,7 +20,7 @@ import torch
 import torchsde
 from torch import Tensor
 
-from .schedules import LinearSchedule
+from spindiff.sphere.schedules import LinearSchedule
 
 __all__ = ["VPSDE", "ReverseVPSDE", "ddpm_loss", "make_eps_fn", "sample_ddpm", "nearest_embedding"]
 

@@ -15,7 +15,7 @@ Every position p >= 1 of every sequence x_0..x_{L-1} gives one pair: context x_0
 target x_p. For each pair we store
 
     field  (N, D) float32  N: the context field at the last context position (sum over the
-                           selected heads, as :class:`spindiff.field.ContextFieldProvider`)
+                           selected heads, as :class:`spindiff.lm.field.ContextFieldProvider`)
     hidden (N, D) float32  h: the final hidden state (after the final norm) at that position
     spin   (N, D) float32  S_0: the unit-normalised unembedding row of the target token
     token  (N,)   int64    the target token id
@@ -60,11 +60,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from spindiff.field import ContextFieldProvider, last_positions
+from spindiff.lm.field import ContextFieldProvider, last_positions
+from spindiff.score.features import CONTEXT_FEATURES, context_dim, context_features  # noqa: F401
 
 FEATURE_VERSION = 1
 ARRAYS = ("field", "hidden", "spin", "token", "seq", "pos")
-CONTEXT_FEATURES = ("none", "field", "hidden", "field+hidden")
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The capital of France is Paris. The capital of Germany is",
@@ -100,32 +100,6 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "He looked at the map and realised that",
     "One, two, three, four, five,",
 )
-
-
-# --------------------------------------------------------------------------- context features
-def context_dim(features: str, dim: int) -> int:
-    """Size c of the context vector for ``score_net.features`` (see :func:`context_features`)."""
-    if features not in CONTEXT_FEATURES:
-        raise ValueError(f"score_net.features={features!r}: use one of {', '.join(CONTEXT_FEATURES)}")
-    return {"none": 0, "field": dim, "hidden": dim, "field+hidden": 2 * dim}[features]
-
-
-def context_features(field: Tensor, hidden: Tensor, features: str) -> Tensor | None:
-    """The score network's context input from the provider's features.
-
-    field: (B, D) context field N (as stored: unit when ``field.normalize``);
-    hidden: (B, D) final hidden state h, used as its direction h/|h| (the final norm's output
-    has a model-specific scale; the direction keeps every input of the net O(1)).
-    Returns (B, c) with c = :func:`context_dim`, or ``None`` for ``none``. The sampler must build
-    its context with this same function.
-    """
-    context_dim(features, field.shape[-1])  # validates the name
-    parts: list[Tensor] = []
-    if "field" in features.split("+"):
-        parts.append(field)
-    if "hidden" in features.split("+"):
-        parts.append(hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    return torch.cat(parts, dim=-1) if parts else None
 
 
 # --------------------------------------------------------------------------- sequences
@@ -419,7 +393,7 @@ def feature_key(cfg: Any) -> dict[str, Any]:
 
 def feature_cache_dir(cfg: Any) -> Path:
     """``<data.cache_dir or model cache root/features>/<model>-<hash of feature_key>``."""
-    from spindiff.models import cache_root
+    from spindiff.lm.models import cache_root
 
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else cache_root(cfg.model.cache_dir) / "features"
     digest = hashlib.sha256(json.dumps(feature_key(cfg), sort_keys=True).encode()).hexdigest()[:16]

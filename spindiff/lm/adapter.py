@@ -343,7 +343,7 @@ ADAPTERS: dict[str, type[ArchitectureAdapter]] = {"gpt2": GPT2Adapter, "llama": 
 
 def get_adapter(model: nn.Module, name: str | None = None) -> ArchitectureAdapter:
     """The adapter for ``model`` (by ``config.model_type``)."""
-    from spindiff.models import family_of
+    from spindiff.lm.models import family_of
 
     fam = family_of(model)
     return ADAPTERS[fam](model, name or getattr(model.config, "_name_or_path", "") or fam)

@@ -1,0 +1,406 @@
+"""Evaluation of next-token samplers: plain metric functions and a runner.
+
+Metrics (plain functions of tensors / token lists; no model inside):
+
+* next-token fidelity, per prompt, between the sampler's empirical distribution p_hat over
+  ``n_draws`` independent draws for the same context and the LM's softmax p_LM (temperature 1):
+  :func:`total_variation` TV = 1/2 sum |p_hat - p_LM|; :func:`kl_divergence` KL(p_hat || p_LM)
+  (finite: p_LM > 0 everywhere); :func:`top1_agreement` = fraction of draws equal to the LM's
+  argmax; :func:`mean_draw_logprob` = mean log p_LM of the drawn tokens. With finite n even exact
+  sampling from p_LM has TV > 0: the ``ar`` sampler at temperature 1 measures that floor.
+* continuations: :func:`perplexity` under the LM of the generated tokens (each scored by the LM
+  given the real prefix, from the same forward that produced it); diversity :func:`distinct_n`
+  (corpus-level unique n-grams / n-grams), :func:`self_bleu` (BLEU-4 of each continuation against
+  all others, smoothed; :func:`bleu` is a small self-contained implementation), and
+  :func:`repetition_rate` (within-sequence repeated n-grams, Welleck et al.'s seq-rep-n).
+* cost: tokens/s of generation (LM + SDE + decoding, no model loading), SDE steps per token.
+* attractor diagnostics: mean cosine between successive context fields N_t, N_{t+1}; mean cosine
+  of the final spin to the chosen token and its margin over the runner-up.
+
+Every number is computed once per seed; the runner reports the mean and a 95% Student-t
+confidence interval over seeds (:func:`mean_ci`).
+
+Runner: ``python -m spindiff.evaluate [key=value ...]`` takes the keys of ``sample.py`` plus
+``eval.*`` (prompts, n_prompts, seeds, n_draws, fidelity, generation); it writes
+``metrics.json`` and logs to W&B (offline unless a key is configured). :func:`evaluate` is the
+function behind it; sweeps and the benchmark call it with a shared :class:`GenerationSession`
+and :class:`EvalCache` (the LM forward of the prompt set is done once for every sampler).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from spindiff.lm.field import FieldOutput
+from spindiff.runtime import atomic_write_json, prepare_run, record_model, seed_everything
+from spindiff.generation import GenerationSession, Sampler, SampleError, build_sampler
+
+__all__ = [
+    "total_variation", "kl_divergence", "empirical_distribution", "top1_agreement", "mean_draw_logprob",
+    "perplexity", "ngrams", "distinct_n", "bleu", "self_bleu", "repetition_rate", "mean_ci",
+    "fidelity_metrics", "continuation_metrics", "EvalCache", "EvalResult", "evaluate", "evaluate_sampler",
+    "default_eval_prompts", "load_eval_prompts", "main",
+]
+
+
+# --------------------------------------------------------------------------- distributions
+def empirical_distribution(draws: Tensor, vocab_size: int) -> Tensor:
+    """Histogram of draws (B, n) int64 -> (B, V) probabilities."""
+    B, n = draws.shape
+    counts = torch.zeros(B, vocab_size, dtype=torch.float64)
+    counts.scatter_add_(1, draws.cpu().long(), torch.ones(B, n, dtype=torch.float64))
+    return counts / n
+
+
+def total_variation(p: Tensor, q: Tensor) -> Tensor:
+    """TV(p, q) = 1/2 sum_v |p_v - q_v|. p, q: (B, V) -> (B,)."""
+    return 0.5 * (p.double() - q.double()).abs().sum(-1)
+
+
+def kl_divergence(p: Tensor, q: Tensor, eps: float = 1e-30) -> Tensor:
+    """KL(p || q) = sum_v p_v log(p_v / q_v), with 0 log 0 = 0. p, q: (B, V) -> (B,)."""
+    p, q = p.double(), q.double()
+    terms = torch.where(p > 0, p * (torch.log(p.clamp_min(eps)) - torch.log(q.clamp_min(eps))), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def top1_agreement(draws: Tensor, lm_probs: Tensor) -> Tensor:
+    """Fraction of draws (B, n) equal to the LM's argmax token (lm_probs (B, V)). -> (B,)."""
+    top = lm_probs.argmax(-1).to(draws.device)  # (B,)
+    return (draws == top[:, None]).double().mean(-1)
+
+
+def mean_draw_logprob(draws: Tensor, lm_logprobs: Tensor) -> Tensor:
+    """Mean log p_LM of the drawn tokens. draws (B, n), lm_logprobs (B, V) -> (B,)."""
+    return lm_logprobs.double().gather(1, draws.long().to(lm_logprobs.device)).mean(-1)
+
+
+def perplexity(logprobs: Iterable[float]) -> float:
+    """exp(-mean log p) over all tokens (NaN for none)."""
+    vals = [float(x) for x in logprobs if x is not None and math.isfinite(float(x))]
+    return math.exp(-sum(vals) / len(vals)) if vals else float("nan")
+
+
+# --------------------------------------------------------------------------- text diversity
+def ngrams(seq: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(seqs: Sequence[Sequence[int]], n: int) -> float:
+    """Corpus-level distinct-n: unique n-grams / total n-grams over all sequences (NaN if none)."""
+    grams = [g for s in seqs for g in ngrams(s, n)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def repetition_rate(seqs: Sequence[Sequence[int]], n: int = 2) -> float:
+    """seq-rep-n: mean over sequences of 1 - unique n-grams / n-grams within the sequence
+    (0 = no n-gram repeats inside a continuation). Sequences shorter than n are skipped."""
+    vals = []
+    for s in seqs:
+        g = ngrams(s, n)
+        if g:
+            vals.append(1.0 - len(set(g)) / len(g))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def bleu(hyp: Sequence[int], refs: Sequence[Sequence[int]], max_n: int = 4) -> float:
+    """Sentence BLEU (Papineni et al.) with clipped n-gram precision, uniform weights up to
+    ``max_n``, brevity penalty against the closest reference length, and add-one smoothing of
+    the n >= 2 precisions (Lin & Och 2004, "smoothing 2"), so short texts do not collapse to 0."""
+    if not hyp or not refs:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        h = Counter(ngrams(hyp, n))
+        total = sum(h.values())
+        max_ref: Counter = Counter()
+        for r in refs:
+            for g, c in Counter(ngrams(r, n)).items():
+                if c > max_ref[g]:
+                    max_ref[g] = c
+        match = sum(min(c, max_ref[g]) for g, c in h.items())
+        if n == 1:
+            if match == 0:
+                return 0.0
+            p = match / total
+        else:
+            p = (match + 1) / (total + 1)
+        log_p += math.log(p) / max_n
+    ref_len = min((len(r) for r in refs), key=lambda L: (abs(L - len(hyp)), L))
+    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / max(len(hyp), 1))
+    return bp * math.exp(log_p)
+
+
+def self_bleu(seqs: Sequence[Sequence[int]], max_n: int = 4) -> float:
+    """Mean BLEU of each sequence against all the others (higher = less diverse; NaN for < 2)."""
+    seqs = [list(s) for s in seqs if len(s)]
+    if len(seqs) < 2:
+        return float("nan")
+    return float(np.mean([bleu(s, seqs[:i] + seqs[i + 1:], max_n) for i, s in enumerate(seqs)]))
+
+
+# --------------------------------------------------------------------------- statistics
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the Student-t confidence interval); half-width NaN for one value.
+    NaN values are dropped."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if x.size == 1:
+        return float(x[0]), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(half)
+
+
+# --------------------------------------------------------------------------- metric bundles
+def fidelity_metrics(draws: Tensor, lm_logits: Tensor) -> dict[str, float]:
+    """Next-token fidelity of draws (B, n) against the LM's logits (B, V), averaged over prompts."""
+    logp = torch.log_softmax(lm_logits.double().cpu(), -1)  # (B, V)
+    probs = logp.exp()
+    emp = empirical_distribution(draws, probs.shape[-1])
+    return {
+        "fidelity/tv": float(total_variation(emp, probs).mean()),
+        "fidelity/kl": float(kl_divergence(emp, probs).mean()),
+        "fidelity/top1_agreement": float(top1_agreement(draws.cpu(), probs).mean()),
+        "fidelity/logprob": float(mean_draw_logprob(draws.cpu(), logp).mean()),
+        "fidelity/distinct_draws": float(np.mean([len(set(r.tolist())) for r in draws])),
+    }
+
+
+def continuation_metrics(records: Sequence[dict[str, Any]], seconds: float, sde_steps: int) -> dict[str, float]:
+    """Perplexity, diversity, cost and diagnostics of generated continuations
+    (records as produced by :func:`spindiff.generation.sample.batch_records`)."""
+    seqs = [r["token_ids"] for r in records]
+    n_tok = sum(len(s) for s in seqs)
+    diag = lambda k: [d[k] for r in records for d in r["diagnostics"] if d.get(k) is not None]  # noqa: E731
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {
+        "gen/perplexity": perplexity(diag("lm_logprob")),
+        "gen/logprob": mean(diag("lm_logprob")),
+        "gen/distinct_1": distinct_n(seqs, 1),
+        "gen/distinct_2": distinct_n(seqs, 2),
+        "gen/distinct_3": distinct_n(seqs, 3),
+        "gen/self_bleu": self_bleu(seqs),
+        "gen/rep_2": repetition_rate(seqs, 2),
+        "gen/eos_rate": float(np.mean([r["stop"] == "eos" for r in records])) if records else float("nan"),
+        "gen/mean_len": n_tok / max(len(seqs), 1),
+        "cost/tokens_per_s": n_tok / seconds if seconds > 0 else float("nan"),
+        "cost/sde_steps_per_token": float(sde_steps),
+        "diag/field_cos_prev": mean(diag("field_cos_prev")),
+        "diag/cos_chosen": mean(diag("cos")),
+        "diag/margin": mean(diag("margin")),
+    }
+
+
+# --------------------------------------------------------------------------- prompts
+def default_eval_prompts() -> list[str]:
+    """The packaged held-out prompt set (spindiff/data/eval_prompts.txt)."""
+    text = resources.files("spindiff").joinpath("data/eval_prompts.txt").read_text()
+    return [ln.replace("\\n", "\n") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def load_eval_prompts(spec: str = "", n: int = 0) -> list[str]:
+    """``""`` -> the packaged set; else FILE (one prompt a line, '#' comments); first ``n`` if n > 0."""
+    from spindiff.generation.sample import load_prompt_list
+
+    prompts = default_eval_prompts() if not spec else load_prompt_list(spec)
+    return prompts[:n] if n > 0 else prompts
+
+
+# --------------------------------------------------------------------------- runner
+class EvalCache:
+    """LM forwards of a prompt set, shared across samplers with the same field settings.
+
+    ``output(sampler, prompts)`` returns one :class:`FieldOutput` for all prompts (left padded,
+    KV cache dropped): field, hidden and logits of the last position.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, FieldOutput] = {}
+
+    def output(self, sampler: Sampler, prompts: Sequence[str], batch_size: int = 64) -> FieldOutput:
+        key = (id(sampler.provider), tuple(prompts))
+        if key not in self._store:
+            sess = sampler.session
+            seqs = sess.encode(prompts)
+            parts = []
+            for i in range(0, len(seqs), batch_size):
+                ids, mask = sess.batch(seqs[i:i + batch_size])
+                with torch.no_grad():
+                    o = sampler.provider(ids, mask, use_cache=False)
+                parts.append(o)
+            self._store[key] = FieldOutput(
+                per_head=torch.empty(0), field=torch.cat([o.field for o in parts]),
+                field_norm=torch.cat([o.field_norm for o in parts]), hidden=torch.cat([o.hidden for o in parts]),
+                logits=torch.cat([o.logits for o in parts]))
+        return self._store[key]
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one sampler configuration: per seed, and mean / 95% CI half-width over seeds."""
+
+    sampler: dict[str, Any]
+    per_seed: list[dict[str, float]]
+    mean: dict[str, float] = field(default_factory=dict)
+    ci: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.mean and self.per_seed:
+            keys = sorted({k for r in self.per_seed for k in r})
+            for k in keys:
+                self.mean[k], self.ci[k] = mean_ci([r.get(k, float("nan")) for r in self.per_seed])
+
+    def flat(self) -> dict[str, Any]:
+        """{metric: mean, metric_ci: half-width, plus the sampler description}."""
+        out: dict[str, Any] = {k: v for k, v in self.sampler.items() if isinstance(v, (str, int, float, bool)) or v is None}
+        for k, v in self.mean.items():
+            out[k] = v
+            out[f"{k}_ci"] = self.ci.get(k, float("nan"))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sampler": self.sampler, "mean": self.mean, "ci95": self.ci, "per_seed": self.per_seed}
+
+
+def evaluate_sampler(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[int], n_draws: int = 64,
+                     max_new_tokens: int = 24, batch_size: int = 8, fidelity: bool = True, generation: bool = True,
+                     cache: Optional[EvalCache] = None, stop_at_eos: bool = True,
+                     progress: bool = False) -> EvalResult:
+    """All metrics of ``sampler`` on ``prompts``, once per seed (see the module docstring)."""
+    from spindiff.generation.sample import batch_records
+
+    sess = sampler.session
+    cache = cache or EvalCache()
+    seqs = sess.encode(prompts, reserve=max_new_tokens if generation else 0)
+    per_seed: list[dict[str, float]] = []
+    for seed in seeds:
+        row: dict[str, float] = {}
+        if fidelity and n_draws > 0:
+            out = cache.output(sampler, prompts)
+            gen = torch.Generator().manual_seed(int(seed) * 7919 + 1)
+            with torch.no_grad():
+                draws = sampler.draw_from(out, n_draws, gen)  # (B, n)
+            row.update(fidelity_metrics(draws, out.logits))
+        if generation and max_new_tokens > 0:
+            gen = torch.Generator().manual_seed(int(seed))
+            records, seconds = [], 0.0
+            for i in range(0, len(seqs), batch_size):
+                ids, mask = sess.batch(seqs[i:i + batch_size])
+                gb = sampler.generate(ids, mask, max_new_tokens, gen, stop_at_eos=stop_at_eos)
+                seconds += gb.seconds
+                records.extend(batch_records(sess, sampler, prompts[i:i + batch_size], gb, int(seed)))
+            row.update(continuation_metrics(records, seconds, sampler.sde_steps))
+        per_seed.append(row)
+        if progress:
+            print(f"  seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k in SHORT), flush=True)
+    return EvalResult(sampler.describe(), per_seed)
+
+
+SHORT = ("fidelity/tv", "fidelity/top1_agreement", "gen/perplexity", "gen/distinct_2", "cost/tokens_per_s")
+
+
+def evaluate(cfg: Any, session: Optional[GenerationSession] = None, cache: Optional[EvalCache] = None,
+             out: Optional[Path] = None, log: bool = True) -> EvalResult:
+    """Evaluate the sampler of a SampleConfig (keys as for ``sample.py`` plus ``eval.*``).
+
+    Writes ``metrics.json`` to ``out`` (or ``cfg.out`` / ``runs/eval/<timestamp>`` when ``log``)
+    and logs the mean metrics to W&B. Raises :class:`SampleError` for bad settings.
+    """
+    from spindiff.generation.sample import as_config, validate_config
+
+    cfg = as_config(cfg)
+    validate_config(cfg)
+    e = cfg.eval
+    if not e.seeds:
+        raise SampleError("eval.seeds is empty; give at least one seed, e.g. eval.seeds=[0,1,2]")
+    if int(e.n_draws) < 0:
+        raise SampleError(f"eval.n_draws={e.n_draws}: must be >= 0")
+    prompts = load_eval_prompts(e.prompts, int(e.n_prompts))
+    seed_everything(int(cfg.seed))
+    if session is None:
+        session = GenerationSession.load(cfg.model)
+    sampler = build_sampler(cfg, session)
+    result = evaluate_sampler(sampler, prompts, [int(s) for s in e.seeds], int(e.n_draws), int(cfg.max_new_tokens),
+                              int(cfg.sampler.batch_size), bool(e.fidelity), bool(e.generation), cache,
+                              bool(cfg.stop_at_eos))
+    result.sampler.update(model=session.name, n_prompts=len(prompts), max_new_tokens=int(cfg.max_new_tokens),
+                          n_draws=int(e.n_draws))
+    if log:
+        out = out or prepare_run(cfg, "eval")
+        record_model(out, session.lm.info)
+        atomic_write_json(Path(out) / "metrics.json", result.to_json())
+        _log_wandb(cfg, Path(out), result)
+    return result
+
+
+def _log_wandb(cfg: DictConfig, out: Path, result: EvalResult) -> None:
+    from spindiff.tracking import init_run, resolve_mode
+
+    if resolve_mode(cfg.wandb.mode) == "disabled":
+        return
+    run = init_run(cfg.wandb, out, cfg, name=result.sampler.get("label"), job_type="eval",
+                   group=cfg.wandb.group or "eval")
+    flat = {k: v for k, v in result.flat().items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v is not None and math.isfinite(v)}
+    run.log(flat)
+    run.summary.update(flat)
+    run.finish()
+
+
+def format_table(rows: Sequence[EvalResult], keys: Sequence[str] = SHORT) -> str:
+    """A plain-text table: one row per result, 'mean ± CI' per key."""
+    head = ["sampler"] + list(keys)
+    lines = [" | ".join(head)]
+    for r in rows:
+        cells = [str(r.sampler.get("label"))]
+        for k in keys:
+            m, c = r.mean.get(k, float("nan")), r.ci.get(k, float("nan"))
+            cells.append(f"{m:.4g}" + ("" if not math.isfinite(c) else f" ± {c:.2g}"))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+USAGE = """usage: python -m spindiff.evaluate [key=value ...]
+
+Evaluate one sampler on the held-out prompt set (spindiff/data/eval_prompts.txt): next-token
+fidelity vs the LM softmax, perplexity, diversity, cost; mean and 95% CI over eval.seeds.
+Keys: those of sample.py plus eval.prompts, eval.n_prompts, eval.seeds, eval.n_draws,
+eval.fidelity, eval.generation. Example:
+  python -m spindiff.evaluate sampler.name=spin sampler.eta=1 sampler.lam=1 sampler.steps=20 \\
+      ckpt=auto eval.n_prompts=10 eval.seeds=[0,1] max_new_tokens=16"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: prints the metric table and the path of metrics.json; ``error: ...`` and exit 2 on bad input."""
+    from spindiff.checkpoint import CheckpointError
+    from spindiff.config import ConfigError, parse_cli
+    from spindiff.lm.models import ModelLoadError
+
+    cfg = parse_cli("sample", argv, USAGE)
+    try:
+        res = evaluate(cfg)
+    except (SampleError, CheckpointError, ConfigError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table([res]))
+    print(json.dumps({k: v for k, v in res.mean.items()}, indent=1))
+    print(f"wrote {Path(cfg.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

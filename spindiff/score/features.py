@@ -1,0 +1,35 @@
+"""The score network's input contract: which LM features form the context vector, and how.
+
+The sampler and the training data build the context with the same :func:`context_features`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CONTEXT_FEATURES = ("none", "field", "hidden", "field+hidden")
+
+
+def context_dim(features: str, dim: int) -> int:
+    """Size c of the context vector for ``score_net.features`` (see :func:`context_features`)."""
+    if features not in CONTEXT_FEATURES:
+        raise ValueError(f"score_net.features={features!r}: use one of {', '.join(CONTEXT_FEATURES)}")
+    return {"none": 0, "field": dim, "hidden": dim, "field+hidden": 2 * dim}[features]
+
+
+def context_features(field: Tensor, hidden: Tensor, features: str) -> Tensor | None:
+    """The score network's context input from the provider's features.
+
+    field: (B, D) context field N (as stored: unit when ``field.normalize``);
+    hidden: (B, D) final hidden state h, used as its direction h/|h| (the final norm's output
+    has a model-specific scale; the direction keeps every input of the net O(1)).
+    Returns (B, c) with c = :func:`context_dim`, or ``None`` for ``none``. The sampler must build
+    its context with this same function.
+    """
+    context_dim(features, field.shape[-1])  # validates the name
+    parts: list[Tensor] = []
+    if "field" in features.split("+"):
+        parts.append(field)
+    if "hidden" in features.split("+"):
+        parts.append(hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return torch.cat(parts, dim=-1) if parts else None

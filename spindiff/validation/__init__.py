@@ -1,0 +1,1 @@
+"""Validation experiments of the sphere mathematics on known densities."""
