@@ -168,6 +168,39 @@ class EvalConfig:
     generation: bool = True  # continuations: perplexity, diversity, cost
 
 
+@dataclass
+class ActAddConfig:
+    """Activation addition: add a contrast direction to the residual stream after one decoder layer
+    (every position; spindiff.lm.interventions.ActivationAddition, docs/steering.md)."""
+
+    layer: int = -1  # decoder layer (negative counts from the end)
+    scale: float = 0.0  # c in units of the mean residual norm at that layer (0 = off)
+    positive: str = ""  # contrast prompts, | separates several (default with steer.words: "This is about <word>")
+    negative: str = ""
+    vector: str = ""  # .npy / .pt (D,) direction instead of prompts (multiplied by scale)
+
+
+@dataclass
+class SteerConfig:
+    """Steering (docs/steering.md): an external field g B on the sampler (spindiff.generation.steering)
+    and interventions in the LM forward (spindiff.lm.interventions). Everything is off by default."""
+
+    words: str = ""  # field from single-token words, comma-separated (mean unit embedding)
+    positive: str = ""  # or: field = N(positive) - N(negative), context fields of contrast prompts
+    negative: str = ""
+    vector: str = ""  # or: a (d,) vector file (.npy / .pt)
+    strength: float = 0.0  # g (finite; 0 = off; < 0 steers away)
+    mode: str = "prior"  # prior (logit bias g B.e_v) | dynamics (SDE drift) | both  (ar: prior only)
+    profile: str = "constant"  # dynamics time profile: constant | late (1 - t/T) | early (t/T)
+    lam: Optional[float] = None  # precession of the dynamics form (g/lam) Prec(S, B); null = sampler.lam
+    head_gains: str = ""  # per-head gains in the LM forward, e.g. L29H1:0.5,L23H4:2 (0 = ablate)
+    heads_report: str = ""  # heads.csv of `python -m analysis all`: take heads from it ...
+    heads_role: str = "cooperative"  # ... cooperative (r > 0) | antagonistic (r < 0)
+    heads_top: int = 5  # ... the top K of that role by |r|
+    heads_gain: float = 0.0  # ... with this gain
+    actadd: ActAddConfig = _field(default_factory=ActAddConfig)
+
+
 # --------------------------------------------------------------------------- entry points
 @dataclass
 class TrainConfig:
@@ -207,6 +240,7 @@ class SampleConfig:
     sde: SDEConfig = _field(default_factory=SDEConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
     eval: EvalConfig = _field(default_factory=EvalConfig)
+    steer: SteerConfig = _field(default_factory=SteerConfig)
     prompt: Optional[str] = "The capital of France is Paris. The capital of Germany is"
     prompts: str = ""  # FILE with one prompt a line (overrides prompt)
     max_new_tokens: int = 16

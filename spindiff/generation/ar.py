@@ -17,7 +17,12 @@ from spindiff.generation.session import DIAG_KEYS, GenerationBatch, SampleError
 
 @register_sampler("ar")
 class ARSampler(Sampler):
-    """The LM's own sampling through ``model.generate`` (temperature, top-p; temperature 0 = greedy)."""
+    """The LM's own sampling through ``model.generate`` (temperature, top-p; temperature 0 = greedy).
+
+    With a steering field (``steer.*``, prior form) the logits are tilted by g B . e_v before the
+    warpers (a LogitsProcessor; spindiff.generation.steering)."""
+
+    steering_modes = ("prior",)
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -37,7 +42,10 @@ class ARSampler(Sampler):
 
     @torch.no_grad()
     def draw_from(self, out: FieldOutput, n: int, generator: torch.Generator) -> Tensor:
-        logits = warp_logits(out.logits.float(), float(self.cfg.temperature), float(self.cfg.top_p))  # (B, V)
+        logits = out.logits.float()
+        if self.steering is not None:
+            logits = logits + self.steering.logit_bias(self.session.token_table).float()  # (V,) tilt
+        logits = warp_logits(logits, float(self.cfg.temperature), float(self.cfg.top_p))  # (B, V)
         return torch.multinomial(torch.softmax(logits, -1), n, replacement=True, generator=generator)  # (B, n)
 
     @torch.no_grad()
@@ -59,6 +67,10 @@ class ARSampler(Sampler):
             kw.update(eos_token_id=None, min_new_tokens=max_new_tokens)
         if on_token is not None and B == 1:
             kw["streamer"] = _CallbackStreamer(on_token)
+        if self.steering is not None:  # weighted decoding: logits + g B.e_v (output_logits stay the LM's own)
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList([self.steering.processor(sess.token_table)])
         t0 = time.perf_counter()
         res = sess.model.generate(input_ids=ids, attention_mask=mask, **kw)
         seconds = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from abc import ABC, abstractmethod
@@ -26,10 +27,13 @@ class Sampler(ABC):
     uses_steps: ClassVar[bool] = False
     needs_checkpoint: ClassVar[str] = "never"
     objective: ClassVar[Optional[str]] = None
+    # steering modes (spindiff.generation.steering.MODES) this sampler applies; () = none
+    steering_modes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, session: GenerationSession, cfg: Any, field_cfg: Any, module: Any = None,
-                 ckpt_path: Optional[str] = None) -> None:
+                 ckpt_path: Optional[str] = None, steering: Any = None) -> None:
         self.session = session
+        self.steering = steering  # spindiff.generation.steering.Steering or None
         self.cfg = cfg
         self.module = module
         self.ckpt_path = ckpt_path
@@ -61,8 +65,11 @@ class Sampler(ABC):
         return 0
 
     def describe(self) -> dict[str, Any]:
-        return {"sampler": self.name, "label": self.label, "field_only": self.field_only,
-                "ckpt": self.ckpt_path, "sde_steps_per_token": self.sde_steps}
+        out = {"sampler": self.name, "label": self.label, "field_only": self.field_only,
+               "ckpt": self.ckpt_path, "sde_steps_per_token": self.sde_steps}
+        if getattr(self, "steering", None) is not None:
+            out["steering"] = self.steering.describe()
+        return out
 
     # -- work
     def forward(self, ids: Tensor, mask: Tensor) -> FieldOutput:
@@ -242,4 +249,29 @@ def build_sampler(cfg: Any, session: GenerationSession, ckpt: Optional[str] = No
                                   f"{'euclid_ddpm' if obj == 'euclid_ddpm' else 'spin'} or a matching checkpoint")
     cls.check_module(scfg, module)
     kwargs = {"sde_cfg": cfg.sde} if cls.uses_steps else {}
-    return cls(session, scfg, cfg.field, module=module, ckpt_path=path, **kwargs)
+    steering = _build_steering(cfg, session, cls, module)
+    if steering is not None and "steering" in inspect.signature(cls.__init__).parameters:
+        kwargs["steering"] = steering
+    sampler = cls(session, scfg, cfg.field, module=module, ckpt_path=path, **kwargs)
+    sampler.steering = steering
+    return sampler
+
+
+def _build_steering(cfg: Any, session: GenerationSession, cls: type[Sampler], module: Any) -> Any:
+    """The steering field of ``cfg.steer`` (None when off), checked against what ``cls`` applies."""
+    steer = cfg.get("steer") if hasattr(cfg, "get") else getattr(cfg, "steer", None)
+    if steer is None:
+        return None
+    from spindiff.generation.steering import build_steering
+
+    lam = float(getattr(cfg.sampler, "lam", math.inf) or math.inf)
+    sde = module.sde if module is not None else None
+    T = float(getattr(sde, "T", None) or cfg.sde.T)
+    fheads = module.hparams.meta.get("field", cfg.field).get("heads", "all") if module is not None else cfg.field.heads
+    steering = build_steering(steer, session, lam=lam, T=T, field_heads=str(fheads))
+    if steering is not None and steering.mode not in cls.steering_modes:
+        can = ", ".join(cls.steering_modes) if cls.steering_modes else "none"
+        raise SampleError(f"sampler.name={cls.name} does not apply steer.mode={steering.mode} (it applies: {can}); "
+                          + ("use steer.mode=prior (the logit bias)" if cls.steering_modes else
+                             "use sampler.name=ar (logit bias), or LM interventions (steer.head_gains, steer.actadd.*)"))
+    return steering

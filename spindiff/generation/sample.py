@@ -81,6 +81,10 @@ def validate_config(cfg: DictConfig) -> None:
     if int(cfg.sampler.batch_size) < 1:
         raise SampleError(f"sampler.batch_size={cfg.sampler.batch_size}: must be >= 1")
     get_sampler_class(cfg.sampler.name).validate(cfg.sampler)
+    if cfg.get("steer") is not None:
+        from spindiff.generation.steering import check_steer_config
+
+        check_steer_config(cfg.steer)
 
 
 def _nan_to_none(x: float) -> Optional[float]:
@@ -161,6 +165,7 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
         session = GenerationSession.load(cfg.model)
     seqs = session.encode(prompts, reserve=int(cfg.max_new_tokens))
     sampler = build_sampler(cfg, session)
+    interventions = lm_interventions(cfg, session)  # head gains / activation addition in the LM forward
     out = prepare_run(cfg, "sample")
     record_model(out, session.lm.info)
     gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
@@ -177,8 +182,9 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
         if streamer is not None:
             sys.stdout.write(f"\n>>> {texts[0]}")
             sys.stdout.flush()
-        gb = sampler.generate(ids, mask, int(cfg.max_new_tokens), gen, stop_at_eos=bool(cfg.stop_at_eos),
-                              on_token=streamer)
+        with interventions:
+            gb = sampler.generate(ids, mask, int(cfg.max_new_tokens), gen, stop_at_eos=bool(cfg.stop_at_eos),
+                                  on_token=streamer)
         seconds += gb.seconds
         recs = batch_records(session, sampler, texts, gb, int(cfg.seed))
         records.extend(recs)
@@ -190,6 +196,8 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
                     print(f"\n>>> {r['prompt']}{r['text']}", flush=True)
     summary = summarize(records, seconds, sampler)
     summary["model"] = session.name
+    if interventions:
+        summary["interventions"] = interventions.describe()
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(out / "summary.json", summary)
     _log_wandb(cfg, out, summary)
@@ -197,6 +205,19 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
         print(f"\n# {summary['n_tokens']} tokens in {summary['seconds']:.2f} s ({summary['tokens_per_s']} tok/s); "
               f"wrote {out / 'samples.jsonl'}", flush=True)
     return SampleResult(records, summary, out, sampler.describe())
+
+
+def lm_interventions(cfg: DictConfig, session: GenerationSession) -> Any:
+    """The LM-forward interventions of ``cfg.steer`` (head gains, activation addition) as one
+    installable :class:`spindiff.lm.interventions.Interventions` (empty when none)."""
+    from spindiff.lm.interventions import Interventions, interventions_from_config
+    from spindiff.generation.steering import steering_words
+
+    steer = cfg.get("steer")
+    if steer is None:
+        return Interventions()
+    return interventions_from_config(steer, session.model, session.adapter, session.tokenizer,
+                                     words=steering_words(steer.get("words", "")), model_name=session.name)
 
 
 def _log_wandb(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
