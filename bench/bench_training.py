@@ -28,8 +28,10 @@ import torch
 from omegaconf import OmegaConf
 
 from spindiff.config import compose
-from spindiff.training.data import (PairDataModule, left_pad, load_or_build_features, prefix_features,
-                           sequence_features)
+from spindiff.lm.tokens import pad_left as left_pad
+from spindiff.training.cache import load_or_build_features
+from spindiff.training.data import PairDataModule
+from spindiff.training.features import prefix_features, sequence_features
 from spindiff.lm.field import ContextFieldProvider
 from spindiff.training.module import ScoreModule, build_parts, make_meta
 from spindiff.lm.models import load_model

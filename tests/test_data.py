@@ -10,11 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from spindiff.config import compose
-from spindiff.training.data import (
-    DEFAULT_PROMPTS, EpochSampler, FeatureStore, PairDataModule, PairDataset, ResumableDataLoader, collate_batch,
-    compute_features, context_dim, context_features, feature_cache_dir, file_sequences, left_pad, load_or_build_features,
-    prefix_features, sample_lm_sequences, sequence_features,
-)
+from spindiff.lm.tokens import pad_left as left_pad
+from spindiff.score.features import context_dim, context_features
+from spindiff.training.cache import FeatureStore, feature_cache_dir, load_or_build_features
+from spindiff.training.data import EpochSampler, PairDataModule, PairDataset, ResumableDataLoader, collate_batch
+from spindiff.training.features import compute_features, prefix_features, sequence_features
+from spindiff.training.sequences import DEFAULT_PROMPTS, file_sequences, sample_lm_sequences
 from spindiff.lm.field import ContextFieldProvider
 
 

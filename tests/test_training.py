@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from spindiff.config import CONFIG_DIR, ConfigError, TrainConfig, compose, to_object
-from spindiff.training.data import FeatureStore, PairDataset
+from spindiff.training.cache import FeatureStore
+from spindiff.training.data import PairDataset
 from spindiff.training.module import ScoreModule, SpinObjective, load_score_module
 from spindiff.training.train import train, trainer_kwargs
 

@@ -8,7 +8,7 @@
 
 Importing this package registers every sampler; :func:`build_sampler` picks one by name.
 """
-from spindiff.generation.session import DIAG_KEYS, GenerationBatch, GenerationSession, SampleError, left_pad
+from spindiff.generation.session import DIAG_KEYS, GenerationBatch, GenerationSession, SampleError
 from spindiff.generation.decoding import decode_spins
 from spindiff.generation.base import SAMPLERS, Sampler, StepSampler, build_sampler, find_checkpoint, get_sampler_class, register_sampler
 from spindiff.generation import ar, euclid_ddpm, spin  # noqa: F401  (register the samplers)
@@ -16,6 +16,6 @@ from spindiff.generation.ar import ARSampler
 from spindiff.generation.euclid_ddpm import EuclidDDPMSampler
 from spindiff.generation.spin import SpinSampler
 
-__all__ = ["DIAG_KEYS", "GenerationBatch", "GenerationSession", "SampleError", "left_pad", "decode_spins",
+__all__ = ["DIAG_KEYS", "GenerationBatch", "GenerationSession", "SampleError", "decode_spins",
            "SAMPLERS", "Sampler", "StepSampler", "build_sampler", "find_checkpoint", "get_sampler_class",
            "register_sampler", "ARSampler", "EuclidDDPMSampler", "SpinSampler"]

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from spindiff.lm.adapter import get_adapter
 from spindiff.lm.field import ContextFieldProvider
+from spindiff.lm.tokens import pad_left
 from spindiff.lm.models import LoadedModel, context_window, load_model
 from spindiff.generation.decoding import coarse_table
 
@@ -24,18 +25,6 @@ class SampleError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Left-padded (B, T) ids and attention mask for ragged token lists."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 SMALL_BATCH_ROWS = 64  # at most this many spins: run the SDE on one thread
 
 
@@ -172,4 +161,4 @@ class GenerationSession:
 
     def batch(self, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
         """Left-padded (B, T) ids and mask on the model's device."""
-        return left_pad(seqs, self.pad_id, self.device)
+        return pad_left(seqs, self.pad_id, self.device)

@@ -21,9 +21,6 @@ recovered mode weights and an MMD against held-out samples, next to an untrained
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch

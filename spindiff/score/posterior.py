@@ -1,0 +1,127 @@
+"""The per-token posterior over the vocabulary and the exact score it defines.
+
+For one token the data distribution on S^{d-1} is a mixture of point masses at the unit token
+rows e_v with weights p(v) = softmax(logits)_v. Under the von Mises-Fisher noising family
+q(S_t | v) = vMF(e_v, kappa_t) (:class:`spindiff.sphere.sde.BrownianSphereSDE`) every component has
+the same normaliser C_d(kappa_t), so
+
+    p_t(S)        = C_d(kappa_t) sum_v p(v) exp(kappa_t S . e_v)
+    pi_t(v | S)   = softmax_v(logits_v + kappa_t S . e_v)                       (the posterior)
+    grad log p_t  = kappa_t P_S sum_v pi_t(v | S) e_v                            (the exact score)
+
+so the only unknown is p(v | ctx): a model that outputs logits and forms the score from them is
+exact when its logits are, and drawing v from the final posterior is exact decoding.
+
+:class:`CandidatePosterior` holds logits over K candidate tokens per context (the top-K of the
+full logits, or all V) with their unit rows, and gives the posterior weights, the score, the
+log-density, a posterior draw and the marginal-preserving precession (see
+:meth:`CandidatePosterior.preserving_precession`). The mass outside the candidates is reported
+(``dropped_mass``), never silently renormalised away.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spindiff.sphere.geometry import SphereGeometry, apply_complex_structure
+
+__all__ = ["CandidatePosterior", "unit_rows"]
+
+
+def unit_rows(weight: Tensor) -> Tensor:
+    """Rows scaled to unit norm (the token points e_v of an unembedding matrix). (V, d)."""
+    return F.normalize(weight, dim=-1)
+
+
+def _column(kappa: Tensor | float, like: Tensor) -> Tensor:
+    """kappa () or (B,) as a (B, 1) or () tensor in like's dtype/device, for broadcasting over K or d."""
+    kappa = torch.as_tensor(kappa, dtype=like.dtype, device=like.device)
+    return kappa[:, None] if kappa.dim() == 1 else kappa
+
+
+@dataclass
+class CandidatePosterior:
+    """A discrete prior over candidate token points, per context.
+
+    logits: (B, K) log p(v) up to a constant (over the candidates).
+    points: (B, K, d) unit token rows e_v of the candidates.
+    ids:    (B, K) token ids of the candidates.
+    dropped_mass: (B,) prior mass outside the candidates (0 when K = V).
+    """
+
+    logits: Tensor
+    points: Tensor
+    ids: Tensor
+    dropped_mass: Tensor
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, table: Tensor, top_k: int | None = None) -> "CandidatePosterior":
+        """Candidates = the top-k tokens of ``logits`` (B, V) (all V when ``top_k`` is None or >= V).
+
+        table: (V, d) unit token rows. ``dropped_mass`` = 1 - sum of softmax(logits) over the kept tokens.
+        """
+        logits = logits.to(table.dtype)
+        B, V = logits.shape
+        if top_k is None or top_k >= V:
+            ids = torch.arange(V, device=logits.device).expand(B, V)
+            return cls(logits, table.expand(B, V, table.shape[-1]), ids, logits.new_zeros(B))
+        vals, ids = logits.topk(int(top_k), dim=-1)  # (B, K)
+        kept = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True)).sum(-1)  # (B,)
+        return cls(vals, table[ids], ids, (1.0 - kept).clamp_min(0.0))
+
+    def repeat_interleave(self, n: int) -> "CandidatePosterior":
+        """Each context repeated n times (n independent draws per context)."""
+        return CandidatePosterior(self.logits.repeat_interleave(n, 0), self.points.repeat_interleave(n, 0),
+                                  self.ids.repeat_interleave(n, 0), self.dropped_mass.repeat_interleave(n, 0))
+
+    def cosines(self, spin: Tensor) -> Tensor:
+        """S . e_v for every candidate. spin (B, d) -> (B, K)."""
+        return torch.einsum("bd,bkd->bk", spin, self.points)
+
+    def posterior_logits(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
+        """logits_v + kappa S . e_v. spin (B, d), kappa () or (B,) -> (B, K)."""
+        return self.logits + _column(kappa, spin) * self.cosines(spin)
+
+    def weights(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
+        """pi_t(v | S) over the candidates. (B, K)."""
+        return torch.softmax(self.posterior_logits(spin, kappa), dim=-1)
+
+    def mean_point(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
+        """sum_v pi_t(v | S) e_v. (B, d)."""
+        return torch.einsum("bk,bkd->bd", self.weights(spin, kappa), self.points)
+
+    def score(self, spin: Tensor, kappa: Tensor | float, geometry: SphereGeometry) -> Tensor:
+        """kappa P_S sum_v pi_t(v | S) e_v, the Riemannian score of p_t. (B, d), tangent at S."""
+        return _column(kappa, spin) * geometry.proju(spin, self.mean_point(spin, kappa))
+
+    def log_density(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
+        """log sum_v p(v) exp(kappa S . e_v) = log p_t(S) - log C_d(kappa) (normalised prior). (B,)."""
+        return torch.logsumexp(self.posterior_logits(spin, kappa), -1) - torch.logsumexp(self.logits, -1)
+
+    def draw(self, spin: Tensor, kappa: Tensor | float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """v ~ pi_t(. | S): token ids (B,) and the posterior probability of the drawn token (B,)."""
+        w = self.weights(spin, kappa)  # (B, K)
+        k = torch.multinomial(w, 1, generator=generator)  # (B, 1)
+        return self.ids.gather(1, k).squeeze(1), w.gather(1, k).squeeze(1)
+
+    def preserving_precession(self, spin: Tensor, kappa: Tensor | float, geometry: SphereGeometry) -> Tensor:
+        """A tangent drift w with div(p_t w) = 0 on the sphere: it leaves p_t invariant. (B, d).
+
+        Each component q_v = exp(kappa S . e_v) is invariant under rotations that fix e_v; their
+        generators A_v = P_v J P_v (P_v = I - e_v e_v^T, J the fixed complex structure of
+        :func:`spindiff.sphere.geometry.apply_complex_structure`) are antisymmetric with A_v e_v = 0,
+        so the Killing field K_v(S) = A_v S is divergence-free and K_v . grad q_v = 0, i.e.
+        div(q_v K_v) = 0. Summing, w = sum_v pi_t(v | S) A_v S has div(p_t w) = sum_v div(q_v K_v) = 0.
+        Expanded: A_v S = J S - (S . e_v) J e_v - (e_v . J S) e_v (using e_v . J e_v = 0).
+        The drift rotates about the posterior's effective field; its size scales like |S x e|.
+        """
+        w = self.weights(spin, kappa)  # (B, K)
+        c = self.cosines(spin)  # (B, K) S . e_v
+        js = apply_complex_structure(spin)  # (B, d)
+        je = apply_complex_structure(self.points)  # (B, K, d)
+        ejs = torch.einsum("bkd,bd->bk", self.points, js)  # (B, K) e_v . J S
+        out = js - torch.einsum("bk,bkd->bd", w * c, je) - torch.einsum("bk,bkd->bd", w * ejs, self.points)
+        return geometry.proju(spin, out)  # tangent by construction; projection removes rounding

@@ -1,0 +1,173 @@
+"""Per-pair LM features of training sequences: the in-situ context field N and the final hidden
+state h at every position from one teacher-forced forward, and the LM's own next-token
+distribution there (top-k log-probabilities + the rest mass: the soft targets of distillation).
+See :mod:`spindiff.training.cache` for the on-disk layout."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spindiff.lm.field import ContextFieldProvider, last_positions
+from spindiff.lm.tokens import pad_left
+from spindiff.score.posterior import unit_rows
+
+FEATURE_VERSION = 1
+ARRAYS = ("field", "hidden", "spin", "token", "seq", "pos")
+
+
+def _no_logits(model: Any) -> dict[str, Any]:
+    """``logits_to_keep=1`` where the model supports it: features need no vocabulary projection
+    at every position (~20% of SmolLM2's forward)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+@torch.no_grad()
+def sequence_features(provider: ContextFieldProvider, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """In-situ field and hidden state at EVERY position, from one forward pass.
+
+    input_ids, attention_mask: (B, T), left padding. Returns field (B, T, D) (unit when
+    ``provider.normalize``) and hidden (B, T, D); position j equals the provider's output for the
+    prefix ending at j. Padding positions hold garbage.
+    """
+    if provider.protocol != "in_situ":
+        raise ValueError("sequence_features computes the in_situ protocol; use prefix_features for paper")
+    ad, model = provider.adapter, provider.model
+    by_layer: dict[int, list[int]] = {}
+    for l, h in provider.heads:
+        by_layer.setdefault(l, []).append(h)
+    resid: dict[str, Tensor] = {}
+    hook = ad.final_norm().register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0].detach()))
+    try:
+        with ad.capture_z(sorted(by_layer)) as zs:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=last_positions(attention_mask),
+                  use_cache=False, **_no_logits(model))
+    finally:
+        hook.remove()
+    total = None
+    for l, heads in by_layer.items():
+        W_O = ad.layer_weights(l).W_O[heads].detach()  # (K_l, dh, D)
+        part = torch.einsum("btkc,kcd->btd", zs[l][:, :, heads].to(W_O.dtype), W_O)  # (B, T, D)
+        total = part if total is None else total + part
+    x = resid["x"]  # (B, T, D) residual stream entering the final norm
+    hidden = ad.final_norm()(x)  # (B, T, D)
+    if provider.final_norm:
+        scale, center = ad.final_norm_scale(x)  # (B, T, D)
+        if center:
+            total = total - total.mean(-1, keepdim=True)
+        total = total * scale
+    if provider.normalize:
+        total = total / total.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return total, hidden
+
+
+@torch.no_grad()
+def prefix_features(provider: ContextFieldProvider, sequences: Sequence[Sequence[int]], seq_idx: Sequence[int],
+                    pos: Sequence[int], pad_id: int, hidden_fallback: bool = True) -> tuple[Tensor, Tensor]:
+    """Field and hidden state for the pairs (seq_idx[i], pos[i]) by running the provider on each
+    prefix ``sequences[seq_idx[i]][:pos[i]]`` (one batched, left-padded forward).
+
+    This is the per-batch recompute path (benchmark baseline, paper protocols, reference in
+    tests). Returns field (n, D) and hidden (n, D) (for the paper protocol, which has no hidden
+    state, the model's final hidden state from a plain forward when ``hidden_fallback``).
+    """
+    prefixes = [list(sequences[s][:p]) for s, p in zip(seq_idx, pos)]
+    ids, mask = pad_left(prefixes, pad_id)
+    device = next(provider.model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    out = provider(ids, mask)
+    hidden = out.hidden
+    if hidden is None and hidden_fallback:
+        ad = provider.adapter
+        resid: dict[str, Tensor] = {}
+        hook = ad.final_norm().register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0][:, -1].detach()))
+        try:
+            provider.model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), use_cache=False,
+                           **_no_logits(provider.model))
+        finally:
+            hook.remove()
+        hidden = ad.final_norm()(resid["x"])
+    return out.field, hidden
+
+
+def pair_index(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(seq, pos) of every pair: positions 1..L-1 of every sequence. Two (N,) int32 arrays."""
+    seq = np.concatenate([np.full(max(L - 1, 0), i, dtype=np.int32) for i, L in enumerate(lengths)])
+    pos = np.concatenate([np.arange(1, L, dtype=np.int32) for L in lengths if L > 1])
+    return seq, pos
+
+
+def _allocate(directory: Path | None, shapes: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, np.ndarray]:
+    if directory is None:
+        return {k: np.zeros(shape, dtype=dt) for k, (shape, dt) in shapes.items()}
+    return {k: np.lib.format.open_memmap(directory / f"{k}.npy", mode="w+", dtype=dt, shape=shape)
+            for k, (shape, dt) in shapes.items()}
+
+
+@torch.no_grad()
+def compute_features(provider: ContextFieldProvider, sequences: Sequence[Sequence[int]], pad_id: int,
+                     directory: Path | None = None, batch_size: int = 16, progress: bool = True) -> dict[str, np.ndarray]:
+    """Features of every pair of ``sequences`` (see the module docstring), written into
+    memory-mapped .npy files in ``directory`` (or in-memory arrays when ``None``).
+
+    in_situ: one forward per batch of ``batch_size`` whole sequences. paper protocols: the
+    provider on every prefix. Returns the arrays (``ARRAYS`` + ``token_table``).
+    """
+    from tqdm.auto import tqdm
+
+    model = provider.model
+    lengths = [len(s) for s in sequences]
+    seq, pos = pair_index(lengths)
+    n = int(seq.shape[0])
+    if n == 0:
+        raise ValueError("no (context, next token) pair: every sequence has fewer than 2 tokens")
+    D = provider.dim
+    table = unit_rows(provider.adapter.unembedding().detach().float())  # (V, D)
+    V = table.shape[0]
+    arrays = _allocate(directory, {
+        "field": ((n, D), np.float32), "hidden": ((n, D), np.float32), "spin": ((n, D), np.float32),
+        "token": ((n,), np.int64), "seq": ((n,), np.int32), "pos": ((n,), np.int32),
+        "token_table": ((V, D), np.float32)})
+    arrays["seq"][:] = seq
+    arrays["pos"][:] = pos
+    tokens = np.array([sequences[s][p] for s, p in zip(seq, pos)], dtype=np.int64)
+    arrays["token"][:] = tokens
+    arrays["token_table"][:] = table.cpu().numpy()
+    arrays["spin"][:] = table[torch.from_numpy(tokens)].cpu().numpy()
+    device = next(model.parameters()).device
+    starts = np.concatenate([[0], np.cumsum([max(L - 1, 0) for L in lengths])])  # first pair row of each sequence
+    with tqdm(total=n, desc="context features", disable=not progress, unit="pair") as bar:
+        if provider.protocol == "in_situ":
+            for b in range(0, len(sequences), batch_size):
+                chunk = list(range(b, min(len(sequences), b + batch_size)))
+                ids, mask = pad_left([sequences[i] for i in chunk], pad_id)
+                field, hidden = sequence_features(provider, ids.to(device), mask.to(device))  # (B, T, D)
+                T = ids.shape[1]
+                for row, i in enumerate(chunk):
+                    L = lengths[i]
+                    if L < 2:
+                        continue
+                    cols = slice(T - L, T - 1)  # context ends at positions 0..L-2 of the sequence
+                    rows = slice(int(starts[i]), int(starts[i + 1]))
+                    arrays["field"][rows] = field[row, cols].float().cpu().numpy()
+                    arrays["hidden"][rows] = hidden[row, cols].float().cpu().numpy()
+                    bar.update(L - 1)
+        else:
+            step = max(1, batch_size * 8)
+            for b in range(0, n, step):
+                sl = slice(b, min(n, b + step))
+                field, hidden = prefix_features(provider, sequences, seq[sl], pos[sl], pad_id)
+                arrays["field"][sl] = field.float().cpu().numpy()
+                arrays["hidden"][sl] = hidden.float().cpu().numpy()
+                bar.update(sl.stop - sl.start)
+    for a in arrays.values():
+        if isinstance(a, np.memmap):
+            a.flush()
+    return arrays
+
+
