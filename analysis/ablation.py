@@ -32,11 +32,19 @@ from analysis.prompts import TokenizedSet, pad_left
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList
 from spindiff.lm.field import last_positions
 
-# second half of a decoder layer (post-attention norm + MLP + residual), per family
+# per family: the decoder layer's post-attention norm (the MLP branch's input), and from it the
+# second half of the layer (post-attention norm + MLP + residual)
+POST_ATTN_NORM: dict[str, str] = {"gpt2": "ln_2", "llama": "post_attention_layernorm"}
 MLP_BLOCKS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
-    "gpt2": lambda blk, x: x + blk.mlp(blk.ln_2(x)),
-    "llama": lambda blk, x: x + blk.mlp(blk.post_attention_layernorm(x)),
-}
+    fam: (lambda blk, x, name=name: x + blk.mlp(getattr(blk, name)(x))) for fam, name in POST_ATTN_NORM.items()}
+
+
+def ablation_check(mode: str, mean_z: dict[int, Tensor] | None) -> None:
+    """``mode`` is zero or mean, and mean-ablation comes with its mean z."""
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"ablation mode '{mode}': use zero or mean")
+    if mode == "mean" and mean_z is None:
+        raise ValueError("mean ablation needs mean_z (analysis.ablation.mean_z_over)")
 
 
 def _batches(n: int, size: int) -> list[list[int]]:
@@ -230,10 +238,7 @@ def ablation_scan(model: nn.Module, adapter: ArchitectureAdapter, tset: Tokenize
                   batch_size: int = 16, max_rows: int = 256, progress: bool = True,
                   prompt_ids: list[int] | None = None) -> ScanResult:
     """Ablate each head of ``heads`` alone on each prompt of ``tset`` (layer-suffix fast path)."""
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"ablation mode '{mode}': use zero or mean")
-    if mode == "mean" and mean_z is None:
-        raise ValueError("mean ablation needs mean_z (analysis.ablation.mean_z_over)")
+    ablation_check(mode, mean_z)
     if adapter.family not in MLP_BLOCKS:
         raise NotImplementedError(f"no MLP block for family '{adapter.family}'; add it to MLP_BLOCKS")
     P = len(tset)
