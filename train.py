@@ -7,42 +7,29 @@
 """
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any, Sequence
-
-from spindiff.config import parse_cli
 
 USAGE = """usage: python train.py [key=value ...] [experiment=NAME] [config=FILE]
 
-Trains the residual score network on (context, next token) pairs and writes
-out/checkpoints/{best,last}.ckpt (self-describing: sample.py needs only the file),
-out/csv/v0/metrics.csv, W&B logs (offline unless a key is configured) and out/results.json.
-An interrupted run continues from out/checkpoints/last.ckpt (resume=true)."""
+Trains the residual score network on (context, next token) pairs and writes to out=DIR
+(default runs/train/<timestamp>, where `python sample.py ckpt=auto` looks):
+  checkpoints/{best,last}.ckpt  self-describing: sample.py needs only the file
+  metrics.csv                   the run's whole metric history, one row per logged step; after a
+                                resume the rows the interruption lost are replaced and the
+                                `segment` column counts the starts
+  results.json, config.yaml, run.json, wandb/ (offline unless a W&B key is configured)
+An interrupted run continues from out/checkpoints/last.ckpt (resume=true). With
+trainer.enable_progress_bar=false it prints one progress line per print_every_n_steps steps.
+Bad input prints `error: ...` and exits with status 2 before anything is loaded or written."""
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cfg = parse_cli("train", argv, USAGE)
-    from spindiff.config import ConfigError
-    from spindiff.checkpoint import CheckpointError
-    from spindiff.training.train import train
+    from spindiff.config import parse_cli
 
-    try:
-        results = train(cfg)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    from spindiff.training.train import _rank
+    cfg = parse_cli("train", argv, USAGE)  # --help; unknown keys and bad values: exit 2
+    from spindiff.training.train import cli_run
 
-    if _rank() != 0:  # DDP child processes: rank 0 reports
-        return results
-    m = results["metrics"]
-    summary = {"out": results["paths"]["out"], "checkpoint": results["paths"]["best"] or results["paths"]["last"],
-               "steps": results["global_step"], "wall_s": results["wall_s"],
-               "train_loss": [m["train_loss_start"], m["train_loss_end"]],
-               "val_loss": [m["val_start"].get("val/loss"), m["val_end"].get("val/loss")]}
-    print(json.dumps(summary, indent=2))
-    return results
+    return cli_run(cfg)
 
 
 if __name__ == "__main__":

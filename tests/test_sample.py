@@ -199,7 +199,7 @@ def test_ckpt_auto_picks_newest_compatible(tmp_path, session, spin_ckpt, monkeyp
     # nothing usable: field-only with a notice
     monkeypatch.chdir(tmp_path / "runs")
     res = sample(_cfg(tmp_path / "x", "ckpt=auto", "max_new_tokens=2", "sampler.steps=2"), session=session)
-    assert res.sampler["field_only"] and "field-only" in capsys.readouterr().out
+    assert res.sampler["field_only"] and "field-only" in capsys.readouterr().err  # notices go to stderr
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -29,14 +29,14 @@ def test_shipped_sweep_file_is_a_wandb_grid_sweep():
     for p in pts:  # every point is a valid command line for spindiff.evaluation.evaluate (as the W&B agent passes it)
         args = [f"{k}={v}" for k, v in {**spec.fixed, **p}.items() if not isinstance(v, list)]
         args += [_override(k, v) for k, v in spec.fixed.items() if isinstance(v, list)]
-        cfg = compose("sample", args)
+        cfg = compose("evaluate", args)
         assert cfg.sampler.eta == p["sampler.eta"] and cfg.sampler.lam == p["sampler.lam"]
 
 
 def test_override_roundtrip():
     for key, val in [("sampler.lam", math.inf), ("eval.seeds", [0, 1]), ("sampler.kappa", None),
                      ("sampler.eta", 0.5), ("eval.generation", False)]:
-        cfg = compose("sample", [_override(key, val)])
+        cfg = compose("evaluate", [_override(key, val)])
         from omegaconf import OmegaConf
 
         got = OmegaConf.select(cfg, key)

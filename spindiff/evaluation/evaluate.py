@@ -20,9 +20,10 @@ Metrics (plain functions of tensors / token lists; no model inside):
 Every number is computed once per seed; the runner reports the mean and a 95% Student-t
 confidence interval over seeds (:func:`mean_ci`).
 
-Runner: ``python -m spindiff.evaluate [key=value ...]`` takes the keys of ``sample.py`` plus
-``eval.*`` (prompts, n_prompts, seeds, n_draws, fidelity, generation); it writes
-``metrics.json`` and logs to W&B (offline unless a key is configured). :func:`evaluate` is the
+Runner: ``python -m spindiff.evaluate [key=value ...]`` (config entry ``evaluate``:
+:class:`spindiff.config.EvaluateConfig`, configs/sample.yaml then configs/evaluate.yaml) takes
+the keys of ``sample.py`` plus ``eval.*`` (prompts, n_prompts, seeds, n_draws, fidelity,
+generation); it writes ``metrics.json`` and logs to W&B (offline unless a key is configured). :func:`evaluate` is the
 function behind it; sweeps and the benchmark call it with a shared :class:`GenerationSession`
 and :class:`EvalCache` (the LM forward of the prompt set is done once for every sampler).
 """
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,11 +39,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from spindiff.config import check, register_check
 from spindiff.lm.field import FieldOutput
-from spindiff.runtime import atomic_write_json, prepare_run, record_model, seed_everything
+from spindiff.runtime import atomic_write_json, prepare_run, quiet_third_party, record_model
 from spindiff.generation import GenerationSession, Sampler, SampleError, build_sampler
 
 __all__ = [
@@ -152,8 +153,8 @@ def self_bleu(seqs: Sequence[Sequence[int]], max_n: int = 4) -> float:
 
 # --------------------------------------------------------------------------- statistics
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the Student-t confidence interval); half-width NaN for one value.
-    NaN values are dropped."""
+    """(mean, half-width of the Student-t confidence interval, ``scipy.stats.t.interval``);
+    half-width NaN for one value, 0 when all values agree. NaN values are dropped."""
     from scipy import stats
 
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
@@ -161,8 +162,11 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
         return float("nan"), float("nan")
     if x.size == 1:
         return float(x[0]), float("nan")
-    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean()), float(half)
+    sem = float(stats.sem(x))
+    if sem == 0.0:
+        return float(x.mean()), 0.0
+    lo, hi = stats.t.interval(confidence, x.size - 1, loc=x.mean(), scale=sem)
+    return float(x.mean()), float(hi - lo) / 2
 
 
 # --------------------------------------------------------------------------- metric bundles
@@ -315,28 +319,28 @@ SHORT = ("fidelity/tv", "fidelity/top1_agreement", "gen/perplexity", "gen/distin
 
 def evaluate(cfg: Any, session: Optional[GenerationSession] = None, cache: Optional[EvalCache] = None,
              out: Optional[Path] = None, log: bool = True) -> EvalResult:
-    """Evaluate the sampler of a SampleConfig (keys as for ``sample.py`` plus ``eval.*``).
+    """Evaluate the sampler of an EvaluateConfig (``compose("evaluate", ...)``: the keys of
+    ``sample.py`` plus ``eval.*``; a sample config without ``eval`` gets configs/evaluate.yaml's).
 
     Writes ``metrics.json`` to ``out`` (or ``cfg.out`` / ``runs/eval/<timestamp>`` when ``log``)
-    and logs the mean metrics to W&B. Raises :class:`SampleError` for bad settings.
+    and logs the mean metrics to W&B. Every metric draws from generators seeded by ``eval.seeds``.
+    Raises :class:`SampleError` / :class:`~spindiff.config.ConfigError` for bad settings (before
+    any model is loaded).
     """
-    from spindiff.generation.sample import as_config, validate_config
+    from spindiff.generation.sample import resolve_model
 
-    cfg = as_config(cfg)
-    validate_config(cfg)
+    cfg = as_eval_config(cfg)
+    check("evaluate", cfg)  # a programmatic call is checked exactly like the CLI
+    resolve_model(cfg)
     e = cfg.eval
-    if not e.seeds:
-        raise SampleError("eval.seeds is empty; give at least one seed, e.g. eval.seeds=[0,1,2]")
-    if int(e.n_draws) < 0:
-        raise SampleError(f"eval.n_draws={e.n_draws}: must be >= 0")
     prompts = load_eval_prompts(e.prompts, int(e.n_prompts))
-    seed_everything(int(cfg.seed))
     if session is None:
         session = GenerationSession.load(cfg.model)
     sampler = build_sampler(cfg, session)
-    result = evaluate_sampler(sampler, prompts, [int(s) for s in e.seeds], int(e.n_draws), int(cfg.max_new_tokens),
-                              int(cfg.sampler.batch_size), bool(e.fidelity), bool(e.generation), cache,
-                              bool(cfg.stop_at_eos))
+    with quiet_third_party():
+        result = evaluate_sampler(sampler, prompts, [int(s) for s in e.seeds], int(e.n_draws),
+                                  int(cfg.max_new_tokens), int(cfg.sampler.batch_size), bool(e.fidelity),
+                                  bool(e.generation), cache, bool(cfg.stop_at_eos))
     result.sampler.update(model=session.name, n_prompts=len(prompts), max_new_tokens=int(cfg.max_new_tokens),
                           n_draws=int(e.n_draws))
     if log:
@@ -347,18 +351,35 @@ def evaluate(cfg: Any, session: Optional[GenerationSession] = None, cache: Optio
     return result
 
 
-def _log_wandb(cfg: DictConfig, out: Path, result: EvalResult) -> None:
-    from spindiff.tracking import init_run, resolve_mode
+def as_eval_config(cfg: Any) -> DictConfig:
+    """An EvaluateConfig as a DictConfig: a composed ``evaluate`` config as is; the dataclass;
+    a sample config (or plain dict) merged over the ``evaluate`` defaults (configs/evaluate.yaml)."""
+    from spindiff.config import EvaluateConfig, compose
+    from spindiff.generation.sample import as_config
 
-    if resolve_mode(cfg.wandb.mode) == "disabled":
-        return
-    run = init_run(cfg.wandb, out, cfg, name=result.sampler.get("label"), job_type="eval",
-                   group=cfg.wandb.group or "eval")
-    flat = {k: v for k, v in result.flat().items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and v is not None and math.isfinite(v)}
-    run.log(flat)
-    run.summary.update(flat)
-    run.finish()
+    if isinstance(cfg, DictConfig) and "eval" in cfg:
+        return cfg
+    if isinstance(cfg, EvaluateConfig):
+        return OmegaConf.structured(cfg)
+    base = compose("evaluate", check_values=False)
+    return OmegaConf.merge(base, as_config(cfg) if not isinstance(cfg, dict) else OmegaConf.create(cfg))
+
+
+def _check_eval_config(cfg: DictConfig) -> None:
+    """The evaluate entry's checks (after the sample entry's): the prompt file exists."""
+    if cfg.eval.prompts and not Path(cfg.eval.prompts).is_file():
+        raise SampleError(f"eval.prompts={cfg.eval.prompts}: no such file; give a text file with one prompt a line, "
+                          "or eval.prompts=\"\" for the packaged held-out set")
+
+
+register_check("evaluate", _check_eval_config)
+
+
+def _log_wandb(cfg: DictConfig, out: Path, result: EvalResult) -> None:
+    from spindiff.tracking import log_once
+
+    log_once(cfg.wandb, out, cfg, result.flat(), name=result.sampler.get("label"), job_type="eval",
+             group=cfg.wandb.group or "eval")
 
 
 def format_table(rows: Sequence[EvalResult], keys: Sequence[str] = SHORT) -> str:
@@ -379,28 +400,25 @@ USAGE = """usage: python -m spindiff.evaluate [key=value ...]
 Evaluate one sampler on the held-out prompt set (spindiff/data/eval_prompts.txt): next-token
 fidelity vs the LM softmax, perplexity, diversity, cost; mean and 95% CI over eval.seeds.
 Keys: those of sample.py plus eval.prompts, eval.n_prompts, eval.seeds, eval.n_draws,
-eval.fidelity, eval.generation. Example:
+eval.fidelity, eval.generation (defaults: configs/evaluate.yaml). Bad input prints
+`error: ...` and exits with status 2 before anything is loaded or written. Example:
   python -m spindiff.evaluate sampler.name=spin sampler.eta=1 sampler.lam=1 sampler.steps=20 \\
       ckpt=auto eval.n_prompts=10 eval.seeds=[0,1] max_new_tokens=16"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: prints the metric table and the path of metrics.json; ``error: ...`` and exit 2 on bad input."""
-    from spindiff.checkpoint import CheckpointError
-    from spindiff.config import ConfigError, parse_cli
-    from spindiff.lm.models import ModelLoadError
+    import spindiff.checkpoint  # noqa: F401 - registers CheckpointError as a user error
+    import spindiff.lm.models  # noqa: F401 - ModelLoadError
+    from spindiff.config import run_cli
 
-    cfg = parse_cli("sample", argv, USAGE)
-    try:
+    def run(cfg: DictConfig) -> None:
         res = evaluate(cfg)
-    except (SampleError, CheckpointError, ConfigError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table([res]))
-    print(json.dumps({k: v for k, v in res.mean.items()}, indent=1))
-    print(f"wrote {Path(cfg.out) / 'metrics.json'}")
-    return 0
+        print(format_table([res]))
+        print(json.dumps({k: v for k, v in res.mean.items()}, indent=1))
+        print(f"wrote {Path(cfg.out) / 'metrics.json'}")
 
+    return run_cli("evaluate", argv, USAGE, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,7 +37,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from spindiff.config import CONFIG_DIR, ConfigError, compose
-from spindiff.runtime import atomic_write_json, atomic_write_text, package_versions, git_commit
+from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_text, git_commit, package_versions
 
 __all__ = ["SweepSpec", "load_sweep", "grid_points", "run_sweep", "write_heatmaps", "main"]
 
@@ -99,7 +98,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
         else:
             fixed[key] = spec["value"]
     metric = raw.get("metric") or {}
-    compose("sample", [_override(k, v) for k, v in {**fixed, **{k: v[0] for k, v in grid.items()}}.items()])
+    compose("evaluate", [_override(k, v) for k, v in {**fixed, **{k: v[0] for k, v in grid.items()}}.items()])
     return SweepSpec(name=str(raw.get("name", path.stem)), method=method, metric=str(metric.get("name", "fidelity/tv")),
                      goal=str(metric.get("goal", "minimize")), grid=grid, fixed=fixed, raw=raw)
 
@@ -120,7 +119,11 @@ def run_sweep(spec: SweepSpec, extra: Sequence[str] = (), out: Optional[str | os
     {"rows": [...], "best": {...}, "out": Path, "group": str}."""
     from spindiff.evaluation.evaluate import EvalCache, evaluate
     from spindiff.generation import GenerationSession, SampleError
+    from spindiff.generation.sample import resolve_model
 
+    base = [_override(k, v) for k, v in spec.fixed.items()] + list(extra)
+    points = grid_points(spec)
+    cfgs = [compose("evaluate", base + [_override(k, v) for k, v in point.items()]) for point in points]  # all checked first
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out) if out else Path("runs") / "sweep" / f"{spec.name}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
@@ -128,18 +131,15 @@ def run_sweep(spec: SweepSpec, extra: Sequence[str] = (), out: Optional[str | os
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump({**spec.raw, "extra_overrides": list(extra)}, sort_keys=False))
     atomic_write_json(out / "run.json", {"kind": "sweep", "started": stamp, "argv": sys.argv, "group": group,
                                          "versions": package_versions(), "git_commit": git_commit()})
-    base = [_override(k, v) for k, v in spec.fixed.items()] + list(extra)
-    points = grid_points(spec)
     cache = EvalCache()
     rows: list[dict[str, Any]] = []
     done: dict[str, Any] = {}  # canonical settings -> result (eta = 0 makes lam irrelevant)
-    for i, point in enumerate(points):
-        overrides = base + [_override(k, v) for k, v in point.items()]
-        cfg = compose("sample", overrides)
+    for i, (point, cfg) in enumerate(zip(points, cfgs)):
         canon = cfg.copy()
         if float(canon.sampler.eta) == 0.0:
             canon.sampler.lam = float("inf")  # no field term: precession off too, same sampler
         canon_key = OmegaConf.to_yaml(canon)
+        resolve_model(cfg)  # model.name=auto + ckpt=PATH: the checkpoint's model
         if session is None:
             session = GenerationSession.load(cfg.model)
         tag = ",".join(f"{k.split('.')[-1]}={_fmt_val(v)}" for k, v in point.items())
@@ -198,26 +198,15 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _log_point(cfg: Any, out: Path, group: str, name: str, res: Any) -> None:
-    from spindiff.tracking import init_run, resolve_mode
+    from spindiff.tracking import log_once
 
-    if resolve_mode(cfg.wandb.mode) == "disabled":
-        return
-    run = init_run(cfg.wandb, out, cfg, name=name, job_type="sweep", group=group)
-    flat = {k: v for k, v in res.flat().items() if "/" in k and isinstance(v, (int, float)) and math.isfinite(v)}
-    run.log(flat)
-    run.summary.update(flat)
-    run.finish()
+    log_once(cfg.wandb, out, cfg, {k: v for k, v in res.flat().items() if "/" in k}, name=name,
+             job_type="sweep", group=group)
 
 
 def _savefig(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """The sweep's heatmaps (110 dpi) through :func:`spindiff.runtime.atomic_savefig`."""
+    atomic_savefig(fig, path, dpi=110)
 
 
 def write_heatmaps(rows: Sequence[dict[str, Any]], out: Path, spec: SweepSpec) -> list[Path]:
@@ -273,9 +262,10 @@ USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI (see the module docstring). Exit 2 with ``error: ...`` on bad input."""
-    from spindiff.checkpoint import CheckpointError
-    from spindiff.lm.models import ModelLoadError
-    from spindiff.generation import SampleError
+    import spindiff.checkpoint  # noqa: F401 - registers CheckpointError as a user error
+    import spindiff.evaluation.evaluate  # noqa: F401 - SampleError (via spindiff.generation.sample)
+    import spindiff.lm.models  # noqa: F401 - ModelLoadError
+    from spindiff.config import USER_ERRORS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -301,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_sweep(path)
         res = run_sweep(spec, (QUICK if quick else []) + extra, out)
-    except (ConfigError, SampleError, CheckpointError, ModelLoadError) as e:
+    except tuple(USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     best = res["best"].get("best")

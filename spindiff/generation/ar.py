@@ -1,4 +1,9 @@
 """The ``ar`` sampler: the LM's own sampling through ``model.generate``.
+
+Temperature and nucleus filtering are transformers' own logits warpers (the ones ``generate``
+applies), so ``draw_from`` and ``generate`` sample the same distribution; ``generate`` draws from
+a forked global RNG seeded from the caller's generator (the process's RNG is left as it was);
+streaming goes through a transformers ``BaseStreamer``.
 """
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.streamers import BaseStreamer
 
 from spindiff.lm.field import FieldOutput
 from spindiff.generation.base import Sampler, _fmt, register_sampler
-from spindiff.generation.decoding import warp_logits
 from spindiff.generation.session import DIAG_KEYS, GenerationBatch, SampleError
 
 
@@ -45,16 +51,26 @@ class ARSampler(Sampler):
         logits = out.logits.float()
         if self.steering is not None:
             logits = logits + self.steering.logit_bias(self.session.token_table).float()  # (V,) tilt
-        logits = warp_logits(logits, float(self.cfg.temperature), float(self.cfg.top_p))  # (B, V)
+        if float(self.cfg.temperature) <= 0:  # greedy: every draw is the argmax
+            return logits.argmax(-1, keepdim=True).expand(-1, n).contiguous()  # (B, n)
+        logits = self.warpers()(None, logits)  # (B, V): what generate samples from
         return torch.multinomial(torch.softmax(logits, -1), n, replacement=True, generator=generator)  # (B, n)
+
+    def warpers(self) -> LogitsProcessorList:
+        """transformers' temperature and top-p warpers for these settings (sampling; T > 0)."""
+        procs: list[Any] = []
+        if float(self.cfg.temperature) != 1.0:
+            procs.append(TemperatureLogitsWarper(float(self.cfg.temperature)))
+        if float(self.cfg.top_p) < 1.0:
+            procs.append(TopPLogitsWarper(float(self.cfg.top_p)))
+        return LogitsProcessorList(procs)
 
     @torch.no_grad()
     def generate(self, ids, mask, max_new_tokens, generator, stop_at_eos=True, on_token=None):
         sess = self.session
         B = ids.shape[0]
         greedy = float(self.cfg.temperature) <= 0
-        # generate draws from the global RNG: seed it from our generator for reproducibility
-        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
+        seed = int(torch.randint(0, 2**62, (), generator=generator))  # generate's draws follow our generator
         kw: dict[str, Any] = dict(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=sess.pad_id,
                                   return_dict_in_generate=True, output_logits=True, top_k=0)
         if not greedy:
@@ -66,13 +82,16 @@ class ARSampler(Sampler):
         else:
             kw.update(eos_token_id=None, min_new_tokens=max_new_tokens)
         if on_token is not None and B == 1:
-            kw["streamer"] = _CallbackStreamer(on_token)
+            kw["streamer"] = _TokenCallback(on_token)
         if self.steering is not None:  # weighted decoding: logits + g B.e_v (output_logits stay the LM's own)
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList([self.steering.processor(sess.token_table)])
         t0 = time.perf_counter()
-        res = sess.model.generate(input_ids=ids, attention_mask=mask, **kw)
+        # generate samples from the global RNG: fork it (restored afterwards) and seed the fork
+        with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            res = sess.model.generate(input_ids=ids, attention_mask=mask, **kw)
         seconds = time.perf_counter() - t0
         new = res.sequences[:, ids.shape[1]:].cpu()  # (B, T)
         T = new.shape[1]
@@ -92,8 +111,9 @@ class ARSampler(Sampler):
         return GenerationBatch(new, valid, diag, seconds, stop, 0)
 
 
-class _CallbackStreamer:
-    """A minimal ``generate`` streamer that forwards each new token to ``on_token(i, ids (1,))``."""
+class _TokenCallback(BaseStreamer):
+    """``generate``'s streamer interface forwarding each new token to ``on_token(i, ids (1,))``
+    (the samplers' common per-token callback)."""
 
     def __init__(self, on_token: Callable[[int, Tensor], None]) -> None:
         self.on_token, self.i, self.prompt_seen = on_token, 0, False

@@ -176,15 +176,25 @@ def _check_steps(cfg: Any) -> None:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def find_checkpoint(session: GenerationSession, objective: str, root: str | Path = "runs/train") -> tuple[Optional[str], list[str]]:
-    """Newest ``<root>/*/checkpoints/last.ckpt`` usable with ``session``'s model for ``objective``.
+# where ``ckpt=auto`` looks (relative to the working directory): train.py's default
+# runs/train/<time>/ and the quick start's layout runs/<name>/train/
+AUTO_CKPT_PATTERNS = ("runs/train/*/checkpoints/last.ckpt", "runs/*/train/checkpoints/last.ckpt")
+
+
+def find_checkpoint(session: GenerationSession, objective: str,
+                    root: str | Path | None = None) -> tuple[Optional[str], list[str]]:
+    """Newest usable ``last.ckpt`` for ``session``'s model and ``objective``: under ``root``
+    (``<root>/*/checkpoints/last.ckpt``), or by default everywhere :data:`AUTO_CKPT_PATTERNS`
+    point (``runs/train/*/`` and ``runs/*/train/``).
 
     Returns (path or None, notes on checkpoints skipped and why).
     """
     from spindiff.checkpoint import CheckpointError, load_checkpoint
 
     notes: list[str] = []
-    cands = sorted(Path(root).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = (Path(root).glob("*/checkpoints/last.ckpt") if root is not None
+             else (p for pat in AUTO_CKPT_PATTERNS for p in Path(".").glob(pat)))
+    cands = sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)
     for p in cands:
         try:
             ck = load_checkpoint(p, expect_model=session.name, expect_dim=session.dim)
@@ -200,13 +210,16 @@ def find_checkpoint(session: GenerationSession, objective: str, root: str | Path
 
 
 def build_sampler(cfg: Any, session: GenerationSession, ckpt: Optional[str] = None,
-                  ckpt_root: str | Path = "runs/train") -> Sampler:
+                  ckpt_root: str | Path | None = None) -> Sampler:
     """The sampler ``cfg.sampler.name`` for a SampleConfig ``cfg`` (validated; ``SampleError``).
 
-    ``ckpt`` overrides ``cfg.ckpt``: ``auto`` (newest compatible checkpoint under ``ckpt_root``,
-    else none with a notice), ``none`` or a path (validated against the session's model and d).
+    ``ckpt`` overrides ``cfg.ckpt``: ``auto`` (newest compatible checkpoint, see
+    :func:`find_checkpoint`; a ``note:`` on stderr says which one was picked, or that none was
+    and the field-only sampler runs), ``none`` or a path (validated against the session's model
+    and d). Notices go through :func:`spindiff.runtime.notice` (stderr, never into the text).
     """
     from spindiff.checkpoint import CheckpointError
+    from spindiff.runtime import notice
 
     scfg = cfg.sampler
     cls = get_sampler_class(scfg.name)
@@ -215,23 +228,26 @@ def build_sampler(cfg: Any, session: GenerationSession, ckpt: Optional[str] = No
     module, path = None, None
     if cls.needs_checkpoint != "never":
         if spec == "auto":
-            key = (cls.objective or "", str(Path(ckpt_root).resolve()))
+            where = (f"{ckpt_root}/*/checkpoints/last.ckpt" if ckpt_root is not None
+                     else " or ".join(AUTO_CKPT_PATTERNS))
+            key = (cls.objective or "", str(Path(ckpt_root or ".").resolve()))
             if key not in session.auto_ckpt:  # resolved once per session (sweeps build many samplers)
                 path, notes = find_checkpoint(session, cls.objective or "", ckpt_root)
-                for n in notes:
-                    print(f"note: {n}", flush=True)
                 session.auto_ckpt[key] = path
+                skipped = f" (skipped {len(notes)}: {'; '.join(n.removeprefix('skipped ') for n in notes[:3])}" \
+                          f"{' ...' if len(notes) > 3 else ''})" if notes else ""
+                if path is not None:
+                    notice(f"ckpt=auto picked {path}, the newest {cls.objective} checkpoint for {session.name}"
+                           f"{skipped}; pass ckpt=PATH to choose another", kind="note")
+                elif cls.needs_checkpoint != "required":
+                    notice(f"ckpt=auto found no {cls.objective} checkpoint for {session.name} in {where}{skipped}; "
+                           "running the field-only sampler (no learned residual)", kind="note")
             path = session.auto_ckpt[key]
-            if path is None:
-                if cls.needs_checkpoint == "required":
-                    raise SampleError(f"sampler.name={scfg.name} needs a checkpoint (objective={cls.objective}, model "
-                                      f"{session.name}) and none was found under {ckpt_root}/*/checkpoints/last.ckpt; "
-                                      f"train one with `python train.py objective={cls.objective} "
-                                      f"model.name={session.name}` or pass ckpt=PATH")
-                print(f"notice: no {cls.objective} checkpoint for {session.name} under {ckpt_root}/; "
-                      "running the field-only sampler (no learned residual)", flush=True)
-            else:
-                print(f"notice: ckpt=auto -> {path}", flush=True)
+            if path is None and cls.needs_checkpoint == "required":
+                raise SampleError(f"sampler.name={scfg.name} needs a checkpoint (objective={cls.objective}, model "
+                                  f"{session.name}) and none was found in {where}; "
+                                  f"train one with `python train.py objective={cls.objective} "
+                                  f"model.name={session.name}` or pass ckpt=PATH")
         elif spec not in ("none", "", "null"):
             path = spec
         elif cls.needs_checkpoint == "required":

@@ -8,7 +8,10 @@ appended and the field recomputed from the KV cache; repeat until EOS or ``max_n
 
 Writes to ``cfg.out`` (default ``runs/sample/<timestamp>``): ``config.yaml``, ``run.json``,
 ``samples.jsonl`` (one record per prompt: text, token ids and per-token diagnostics) and
-``summary.json``; logs the summary to W&B (offline unless a key is configured).
+``summary.json``; logs the summary to W&B (offline unless a key is configured). The run
+directory is created only after the config, the prompts, the model and the checkpoint passed
+their checks. ``model.name=auto`` (the default) takes the model a ``ckpt=PATH`` was trained on.
+Streamed text goes to stdout; notices (``note:`` / ``warning:``) to stderr.
 """
 from __future__ import annotations
 
@@ -22,9 +25,13 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from spindiff.runtime import atomic_write_json, atomic_write_text, prepare_run, record_model
+from spindiff.config import check, register_check, register_user_error
+from spindiff.runtime import (atomic_write_json, atomic_write_text, notice, prepare_run, quiet_third_party,
+                              record_model, resolve_device)
 from spindiff.generation import (DIAG_KEYS, GenerationBatch, GenerationSession, Sampler, SampleError,
                                build_sampler, get_sampler_class)
+
+register_user_error(SampleError)
 
 __all__ = ["SampleError", "SampleResult", "sample", "load_prompt_list", "validate_config", "as_config"]
 
@@ -50,7 +57,8 @@ class SampleResult:
 
 
 def as_config(cfg: Any) -> DictConfig:
-    """A SampleConfig as a DictConfig (accepts the dataclass, a DictConfig or a plain dict)."""
+    """A SampleConfig as a DictConfig (accepts the dataclass, a DictConfig or a plain dict; the
+    dataclass defaults are the shipped configs/sample.yaml, so this composes like the CLI)."""
     from spindiff.config import SampleConfig
 
     if isinstance(cfg, DictConfig):
@@ -58,6 +66,33 @@ def as_config(cfg: Any) -> DictConfig:
     if is_dataclass(cfg):
         return OmegaConf.structured(cfg)
     return OmegaConf.merge(OmegaConf.structured(SampleConfig), OmegaConf.create(cfg))
+
+
+def resolve_model(cfg: DictConfig) -> None:
+    """``model.name=auto`` with ``ckpt=PATH``: use the model the checkpoint was trained on (its
+    name, revision and tiny-model seed), with a note; otherwise ``auto`` means smollm2-135m. An
+    explicit ``model.name`` is kept (a mismatch with the checkpoint is then an error)."""
+    if str(cfg.model.name) not in ("auto", ""):
+        return
+    spec = str(cfg.ckpt)
+    if spec in ("auto", "none", "", "null"):
+        from spindiff.lm.models import DEFAULT_NAME
+
+        cfg.model.name = DEFAULT_NAME  # recorded in config.yaml as the model actually asked for
+        return
+    from spindiff.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ck = load_checkpoint(spec)
+    except CheckpointError as e:
+        raise SampleError(f"ckpt={spec}: {e}") from None
+    trained = ck["hyper_parameters"]["config"].get("model") or {}
+    cfg.model.name = str(ck["hyper_parameters"]["meta"]["model_name"])
+    for key in ("revision", "tiny_seed"):
+        if key in trained and trained[key] is not None:
+            cfg.model[key] = trained[key]
+    notice(f"model.name=auto: using {cfg.model.name}, the model {spec} was trained on "
+           "(give model.name=... to choose another)", kind="note")
 
 
 def load_prompt_list(spec: str) -> list[str]:
@@ -75,16 +110,35 @@ def load_prompt_list(spec: str) -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no model: raise :class:`SampleError` naming the problem and the fix."""
+    """Checks that need no model (run by ``compose("sample")`` / ``compose("evaluate")`` and at the
+    start of :func:`sample`): raise :class:`SampleError` naming the problem and the fix."""
+    from spindiff.sphere import integrators, schedules
+
     if int(cfg.max_new_tokens) < 1:
         raise SampleError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
     if int(cfg.sampler.batch_size) < 1:
         raise SampleError(f"sampler.batch_size={cfg.sampler.batch_size}: must be >= 1")
     get_sampler_class(cfg.sampler.name).validate(cfg.sampler)
+    steppers = getattr(integrators, "INTEGRATORS", None) or getattr(integrators, "SAMPLERS", {})
+    if "method" in cfg.sampler and steppers and cfg.sampler.method not in steppers:
+        raise SampleError(f"sampler.method={cfg.sampler.method!r}: choose one of {', '.join(sorted(steppers))}")
+    if cfg.sde.schedule not in schedules.SCHEDULES:
+        raise SampleError(f"sde.schedule={cfg.sde.schedule!r}: choose one of {', '.join(sorted(schedules.SCHEDULES))}")
+    if cfg.prompts and not Path(cfg.prompts).is_file():
+        raise SampleError(f"prompts={cfg.prompts}: no such file; give a text file with one prompt per line "
+                          "(or prompt=\"...\" for a single prompt)")
+    spec = str(cfg.ckpt)
+    if spec not in ("auto", "none", "", "null") and not Path(spec).exists():
+        raise SampleError(f"ckpt={spec}: no checkpoint at {spec}; train one with `python train.py out=DIR` "
+                          "(it writes DIR/checkpoints/last.ckpt), or use ckpt=auto / ckpt=none")
+    resolve_device(cfg.model.device)
     if cfg.get("steer") is not None:
         from spindiff.generation.steering import check_steer_config
 
         check_steer_config(cfg.steer)
+
+
+register_check("sample", validate_config)
 
 
 def _nan_to_none(x: float) -> Optional[float]:
@@ -155,7 +209,8 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
             eta < 0, steps < 1, an unknown sampler, a checkpoint for another model or d, ...
     """
     cfg = as_config(cfg)
-    validate_config(cfg)
+    check("sample", cfg)  # a programmatic call is checked exactly like the CLI
+    resolve_model(cfg)
     prompts = load_prompt_list(cfg.prompts) if cfg.prompts else [str(cfg.prompt or "")]
     for i, p in enumerate(prompts):
         if not p.strip():
@@ -182,7 +237,7 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
         if streamer is not None:
             sys.stdout.write(f"\n>>> {texts[0]}")
             sys.stdout.flush()
-        with interventions:
+        with interventions, quiet_third_party():
             gb = sampler.generate(ids, mask, int(cfg.max_new_tokens), gen, stop_at_eos=bool(cfg.stop_at_eos),
                                   on_token=streamer)
         seconds += gb.seconds
@@ -221,11 +276,7 @@ def lm_interventions(cfg: DictConfig, session: GenerationSession) -> Any:
 
 
 def _log_wandb(cfg: DictConfig, out: Path, summary: dict[str, Any]) -> None:
-    from spindiff.tracking import init_run, resolve_mode
+    from spindiff.tracking import log_once
 
-    if resolve_mode(cfg.wandb.mode) == "disabled":
-        return
-    run = init_run(cfg.wandb, out, cfg, name=summary["label"], job_type="sample",
-                   group=cfg.wandb.group or "sample")
-    run.log({f"sample/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
-    run.finish()
+    log_once(cfg.wandb, out, cfg, {f"sample/{k}": v for k, v in summary.items()}, name=summary["label"],
+             job_type="sample", group=cfg.wandb.group or "sample")

@@ -158,8 +158,10 @@ class ContextFieldProvider(nn.Module):
         hook = ad.final_norm().register_forward_hook(grab)
         try:
             with ad.capture_z(self.layers, last_only=True) as zs:
+                # transformers >= 5.24 names the KV cache `cache` (in and out); `past_key_values`
+                # is deprecated there and removed in 5.40 (pyproject.toml pins the tested range)
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=past, use_cache=use_cache, output_hidden_states=False)
+                                 cache=past, use_cache=use_cache, output_hidden_states=False)
         finally:
             hook.remove()
         z = torch.cat([zs[l] if self._sel[l] is None else zs[l].index_select(1, self._sel[l])
@@ -172,7 +174,7 @@ class ContextFieldProvider(nn.Module):
             if center:
                 per_head = per_head - per_head.mean(-1, keepdim=True)
             per_head = per_head * scale[:, None, :]
-        return self._combine(per_head, hidden, out.logits[:, -1], out.past_key_values if use_cache else None, mask)
+        return self._combine(per_head, hidden, out.logits[:, -1], out.cache if use_cache else None, mask)
 
     def _paper(self, ids: Tensor, mask: Tensor) -> FieldOutput:
         X = self.adapter.embedding()[ids]  # (B, T, D) raw token embeddings, no positions/norm

