@@ -23,7 +23,7 @@ import time
 import torch
 import torchsde
 
-from spindiff.sphere.integrators import get_sampler, integrate, make_brownian
+from spindiff.sphere.integrators import get_integrator, integrate, make_brownian
 from spindiff.sphere.schedules import make_schedule
 from spindiff.sphere.sde import BrownianSphereSDE
 
@@ -79,7 +79,7 @@ def step_cost(dims: list[int], batch: int, dtype: torch.dtype, repeat: int, inne
         dw = 0.1 * torch.randn(batch, d, dtype=dtype, generator=gen)
         t0, t1 = torch.tensor(0.3, dtype=dtype), torch.tensor(0.31, dtype=dtype)
         h = float(t1 - t0)
-        step = get_sampler("geodesic_em")
+        step = get_integrator("geodesic_em")
 
         def euler() -> torch.Tensor:  # torchsde's Euler.step body: y + f dt + g_prod
             f, gp = sde.f(t0, y), sde.g_prod(t0, y, dw)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     store, hit = load_or_build_features(cfg, lambda: lm, progress=True)
     build_s = time.perf_counter() - t0
     meta = make_meta(cfg, store.meta)
-    net, sde, objective = build_parts(cfg, meta)
+    net, sde, objective = build_parts(cfg, meta, token_norms=store.arrays.get("token_norms"))
     module = ScoreModule(net, sde, objective, config=OmegaConf.to_container(cfg, resolve=True), meta=meta)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     provider = ContextFieldProvider.from_config(cfg.field, lm.model)

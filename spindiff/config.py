@@ -104,13 +104,16 @@ class SDEConfig:
 
 @dataclass
 class ScoreNetConfig:
-    """Residual score network."""
+    """The score model: prior + learned logit correction over the vocabulary (``objective=posterior``,
+    :mod:`spindiff.score.model`); for ``objective=euclid_ddpm`` the noise-prediction MLP
+    (hidden, layers, time_dim)."""
 
-    hidden: int = 512
-    layers: int = 4
-    time_dim: int = 64
-    features: str = "field+hidden"  # field | hidden | field+hidden | none
-    eta_train: float = 1000.0  # analytic field term eta_train m(t) P_S N (0: pure learned score); docs/training.md
+    prior: str = "field"  # field (eta_train N . e_v) | none (network alone) | lm (the LM itself: nothing to train)
+    eta_train: float = 20.0  # strength of the field prior (docs/training.md)
+    features: str = "field+hidden"  # network input: field | hidden | field+hidden | none (the prior alone)
+    hidden: int = 512  # MLP width of the correction (posterior: 0 = linear read-out only)
+    layers: int = 1  # MLP hidden layers (euclid_ddpm: residual blocks)
+    time_dim: int = 64  # euclid_ddpm time embedding
 
 
 @dataclass
@@ -142,6 +145,7 @@ class DataConfig:
     temperature: float = 1.0  # lm sampling (0 = greedy)
     top_p: float = 1.0  # lm sampling
     gen_batch_size: int = 32  # sequences per model.generate call
+    targets_k: int = 64  # the LM's top-k next-token probabilities stored per pair (soft targets; + rest mass)
     feature_batch_size: int = 16  # sequences per feature forward pass
     val_fraction: float = 0.1  # fraction of SEQUENCES held out for validation
     batch_size: int = 256
@@ -167,17 +171,24 @@ class OptimConfig:
 class SamplerConfig:
     """How each next token is produced (``spindiff.generation.SAMPLERS``; docs/generation.md).
 
-    name: ``spin`` (reverse LLG SDE on S^{d-1}; field-only when ``ckpt=none``), ``ar`` (the LM's
-    own sampling via ``generate``), ``euclid_ddpm`` (Gaussian DDPM in embedding space, needs a
-    checkpoint from ``train.py objective=euclid_ddpm``).
+    name: ``spin`` (reverse SDE on S^{d-1} with the posterior score; a prior alone when
+    ``ckpt=none``), ``ar`` (the LM's own sampling via ``generate``), ``euclid_ddpm`` (Gaussian DDPM
+    in embedding space, needs a checkpoint from ``train.py objective=euclid_ddpm``).
     """
 
     name: str = "spin"  # spin | ar | euclid_ddpm
-    eta: float = 8.0  # spin: LLG damping strength of the field drift eta P_S N (>= 0; 0 = learned score only)
-    lam: float = 4.0  # spin: Gilbert damping lambda > 0; precession = (eta/lam) Prec(S, N); inf = none
-    steps: int = 20  # spin / euclid_ddpm: SDE steps per token (>= 1)
-    method: str = "geodesic_em"  # spin: integrator (spindiff.sphere.integrators.SAMPLERS)
-    kappa: Optional[float] = None  # spin/euclid: None = nearest token by cosine; else sample softmax(kappa*cos)
+    steps: int = 10  # spin / euclid_ddpm: SDE steps per token (>= 1)
+    method: str = "geodesic_midpoint"  # spin: integrator (spindiff.sphere.integrators.INTEGRATORS)
+    grid: str = "uniform"  # spin: reverse-time grid (spindiff.sphere.grids.GRIDS)
+    prior: str = "auto"  # spin: auto (the checkpoint's; field without one) | lm (oracle) | field | none
+    eta_train: float = 20.0  # spin without a checkpoint: strength of the field prior eta_train N . e_v
+    top_k: int = 512  # spin: candidate tokens per context (0 = the whole vocabulary)
+    decode: str = "posterior"  # spin: posterior (draw from pi(v | S) at the end) | nearest (cosine)
+    exit_kappa: Optional[float] = None  # spin: early exit at the first grid point with kappa >= this
+    precession: float = 0.0  # spin: marginal-preserving precession strength gamma (0 = off)
+    eta: float = 0.0  # spin: the paper's LLG field drift eta P_S N (changes the target; 0 = off)
+    lam: float = math.inf  # spin: Gilbert damping lambda > 0 of that drift; precession (eta/lam) Prec(S, N)
+    kappa: Optional[float] = None  # decode=nearest / euclid: None = nearest token; else sample softmax(kappa*cos)
     temperature: float = 1.0  # ar: softmax temperature (0 = greedy)
     top_p: float = 1.0  # ar: nucleus mass in (0, 1]
     batch_size: int = 8  # prompts per batch
@@ -248,7 +259,7 @@ class TrainConfig:
     data: DataConfig = _field(default_factory=DataConfig)
     optim: OptimConfig = _field(default_factory=OptimConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
-    objective: str = "spin"  # spin | euclid_ddpm
+    objective: str = "posterior"  # posterior (the spin sampler's score model) | euclid_ddpm (Euclidean baseline)
     weighting: str = "normalized"  # spin DSM loss weighting (spindiff.score.losses.WEIGHTINGS)
     eval_t: list = _field(default_factory=lambda: [0.4, 0.5, 0.7])  # val/acc@t times (default schedule: E[S_t.S_0] = 0.2, 0.08, 0.007)
     eval_sample_steps: int = 20  # val/acc_sample: reverse steps per sample (0 = off)
@@ -294,49 +305,6 @@ class EvaluateConfig(SampleConfig):
     eval: EvalConfig = _field(default_factory=EvalConfig)
 
 
-@dataclass
-class AnalysisConfig:
-    """``python -m analysis <command>``: per-head logit-gap analysis (docs/analysis.md).
-
-    protocol: ``paper`` (the reference code exactly, incl. its W_O slice), ``paper_fixed``
-    (correct W_O block), ``in_situ`` (each head's real output, direct logit attribution).
-    prompts / heldout: ``paper`` | ``extended`` | ``heldout`` (bundled) or a .jsonl/.json/.csv
-    file with prompt, good, bad. ``prompt_id`` in every output = 0-based row of the set.
-    """
-
-    model: ModelConfig = _field(default_factory=ModelConfig)
-    protocol: str = "in_situ"  # paper | paper_fixed | in_situ
-    prompts: str = "extended"  # paper | extended | heldout | FILE
-    variant: str = "paper"  # paper | reference ("twenty" for "twenty-four", as the reference code)
-    heldout: Optional[str] = "heldout"  # replication set (empty / none = skip)
-    also_paper: bool = True  # also rank heads on the paper's 20 prompts and test them on `prompts`
-    candidates: str = "first_token"  # first_token (paper) | full (whole-word log-probabilities)
-    add_bos: bool = False  # prepend the tokenizer's BOS (the reference protocol uses none)
-    final_norm: bool = True  # in_situ: through the frozen final-norm scale (logit units)
-    heads: str = "all"  # family of heads analysed (all | L3 | L3H5,L0H2)
-    head: Optional[str] = ""  # head for Fig. 1/2 (default: top head by |r|)
-    top_k: int = 10  # top heads reported / split-half / replication
-    alpha: float = 0.05  # level for BH, family-wise control and replication
-    n_permutations: int = 1000
-    n_bootstrap: int = 1000
-    n_splits: int = 200  # split-half resamples
-    ablate: str = "L3H5,L0H0"  # heads for the targeted ablation (Fig. 4)
-    ablation: str = "zero"  # zero | mean (scan mode; the targeted table shows both)
-    ablation_prompt: str = "Lions are carnivores. Cows are"
-    ablation_good: str = "herbivores"
-    ablation_bad: str = "omnivores"
-    scan_prompts: int = 16  # prompts in the all-heads scan (evenly spaced over the set; 0 = all)
-    scan_heads: Optional[str] = ""  # heads in the scan (default: `heads`)
-    landscape_prompt: int = 0  # prompt_id drawn in Fig. 2
-    t_min: float = 0.1
-    t_max: float = 2.5
-    t_steps: int = 30
-    batch_size: int = 16
-    progress: bool = True
-    seed: int = 0
-    out: str = ""
-
-
 # --------------------------------------------------------------------------- entry registry
 @dataclass(frozen=True)
 class Entry:
@@ -378,7 +346,7 @@ register_entry("train", TrainConfig, checks_module="spindiff.training.train")
 register_entry("sample", SampleConfig, checks_module="spindiff.generation.sample")
 register_entry("evaluate", EvaluateConfig, yamls=("sample.yaml", "evaluate.yaml"),
                checks_module="spindiff.evaluation.evaluate", base="sample")
-register_entry("analysis", AnalysisConfig)  # moves to analysis/config.py
+# "analysis" is registered by analysis/config.py when analysis is imported (spindiff never imports it)
 
 # keys that moved to another entry point: the error says where they went
 MOVED_KEYS = {

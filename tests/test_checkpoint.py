@@ -27,7 +27,7 @@ def ckpt_path(tmp_path_factory) -> Path:
 def test_good_checkpoint_loads_and_describes_itself(ckpt_path):
     ckpt = load_checkpoint(ckpt_path, expect_model="tiny-gpt2", expect_dim=64)
     s = checkpoint_summary(ckpt)
-    assert s["model"] == "tiny-gpt2" and s["dim"] == 64 and s["objective"] == "spin" and s["global_step"] == 2
+    assert s["model"] == "tiny-gpt2" and s["dim"] == 64 and s["objective"] == "posterior" and s["global_step"] == 2
     module = load_score_module(str(ckpt_path))
     assert not module.training and module.hparams.meta["context_dim"] == 128
 

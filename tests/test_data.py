@@ -135,7 +135,7 @@ def test_split_by_sequence_and_batches(tmp_path):
     assert set(seq[dm.train_idx]).isdisjoint(set(seq[dm.val_idx]))
     assert len(dm.train_idx) + len(dm.val_idx) == store.n and len(set(seq[dm.val_idx])) == 2
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"field", "hidden", "spin", "token"}
+    assert set(batch) == {"field", "hidden", "spin", "token", "target_ids", "target_logp"}
     assert batch["field"].shape == (min(64, len(dm.train_idx)), 64) and batch["token"].dtype == torch.long
     with pytest.raises(ValueError, match="val_fraction"):
         store.split(0.99)

@@ -112,7 +112,7 @@ def test_evaluate_sampler_ar_beats_field_only_on_fidelity(session):
         assert 0 <= r.mean["gen/distinct_1"] <= 1 and r.mean["gen/perplexity"] >= 1
     assert spin.mean["cost/sde_steps_per_token"] == 5 and ar.mean["cost/sde_steps_per_token"] == 0
     flat = spin.flat()
-    assert flat["label"].startswith("spin[field-only]") and "fidelity/tv_ci" in flat
+    assert flat["label"].startswith("spin[prior:field") and "fidelity/tv_ci" in flat
 
 
 def test_evaluate_writes_metrics_and_cli(tmp_path, session, capsys):

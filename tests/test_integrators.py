@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from spindiff.sphere.integrators import SAMPLERS, GaussianIncrements, get_sampler, integrate, make_brownian, sample
+from spindiff.sphere.integrators import INTEGRATORS, GaussianIncrements, get_integrator, integrate, make_brownian, sample
 from spindiff.sphere.schedules import make_schedule
 from spindiff.sphere.sde import BrownianSphereSDE
 
 F64 = torch.float64
-METHODS = sorted(SAMPLERS)
+METHODS = sorted(INTEGRATORS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
@@ -24,8 +24,8 @@ def _sde(d: int, name: str = "linear", **kw) -> BrownianSphereSDE:
 
 def test_registry():
     assert set(METHODS) >= {"geodesic_em", "geodesic_midpoint", "geodesic_heun"}
-    with pytest.raises(ValueError, match="unknown sampler"):
-        get_sampler("rk4")
+    with pytest.raises(ValueError, match="unknown integrator"):
+        get_integrator("rk4")
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])

@@ -26,7 +26,7 @@ def session() -> GenerationSession:
     return GenerationSession.load(ModelConfig(name="tiny-gpt2"))
 
 
-def _train_tiny(root: Path, objective: str = "spin") -> Path:
+def _train_tiny(root: Path, objective: str = "posterior") -> Path:
     from spindiff.training.train import train
 
     cfg = compose("train", ["experiment=quick", f"objective={objective}", f"out={root / objective}",
@@ -37,7 +37,7 @@ def _train_tiny(root: Path, objective: str = "spin") -> Path:
 
 @pytest.fixture(scope="module")
 def spin_ckpt(tmp_path_factory) -> Path:
-    return _train_tiny(tmp_path_factory.mktemp("ckpt"), "spin")
+    return _train_tiny(tmp_path_factory.mktemp("ckpt"), "posterior")
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +88,16 @@ def test_warp_logits_top_p_and_greedy():
 def test_field_only_sample_writes_jsonl(tmp_path):
     res = sample(_cfg(tmp_path, "ckpt=none", "max_new_tokens=5", "sampler.steps=4",
                       "prompt=The capital of France is"))
-    assert res.sampler["field_only"] and "field-only" in res.sampler["label"]
+    assert res.sampler["field_only"] and "prior:field" in res.sampler["label"]
     lines = (res.out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 1
     rec = json.loads(lines[0])
     assert rec["field_only"] is True and rec["sampler"] == "spin" and rec["ckpt"] is None
     assert 1 <= rec["n_tokens"] == len(rec["token_ids"]) == len(rec["diagnostics"]) <= 5
     d = rec["diagnostics"][0]
-    assert {"token_id", "piece", "cos", "margin", "field_norm", "lm_logprob", "steps"} <= set(d)
-    assert d["steps"] == 4 and -1 <= d["cos"] <= 1 and d["margin"] >= 0 and d["lm_logprob"] <= 0
+    assert {"token_id", "piece", "cos", "post_p", "dropped_mass", "field_norm", "lm_logprob", "steps"} <= set(d)
+    assert d["steps"] == 4 and -1 <= d["cos"] <= 1 and 0 < d["post_p"] <= 1 and d["lm_logprob"] <= 0
+    assert 0 <= d["dropped_mass"] < 1
     summary = json.loads((res.out / "summary.json").read_text())
     assert summary["n_tokens"] == rec["n_tokens"] and summary["field_only"] is True
     assert (res.out / "config.yaml").exists() and (res.out / "run.json").exists()
@@ -150,15 +151,15 @@ def test_stops_at_eos(session):
     cfg = compose("sample", TINY + ["ckpt=none", "sampler.steps=2"])
     s = build_sampler(cfg, session)
     eos = session.eos_id
-    orig = s.propose_from
+    orig = s.propose
 
-    def forced(field, hidden, gen):
-        ids, c, m = orig(field, hidden, gen)
-        ids = ids.clone()
-        ids[0] = eos
-        return ids, c, m
+    def forced(out, gen):
+        res = orig(out, gen)
+        res["token"] = res["token"].clone()
+        res["token"][0] = eos
+        return res
 
-    s.propose_from = forced
+    s.propose = forced
     ids, mask = session.batch(session.encode(["A dog says", "A cat says"]))
     gb = s.generate(ids, mask, 4, torch.Generator().manual_seed(0))
     assert gb.stop[0] == "eos" and gb.valid[0].tolist() == [True, False, False, False]
@@ -191,7 +192,7 @@ def test_ckpt_auto_picks_newest_compatible(tmp_path, session, spin_ckpt, monkeyp
     t = time.time()
     os.utime(good, (t - 100, t - 100))
     monkeypatch.chdir(tmp_path)
-    path, notes = find_checkpoint(session, "spin")
+    path, notes = find_checkpoint(session, "posterior")
     assert path == str(Path("runs/train/good/checkpoints/last.ckpt")) and any("other" in n for n in notes)
     assert find_checkpoint(session, "euclid_ddpm")[0] is None
     res = sample(_cfg(tmp_path, "ckpt=auto", "max_new_tokens=2", "sampler.steps=2"), session=session)
@@ -212,7 +213,9 @@ def test_ckpt_auto_picks_newest_compatible(tmp_path, session, spin_ckpt, monkeyp
     (["sampler.lam=0"], r"sampler.lam=0.*> 0"),
     (["sampler.kappa=0"], "kappa"),
     (["sampler.name=nope"], "unknown sampler.name='nope'.*ar, euclid_ddpm, spin"),
-    (["sampler.eta=0", "ckpt=none"], "no drift"),
+    (["sampler.grid=nope"], "sampler.grid='nope'.*uniform"),
+    (["sampler.decode=argmax"], "sampler.decode='argmax'.*posterior, nearest"),
+    (["sampler.top_k=-1"], "sampler.top_k=-1"),
     (["sampler.name=euclid_ddpm", "ckpt=none"], "objective=euclid_ddpm"),
     (["sampler.name=ar", "sampler.top_p=0"], "top_p"),
     (["max_new_tokens=0"], "max_new_tokens"),
@@ -253,35 +256,21 @@ def test_cli_prints_error_and_exits_2(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- fast paths
-def test_fast_network_path_equals_the_network(session, spin_ckpt, euclid_ckpt):
-    """The hoisted per-token / per-time computation is the network's own forward and total score."""
-    from spindiff.generation.fastnet import FastNet
-    from spindiff.score.net import make_score_fn
-
-    cfg = compose("sample", TINY + [f"ckpt={spin_ckpt}", "sampler.steps=4", "sampler.eta=1"])
-    s = build_sampler(cfg, session)
-    assert s.fast and FastNet.matches(s.net)
+def test_bound_network_equals_the_network(session, euclid_ckpt):
+    """The euclid sampler's per-token bound network (context share and time conditioning hoisted)
+    is the network's own forward."""
+    e = build_sampler(compose("sample", TINY + ["sampler.name=euclid_ddpm", f"ckpt={euclid_ckpt}"]), session)
     g = torch.Generator().manual_seed(0)
-    field = torch.nn.functional.normalize(torch.randn(5, session.dim, generator=g), dim=-1)
-    hidden = torch.randn(5, session.dim, generator=g)
-    from spindiff.score.features import context_features
-
-    ctx = context_features(field, hidden, s.features)
-    spin = torch.nn.functional.normalize(torch.randn(5, session.dim, generator=g), dim=-1)
+    ctx_dim = e.net.context_dim
+    ctx = torch.randn(5, ctx_dim, generator=g) if ctx_dim else None
+    x = torch.randn(5, session.dim, generator=g)
+    bound = e.net.bind(ctx)
     for tv in (0.9, 0.31, 0.001):
         t = torch.full((5,), tv)
         with torch.no_grad():
-            ref = make_score_fn(s.net, s.sde, field=field, context=ctx)(spin, t)
-            got = s._fast_score_fn(field, ctx)(spin, t)
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-    # whole tokens: fast and plain paths draw the same tokens from the same noise
-    out = s.forward(*session.batch(session.encode(["A dog says", "One two"])))
-    a = s.draw_from(out, 6, torch.Generator().manual_seed(3))
-    s.fast = False
-    b = s.draw_from(out, 6, torch.Generator().manual_seed(3))
-    assert (a == b).float().mean() >= 0.9
-    e = build_sampler(compose("sample", TINY + ["sampler.name=euclid_ddpm", f"ckpt={euclid_ckpt}"]), session)
-    assert e.fast
+            ref, got = e.net(x, t, ctx), bound(x, t)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert len(bound.time_cache) == 3  # one entry per time value
 
 
 def test_coarse_bfloat16_search_gives_the_exact_argmax():

@@ -38,7 +38,7 @@ class Sampler(ABC):
         self.module = module
         self.ckpt_path = ckpt_path
         if module is not None:
-            field_cfg = module.hparams.meta.get("field", field_cfg)
+            field_cfg = module.meta.get("field", field_cfg)
         self.field_cfg = field_cfg
         self.provider = session.provider(field_cfg)
 
@@ -112,15 +112,15 @@ class StepSampler(Sampler):
     the shared token-by-token loop (LM once per token via the KV cache)."""
 
     @abstractmethod
-    def propose_from(self, field: Tensor, hidden: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """Tokens for contexts with field N (B, d) and hidden state h (B, d):
-        ids (B,), cos (B,), margin (B,) (see :func:`decode_spins`)."""
+    def propose(self, out: FieldOutput, generator: torch.Generator) -> dict[str, Tensor]:
+        """One next token per context of ``out`` (field N, hidden h, logits of the last position):
+        ``{"token": (B,) int64, <diagnostic>: (B,) float ...}`` with diagnostics named in DIAG_KEYS."""
 
     def draw_from(self, out: FieldOutput, n: int, generator: torch.Generator, chunk: int = 2048) -> Tensor:
+        """n draws per context: ``propose`` on the contexts repeated n times, in chunks. (B, n)."""
         B = out.field.shape[0]
-        field = out.field.repeat_interleave(n, 0)  # (B n, d)
-        hidden = out.hidden.repeat_interleave(n, 0)
-        ids = [self.propose_from(f, h, generator)[0] for f, h in zip(field.split(chunk), hidden.split(chunk))]
+        rows = torch.arange(B, device=out.field.device).repeat_interleave(n)  # (B n,)
+        ids = [self.propose(_select(out, part), generator)["token"] for part in rows.split(chunk)]
         return torch.cat(ids).view(B, n)
 
     @torch.no_grad()
@@ -137,12 +137,13 @@ class StepSampler(Sampler):
         prev_field: Tensor | None = None
         n = 0
         for i in range(max_new_tokens):
-            tok, cos, margin = self.propose_from(out.field, out.hidden, generator)  # (B,) each
+            proposal = self.propose(out, generator)
+            tok = proposal.pop("token")  # (B,)
             tok = torch.where(done, torch.full_like(tok, sess.pad_id), tok)
             live = ~done
             tokens[:, i], valid[:, i] = tok, live
             logp = torch.log_softmax(out.logits.float(), -1).gather(1, tok[:, None]).squeeze(1)  # (B,)
-            vals = {"cos": cos, "margin": margin, "field_norm": out.field_norm, "lm_logprob": logp}
+            vals = {**proposal, "field_norm": out.field_norm, "lm_logprob": logp}
             if prev_field is not None:
                 vals["field_cos_prev"] = (out.field * prev_field).sum(-1) / (
                     out.field.norm(dim=-1) * prev_field.norm(dim=-1)).clamp_min(1e-12)
@@ -163,6 +164,14 @@ class StepSampler(Sampler):
         stop = ["eos" if (eos is not None and bool((tokens[b][valid[b]] == eos).any())) else "max_tokens"
                 for b in range(B)]
         return GenerationBatch(tokens.cpu(), valid.cpu(), diag, seconds, stop, self.sde_steps)
+
+
+def _select(out: FieldOutput, rows: Tensor) -> FieldOutput:
+    """The last-position features of ``out`` for the context rows ``rows`` (no KV cache)."""
+    pick = lambda x: None if x is None else x[rows]  # noqa: E731
+    return FieldOutput(per_head=out.per_head[rows] if out.per_head.numel() else out.per_head,
+                       field=out.field[rows], field_norm=out.field_norm[rows],
+                       hidden=pick(out.hidden), logits=pick(out.logits))
 
 
 def _fmt(x: float) -> str:
@@ -258,7 +267,7 @@ def build_sampler(cfg: Any, session: GenerationSession, ckpt: Optional[str] = No
                 module = session.score_module(path)
             except CheckpointError as e:
                 raise SampleError(f"ckpt={path}: {e}") from None
-            obj = module.hparams.meta["objective"]
+            obj = module.meta["objective"]
             if obj != cls.objective:
                 raise SampleError(f"ckpt={path} was trained with objective={obj} but sampler.name={scfg.name} needs "
                                   f"objective={cls.objective}; use sampler.name="
@@ -283,7 +292,7 @@ def _build_steering(cfg: Any, session: GenerationSession, cls: type[Sampler], mo
     lam = float(getattr(cfg.sampler, "lam", math.inf) or math.inf)
     sde = module.sde if module is not None else None
     T = float(getattr(sde, "T", None) or cfg.sde.T)
-    fheads = module.hparams.meta.get("field", cfg.field).get("heads", "all") if module is not None else cfg.field.heads
+    fheads = module.meta.get("field", cfg.field).get("heads", "all") if module is not None else cfg.field.heads
     steering = build_steering(steer, session, lam=lam, T=T, field_heads=str(fheads))
     if steering is not None and steering.mode not in cls.steering_modes:
         can = ", ".join(cls.steering_modes) if cls.steering_modes else "none"

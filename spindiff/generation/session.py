@@ -17,7 +17,7 @@ from spindiff.lm.models import LoadedModel, context_window, load_model
 from spindiff.generation.decoding import coarse_table
 
 
-DIAG_KEYS = ("cos", "margin", "field_norm", "lm_logprob", "field_cos_prev")
+DIAG_KEYS = ("cos", "margin", "field_norm", "lm_logprob", "field_cos_prev", "post_p", "dropped_mass")
 
 
 class SampleError(ValueError):
@@ -132,11 +132,11 @@ class GenerationSession:
 
     def score_module(self, path: str) -> Any:
         """A trained score module (cached), validated against this model and its d."""
-        from spindiff.training.module import load_score_module
+        from spindiff.score.build import load_score
 
         path = str(path)
         if path not in self._modules:
-            module = load_score_module(path, expect_model=self.lm.name, expect_dim=self.dim)
+            module = load_score(path, expect_model=self.lm.name, expect_dim=self.dim)
             self._modules[path] = module.to(device=self.device, dtype=self.dtype).eval()
         return self._modules[path]
 

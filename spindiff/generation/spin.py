@@ -1,131 +1,230 @@
-"""The ``spin`` sampler: reverse LLG SDE on S^{d-1} per token.
+"""The ``spin`` sampler: per token, a unit spin relaxes from uniform noise under the reverse SDE on
+S^{d-1} whose score is built on the posterior over the vocabulary.
+
+Per token (one LM forward through the KV cache gives the field N, the hidden state h and the LM's
+logits of the last position):
+
+1. logits over the vocabulary: the score model's prior + learned correction
+   (:class:`spindiff.score.model.PosteriorScoreModel`; ``prior=lm`` is the LM itself: the oracle),
+   plus the steering bias when ``steer`` is on; candidates = the top ``sampler.top_k`` tokens
+   (the prior mass left out is reported per token as ``dropped_mass``; ``top_k=0``: all V);
+2. the reverse SDE over tau = T - t on the grid ``sampler.grid`` (:mod:`spindiff.sphere.grids`),
+   integrated by ``sampler.method`` (:data:`spindiff.sphere.integrators.INTEGRATORS`; Heun takes
+   an Euler last step, as EDM does: its corrector would evaluate the drift at t_eps, where kappa
+   is ~1e6), with drift
+
+       beta(t) kappa(t) P_S sum_v pi_t(v | S) e_v                   exact score of the prior
+     + gamma * w_t(S)                                                marginal-preserving precession
+     + eta P_S N + (eta/lam) Prec(S, N)                              the paper's LLG field drift
+
+   where w_t = sum_v pi_t(v|S) A_v S has div(p_t w_t) = 0 (it rotates about the posterior's
+   effective field without changing p_t: ``sampler.precession`` = gamma), while the paper's LLG
+   drift (``sampler.eta``, ``sampler.lam``) changes the distribution sampled (kept as a knob);
+3. decoding (``sampler.decode``): ``posterior`` draws v ~ pi_{t_end}(v | S) at the end of the path
+   (exact decoding; at t_eps the posterior is one-hot for all practical purposes, its mean
+   probability of the drawn token is logged as ``post_p``); ``nearest`` takes the token of largest
+   cosine over the whole vocabulary (or a draw from softmax(kappa cos) with ``sampler.kappa``).
+   ``sampler.exit_kappa`` stops the path early, at the first grid point with kappa >= exit_kappa,
+   and draws from the posterior there (an early exit: exact by construction, reported separately).
+
+Without a checkpoint (``ckpt=none``) the logits are ``sampler.prior`` alone: ``lm`` (oracle),
+``field`` (eta_train N . e_v with ``sampler.eta_train``) or ``none`` (uniform over the vocabulary).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from spindiff.generation.base import StepSampler, _check_steps, _fmt, register_sampler
+from spindiff.generation.base import StepSampler, _check_steps, _fmt, _select, register_sampler
 from spindiff.generation.decoding import decode_spins
-from spindiff.generation.fastnet import FastNet
 from spindiff.generation.session import SampleError, small_op_threads
+from spindiff.lm.field import FieldOutput
+from spindiff.score.model import PRIORS, PosteriorScoreModel
+from spindiff.score.posterior import CandidatePosterior
+from spindiff.sphere.grids import GRIDS, reverse_grid
+from spindiff.sphere.integrators import INTEGRATORS, get_integrator
+from spindiff.sphere.sde import BrownianSphereSDE, llg_field_drift
+
+DECODERS = ("posterior", "nearest")
+FINAL_STEP = {"geodesic_heun": "geodesic_em"}  # integrators whose last step is taken by another
+
+
+class _PosteriorSDE:
+    """The reverse SDE of one token's batch in the integrators' form (tangent_drift, diffusion,
+    geometry), with n spins per context: spins are (B n, d) to the integrator, (B, n, d) inside."""
+
+    def __init__(self, sampler: "SpinSampler", post: CandidatePosterior, field: Tensor, n: int) -> None:
+        self.s, self.post, self.field, self.n = sampler, post, field, n
+        self.geometry = sampler.sde.geometry
+        self.dim = sampler.sde.dim
+
+    def tangent_drift(self, tau: float, spin: Tensor) -> Tensor:
+        s, sde = self.s, self.s.sde
+        t = sde.T - float(tau)
+        kappa, beta = s.coefficients(t)
+        S = spin.view(-1, self.n, spin.shape[-1])  # (B, n, d)
+        out = beta * self.post.score(S, kappa, self.geometry)
+        if s.precession:
+            out = out + s.precession * self.post.preserving_precession(S, kappa, self.geometry)
+        out = out.reshape(spin.shape)
+        if s.eta > 0:
+            out = out + llg_field_drift(spin, self.field.repeat_interleave(self.n, 0), s.eta, s.lam, self.geometry)
+        steer = s.steering
+        if steer is not None and getattr(steer, "mode", "prior") in ("dynamics", "both"):
+            out = out + steer.drift(spin, t)
+        return out
+
+    def diffusion(self, tau: float, spin: Tensor) -> Tensor:
+        _, beta = self.s.coefficients(self.s.sde.T - float(tau))
+        return torch.full((spin.shape[0],), math.sqrt(beta), dtype=spin.dtype, device=spin.device)
 
 
 @register_sampler("spin")
 class SpinSampler(StepSampler):
-    """Reverse LLG SDE on S^{d-1} per token (see the module docstring).
-
-    With a checkpoint the score is the learned total score of the network (field and context
-    features as in training); without one (``ckpt=none``) the only drift is the LLG field term
-    eta P_S N + (eta/lam) Prec(S, N): the *field-only* sampler.
-    """
+    """Posterior-score reverse SDE on S^{d-1} per token (see the module docstring)."""
 
     uses_steps = True
     needs_checkpoint = "optional"
-    objective = "spin"
+    objective = "posterior"
+    steering_modes = ("prior", "dynamics", "both")
 
-    def __init__(self, session, cfg, field_cfg, module=None, ckpt_path=None, sde_cfg: Any = None) -> None:
-        super().__init__(session, cfg, field_cfg, module, ckpt_path)
-        from spindiff.sphere.integrators import get_sampler as get_step
-        from spindiff.sphere.sde import BrownianSphereSDE
-
+    def __init__(self, session, cfg, field_cfg, module=None, ckpt_path=None, sde_cfg: Any = None, **kw: Any) -> None:
+        super().__init__(session, cfg, field_cfg, module, ckpt_path, **kw)
         if module is not None:
-            self.sde = module.sde
-            self.net = module.score_net
-            self.features = str(module.hparams.meta["context_features"])
+            self.sde, self.model = module.sde, module.score_net
+            if str(cfg.prior) not in ("auto", self.model.prior):
+                raise SampleError(f"sampler.prior={cfg.prior} but the checkpoint was trained with prior="
+                                  f"{self.model.prior}; use sampler.prior=auto (or ckpt=none for a prior alone)")
         else:
             self.sde = BrownianSphereSDE.from_config(sde_cfg, session.dim)
-            self.net, self.features = None, "none"
-        self.fast = self.net is not None and FastNet.matches(self.net, session.dtype)
-        self._time_cache: dict[float, list[Tensor]] = {}
-        self._scale_cache: dict[float, Tensor] = {}
-        try:
-            self.step_fn = get_step(cfg.method)
-        except ValueError as e:
-            raise SampleError(f"sampler.method: {e}") from None
+            prior = "field" if str(cfg.prior) == "auto" else str(cfg.prior)
+            self.model = PosteriorScoreModel(session.dim, session.token_table.shape[0], features="none", prior=prior,
+                                             eta_train=float(cfg.eta_train), learned=False)
+        self.model = self.model.to(device=session.device, dtype=session.dtype).eval()
         self.eta, self.lam, self.steps = float(cfg.eta), float(cfg.lam), int(cfg.steps)
-        self.kappa = None if cfg.kappa is None else float(cfg.kappa)
-        tau_end = float(self.sde.T - self.sde.t_eps)
-        self.grid = [tau_end * k / self.steps for k in range(self.steps + 1)]  # reverse time tau
-        self.sqrt_h = [math.sqrt(b - a) for a, b in zip(self.grid[:-1], self.grid[1:])]
+        self.precession = float(cfg.precession)
+        self.top_k = int(cfg.top_k) or None
+        self.decode, self.kappa = str(cfg.decode), None if cfg.kappa is None else float(cfg.kappa)
+        self.step_fn = get_integrator(str(cfg.method))
+        self.last_fn = get_integrator(FINAL_STEP.get(str(cfg.method), str(cfg.method)))
+        self.grid = reverse_grid(self.sde, self.steps, str(cfg.grid))  # tau_0 = 0 .. tau_n = T - t_eps
+        self._coef: dict[float, tuple[float, float]] = {}
+        self.exit = len(self.grid) - 1
+        if cfg.exit_kappa is not None:  # first grid point whose kappa reaches exit_kappa
+            ks = [self.coefficients(self.sde.T - tau)[0] for tau in self.grid]
+            self.exit = next((i for i, k in enumerate(ks) if i > 0 and k >= float(cfg.exit_kappa)), self.exit)
 
+    # ------------------------------------------------------------------ description
     @classmethod
     def validate(cls, cfg: Any) -> None:
         _check_steps(cfg)
         if cfg.eta < 0 or not math.isfinite(cfg.eta):
-            raise SampleError(f"sampler.eta={cfg.eta}: the field strength must be finite and >= 0 "
-                              "(0 = learned score only); e.g. sampler.eta=1")
+            raise SampleError(f"sampler.eta={cfg.eta}: the LLG field drift strength must be finite and >= 0 "
+                              "(0 = off, the default); e.g. sampler.eta=1")
         if not cfg.lam > 0:
             raise SampleError(f"sampler.lam={cfg.lam}: the Gilbert damping must be > 0 "
                               "(sampler.lam=inf switches precession off); e.g. sampler.lam=1")
+        if not math.isfinite(cfg.precession):
+            raise SampleError(f"sampler.precession={cfg.precession}: must be finite (0 = off)")
         if cfg.kappa is not None and not cfg.kappa > 0:
             raise SampleError(f"sampler.kappa={cfg.kappa}: must be > 0 (or null for nearest-token decoding)")
-
-    @classmethod
-    def check_module(cls, cfg: Any, module: Any) -> None:
-        if module is None and float(cfg.eta) == 0:
-            raise SampleError("sampler.eta=0 with no checkpoint leaves no drift at all (the spin stays uniform "
-                              "noise); use sampler.eta>0 for the field-only sampler or give a trained checkpoint "
-                              "(ckpt=PATH)")
+        if cfg.exit_kappa is not None and not cfg.exit_kappa > 0:
+            raise SampleError(f"sampler.exit_kappa={cfg.exit_kappa}: must be > 0 (or null: decode at t_eps)")
+        if int(cfg.top_k) < 0:
+            raise SampleError(f"sampler.top_k={cfg.top_k}: must be >= 0 (0 = the whole vocabulary)")
+        for key, choices in (("decode", DECODERS), ("grid", tuple(GRIDS)), ("method", tuple(INTEGRATORS)),
+                             ("prior", ("auto", *PRIORS))):
+            if str(cfg[key]) not in choices:
+                raise SampleError(f"sampler.{key}={cfg[key]!r}: choose one of {', '.join(choices)}")
 
     @property
     def field_only(self) -> bool:
-        return self.net is None
+        return not self.model.learned
 
     @property
     def label(self) -> str:
-        kind = "field-only" if self.field_only else "learned"
-        dec = "" if self.kappa is None else f",kappa={_fmt(self.kappa)}"
-        return f"spin[{kind}](eta={_fmt(self.eta)},lam={_fmt(self.lam)},steps={self.steps}{dec})"
+        kind = f"learned:{self.model.prior}" if self.model.learned else f"prior:{self.model.prior}"
+        if self.model.prior == "field":
+            kind += f"@{_fmt(self.model.eta_train)}"
+        extra = "" if self.eta == 0 else f",eta={_fmt(self.eta)},lam={_fmt(self.lam)}"
+        extra += "" if not self.precession else f",prec={_fmt(self.precession)}"
+        extra += "" if self.exit == len(self.grid) - 1 else f",exit@{self.exit}"
+        extra += "" if self.decode == "posterior" else ",nearest"
+        return f"spin[{kind}]({self.cfg.method.replace('geodesic_', '')},{self.cfg.grid},steps={self.steps}{extra})"
 
     @property
     def sde_steps(self) -> int:
-        return self.steps
+        return self.exit
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "eta": self.eta, "lam": self.lam, "steps": self.steps,
-                "method": self.cfg.method, "kappa": self.kappa, "context_features": self.features}
+        return {**super().describe(), **{k: self.cfg[k] for k in (
+            "eta", "lam", "steps", "method", "grid", "top_k", "decode", "exit_kappa", "precession")},
+            "prior": self.model.prior, "eta_train": self.model.eta_train, "learned": self.model.learned,
+            "context_features": self.model.features}
 
-    def integrate(self, field: Tensor, hidden: Tensor, generator: torch.Generator) -> Tensor:
-        """S_0 for contexts with field N (B, d), hidden h (B, d): uniform S_T, ``steps`` geodesic steps. (B, d)."""
-        score_fn = None
-        if self.net is not None:
-            from spindiff.score.features import context_features
-            from spindiff.score.net import make_score_fn
+    # ------------------------------------------------------------------ work
+    def coefficients(self, t: float) -> tuple[float, float]:
+        """(kappa(t), beta(t)) of the forward family, cached per grid time."""
+        hit = self._coef.get(t)
+        if hit is None:
+            tt = torch.tensor([t], dtype=torch.float64)
+            hit = self._coef[t] = (float(self.sde.kappa(tt)[0]), float(self.sde.beta(tt)[0]))
+        return hit
 
-            context = context_features(field, hidden, self.features)
-            score_fn = self._fast_score_fn(field, context) if self.fast else \
-                make_score_fn(self.net, self.sde, field=field, context=context)
-        rev = self.sde.reverse(score_fn, field=field, eta=self.eta, lam=self.lam)
+    def logits(self, out: FieldOutput) -> Tensor:
+        """Logits over the vocabulary for the contexts of ``out``: model + steering. (B, V)."""
+        table = self.session.token_table
+        logits = self.model(out.field, out.hidden, out.logits, table)
+        if self.steering is not None and getattr(self.steering, "mode", "prior") in ("prior", "both"):
+            logits = logits + self.steering.logit_bias(table)
+        return logits
+
+    def posterior(self, out: FieldOutput) -> CandidatePosterior:
+        return CandidatePosterior.from_logits(self.logits(out), self.session.token_table, self.top_k)
+
+    def integrate(self, post: CandidatePosterior, field: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        """n spins per context from uniform noise to the exit point of the grid. (B, n, d)."""
         B, d = field.shape
-        with small_op_threads(B):
-            spin = rev.prior_sampling(B, dtype=field.dtype, device=field.device, generator=generator)  # (B, d)
-            for k in range(self.steps):
-                dw = torch.randn(B, d, dtype=field.dtype, device=field.device, generator=generator) * self.sqrt_h[k]
-                spin = self.step_fn(rev, self.grid[k], self.grid[k + 1], spin, dw)  # (B, d) geodesic step
-        return spin
+        rev = _PosteriorSDE(self, post, field, n)
+        with small_op_threads(B * n):
+            spin = self.sde.prior_sampling(B * n, dtype=field.dtype, device=field.device, generator=generator)
+            for k in range(self.exit):
+                a, b = self.grid[k], self.grid[k + 1]
+                dw = torch.randn(B * n, d, dtype=field.dtype, device=field.device, generator=generator)
+                step = self.last_fn if k == len(self.grid) - 2 else self.step_fn
+                spin = step(rev, a, b, spin, dw * math.sqrt(b - a))  # (B n, d) geodesic step
+        return spin.view(B, n, d)
 
-    def _fast_score_fn(self, field: Tensor, context: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
-        """The network's total score eta_train m(t) P_S N + score_scale(t) net(S, t, context)
-        (:meth:`ResidualScoreNet.total_score`) through :class:`FastNet`, score_scale cached per t."""
-        fast, net, sde = FastNet(self.net, context, self._time_cache), self.net, self.sde
-
-        def score_fn(spin: Tensor, t: Tensor) -> Tensor:
-            key = float(t[0])
-            scale = self._scale_cache.get(key)
-            if scale is None:
-                scale = self._scale_cache[key] = sde.score_scale(t[:1]).to(spin.dtype)  # (1,)
-            out = scale[:, None] * fast(spin, t)  # (B, d)
-            if net.eta_train != 0.0:
-                out = out + net.analytic_term(spin, t, sde, field)
-            return out
-
-        return score_fn
+    def _decode(self, post: CandidatePosterior, spin: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Tokens (B, n) and diagnostics for final spins (B, n, d)."""
+        B, n, d = spin.shape
+        if self.decode == "posterior":
+            kappa, _ = self.coefficients(self.sde.T - self.grid[self.exit])
+            ids, p = post.draw(spin, kappa, generator)  # (B, n)
+            cos = torch.einsum("bnd,bnd->bn", spin, self.session.token_table[ids])
+            return {"token": ids, "post_p": p, "cos": cos}
+        ids, cos, margin = decode_spins(spin.reshape(B * n, d), self.session.token_table, self.kappa, generator,
+                                        coarse=self.session.coarse_table)
+        return {"token": ids.view(B, n), "cos": cos.view(B, n), "margin": margin.view(B, n)}
 
     @torch.no_grad()
-    def propose_from(self, field, hidden, generator):
-        spin = self.integrate(field, hidden, generator)
-        return decode_spins(spin, self.session.token_table, self.kappa, generator, coarse=self.session.coarse_table)
+    def propose(self, out: FieldOutput, generator: torch.Generator) -> dict[str, Tensor]:
+        post = self.posterior(out)
+        res = self._decode(post, self.integrate(post, out.field, 1, generator), generator)
+        res = {k: v[:, 0] for k, v in res.items()}
+        res["dropped_mass"] = post.dropped_mass
+        return res
+
+    @torch.no_grad()
+    def draw_from(self, out: FieldOutput, n: int, generator: torch.Generator, chunk: int = 2048) -> Tensor:
+        """n draws per context, n spins sharing each context's candidates. (B, n)."""
+        rows = max(1, chunk // max(n, 1))
+        parts = []
+        for start in range(0, out.field.shape[0], rows):
+            sub = _select(out, torch.arange(start, min(out.field.shape[0], start + rows), device=out.field.device))
+            post = self.posterior(sub)
+            parts.append(self._decode(post, self.integrate(post, sub.field, n, generator), generator)["token"])
+        return torch.cat(parts)

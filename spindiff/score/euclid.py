@@ -8,21 +8,22 @@ This is the "Brownian" model the paper contrasts with: x in R^d (token embedding
 with s(t) = int_0^t beta (linear beta 0.1 -> 20 by default, the VP-SDE of Song et al.). The network
 (:class:`spindiff.score.net.ResidualScoreNet` with ``tangent=False``, same size and context as the
 spherical model) predicts the noise eps; score = -eps / sigma. Time convention as in
-:mod:`spindiff.sphere.sde`: t is forward time; :class:`ReverseVPSDE` runs in tau = T - t so that
-torchsde's ``sdeint`` (increasing ts, Ito Euler) integrates it. Decoding rounds to the nearest
+:mod:`spindiff.sphere.sde`: t is forward time; :class:`ReverseVPSDE` runs in tau = T - t; it has torchsde's form (``f``, ``g``) and the
+integrators' (``tangent_drift``, ``diffusion``, flat ``geometry``): validation and the sampler both
+integrate it with :func:`spindiff.sphere.integrators.integrate` (Euler-Maruyama). Decoding rounds to the nearest
 embedding (Euclidean distance, one matmul).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import torch
-import torchsde
 from torch import Tensor
 
 from spindiff.sphere.schedules import LinearSchedule
 
-__all__ = ["VPSDE", "ReverseVPSDE", "ddpm_loss", "make_eps_fn", "sample_ddpm", "nearest_embedding"]
+__all__ = ["VPSDE", "ReverseVPSDE", "ddpm_loss", "make_eps_fn", "sample_ddpm", "token_points"]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # (x (B, d), t (B,)) -> eps prediction (B, d)
 
@@ -119,10 +120,36 @@ class ReverseVPSDE:
         return 0.5 * beta * y + c * beta * score
 
     def g(self, tau: Tensor, y: Tensor) -> Tensor:
+        return self.diffusion(tau, y)[:, None].expand_as(y)
+
+    # the interface of spindiff.sphere.integrators (one integration path for every sampler)
+    geometry = None  # set below: flat space
+
+    def tangent_drift(self, tau: float | Tensor, y: Tensor) -> Tensor:
+        return self.f(tau, y)
+
+    def diffusion(self, tau: float | Tensor, y: Tensor) -> Tensor:
+        """Scalar noise amplitude sqrt(beta(t)) per sample (0 for the probability flow). (B,)."""
         if self.probability_flow:
-            return torch.zeros_like(y)
+            return torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         t = self.forward.T - _batch_time(tau, y)
-        return torch.sqrt(self.forward.beta(t))[:, None].expand_as(y)
+        return torch.sqrt(self.forward.beta(t))
+
+
+class FlatGeometry:
+    """R^d for :mod:`spindiff.sphere.integrators`: no projection, exp_x(u) = x + u, so the
+    ``geodesic_em`` step is the plain Euler-Maruyama step x + f h + g dW."""
+
+    @staticmethod
+    def proju(x: Tensor, u: Tensor) -> Tensor:
+        return u
+
+    @staticmethod
+    def expmap(x: Tensor, u: Tensor) -> Tensor:
+        return x + u
+
+
+ReverseVPSDE.geometry = FlatGeometry()
 
 
 def make_eps_fn(net: torch.nn.Module, context: Tensor | None = None) -> EpsFn:
@@ -152,24 +179,27 @@ def ddpm_loss(sde: VPSDE, eps_fn: EpsFn, batch: Tensor | Mapping[str, Tensor],
 
 def sample_ddpm(sde: VPSDE, eps_fn: EpsFn, n: int, dim: int, steps: int = 100, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None, seed: int | None = None,
-                probability_flow: bool = False) -> Tensor:
-    """Reverse VP-SDE from N(0, I) with torchsde's Ito Euler over tau in [0, T - t_eps]. (n, d)."""
-    gen = torch.Generator(device=device or "cpu")
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
+                probability_flow: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """Reverse VP-SDE from N(0, I): ``steps`` Euler-Maruyama steps over tau in [0, T - t_eps]
+    (:func:`spindiff.sphere.integrators.integrate`, the same path the sampler uses). (n, d).
+
+    Noise from ``generator`` (or a new one seeded by ``seed``)."""
+    from spindiff.sphere.integrators import GaussianIncrements, integrate
+
+    gen = generator
+    if gen is None:
+        gen = torch.Generator(device=device or "cpu")
+        gen.manual_seed(seed) if seed is not None else gen.seed()
     x_T = sde.prior_sampling(n, dim, dtype=dtype, device=device, generator=gen)
     rev = sde.reverse(eps_fn, probability_flow)
-    ts = torch.linspace(0.0, rev.tau_end, steps + 1, dtype=dtype, device=device)
-    bm = torchsde.BrownianInterval(t0=0.0, t1=rev.tau_end, size=(n, dim), dtype=dtype, device=device,
-                                   entropy=int(torch.randint(0, 2**31 - 1, (), generator=gen)))
-    dt = float(ts[1] - ts[0])
-    ys = torchsde.sdeint(rev, x_T, ts[[0, -1]], bm=bm, method="euler", dt=dt)  # (2, n, d)
-    return ys[-1]
+    ts = torch.linspace(0.0, rev.tau_end, steps + 1, dtype=torch.float64)
+    bm = GaussianIncrements(n, dim, dtype, device)
+    bm.generator = gen
+    return integrate(rev, x_T, ts, method="geodesic_em", bm=bm)
 
 
-def nearest_embedding(x: Tensor, embed: Tensor) -> Tensor:
-    """argmin_v |x - e_v|^2 = argmax_v (x . e_v - |e_v|^2 / 2), one matmul. x: (B, d), embed: (V, d) -> (B,)."""
-    scores = x @ embed.T - 0.5 * embed.square().sum(-1)[None, :]  # (B, V)
-    return scores.argmax(-1)
+def token_points(spin: Tensor) -> Tensor:
+    """The clean points x_0 = sqrt(d) S_0 of unit token rows S_0 (unit variance per coordinate, the
+    scale the VP-SDE assumes). Every token has the same norm, so nearest-embedding rounding is the
+    same argmax as nearest cosine. (..., d) -> (..., d)."""
+    return spin * math.sqrt(spin.shape[-1])

@@ -5,6 +5,7 @@ The sampler and the training data build the context with the same :func:`context
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CONTEXT_FEATURES = ("none", "field", "hidden", "field+hidden")
@@ -17,12 +18,13 @@ def context_dim(features: str, dim: int) -> int:
     return {"none": 0, "field": dim, "hidden": dim, "field+hidden": 2 * dim}[features]
 
 
-def context_features(field: Tensor, hidden: Tensor, features: str) -> Tensor | None:
+def context_features(field: Tensor, hidden: Tensor | None, features: str, raw_hidden: bool = False) -> Tensor | None:
     """The score network's context input from the provider's features.
 
     field: (B, D) context field N (as stored: unit when ``field.normalize``);
-    hidden: (B, D) final hidden state h, used as its direction h/|h| (the final norm's output
-    has a model-specific scale; the direction keeps every input of the net O(1)).
+    hidden: (B, D) final hidden state h (the final norm's output, the LM head's input), used as
+    its direction h/|h| (keeps every input of the tangent network O(1)) or, with ``raw_hidden``,
+    as it is (the posterior model, whose linear read-out can then reproduce the LM's logits W_U h).
     Returns (B, c) with c = :func:`context_dim`, or ``None`` for ``none``. The sampler must build
     its context with this same function.
     """
@@ -31,5 +33,7 @@ def context_features(field: Tensor, hidden: Tensor, features: str) -> Tensor | N
     if "field" in features.split("+"):
         parts.append(field)
     if "hidden" in features.split("+"):
-        parts.append(hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if hidden is None:
+            raise ValueError(f"score_net.features={features} needs the LM's hidden state (field.protocol=in_situ)")
+        parts.append(hidden if raw_hidden else F.normalize(hidden, dim=-1))
     return torch.cat(parts, dim=-1) if parts else None

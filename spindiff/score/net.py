@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from spindiff.sphere.geometry import SphereGeometry
 
-__all__ = ["SinusoidalTimeEmbedding", "ResidualBlock", "ResidualScoreNet", "make_score_fn"]
+__all__ = ["SinusoidalTimeEmbedding", "ResidualBlock", "ResidualScoreNet", "BoundScoreNet", "make_score_fn"]
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -121,6 +121,10 @@ class ResidualScoreNet(nn.Module):
         out = self.out(self.out_norm(h))  # (B, d)
         return self.geometry.proju(spin, out) if self.tangent else out
 
+    def bind(self, context: Tensor | None, time_cache: dict[float, list[Tensor]] | None = None) -> BoundScoreNet:
+        """(x, t) -> self(x, t, context) for repeated calls with one context (see :class:`BoundScoreNet`)."""
+        return BoundScoreNet(self, context, {} if time_cache is None else time_cache)
+
     def total_score(self, spin: Tensor, t: Tensor, sde: Any, field: Tensor | None = None,
                     context: Tensor | None = None) -> Tensor:
         """eta_train m(t) P_S N + sde.score_scale(t) * net(S, t, context). (B, d), tangent at S.
@@ -138,6 +142,47 @@ class ResidualScoreNet(nn.Module):
         """eta_train m(t) P_S N with m(t) = sde.mean_cosine(t). spin (B, d), t (B,), field (B|1, d)."""
         m = sde.mean_cosine(t).to(spin.dtype)  # (B,)
         return (self.eta_train * m)[:, None] * self.geometry.proju(spin, field.expand_as(spin))
+
+
+class BoundScoreNet:
+    """``net(x, t, context)`` with one context bound and the parts that do not change within one
+    token's integration hoisted out of the step loop (:meth:`ResidualScoreNet.bind`).
+
+    The context's share of the input layer, ``context @ W_ctx^T + b`` (B, H), is computed once;
+    per time value the time embedding, the time MLP and every block's conditioning (1, H) are
+    computed once and cached in ``time_cache`` (shared across tokens: the grid is the same). A step
+    then costs the input projection of x, the blocks and the output layer. Same arithmetic as
+    ``net.forward`` with the input matmul split in two (tests/test_score_losses.py).
+    """
+
+    def __init__(self, net: "ResidualScoreNet", context: Tensor | None, time_cache: dict[float, list[Tensor]]) -> None:
+        self.net = net
+        W = net.inp.weight  # (H, d + c)
+        self.W_x = W[:, :net.dim]  # (H, d)
+        self.base = net.inp.bias if context is None or net.context_dim == 0 else \
+            torch.addmm(net.inp.bias, context.to(W.dtype), W[:, net.dim:].T)  # (B, H)
+        self.time_cache = time_cache
+
+    def conds(self, t: Tensor) -> list[Tensor]:
+        """[cond_l(time_mlp(time_embed(t)))] for the (shared) time of t (B,), each (1, H)."""
+        key = float(t[0])
+        hit = self.time_cache.get(key)
+        if hit is None:
+            net = self.net
+            temb = net.time_mlp(net.time_embed(t[:1]).to(self.W_x.dtype))  # (1, H)
+            hit = self.time_cache[key] = [c(temb) for c in net.cond]
+        return hit
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        """net(x, t, context). x: (B, d), t: (B,) with one shared value -> (B, d)."""
+        net = self.net
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        h = torch.addmm(self.base, x, self.W_x.T)  # (B, H) = inp([x, context])
+        for block, c in zip(net.blocks, self.conds(t)):
+            h = block(h, c)  # (B, H)
+        out = net.out(net.out_norm(h))  # (B, d)
+        return net.geometry.proju(x, out) if net.tangent else out
 
 
 def make_score_fn(net: ResidualScoreNet, sde: Any, field: Tensor | None = None,

@@ -47,9 +47,13 @@ class CandidatePosterior:
     """A discrete prior over candidate token points, per context.
 
     logits: (B, K) log p(v) up to a constant (over the candidates).
-    points: (B, K, d) unit token rows e_v of the candidates.
+    points: (B, K, d) unit token rows e_v of each context's candidates, or (K, d) shared by all
+        contexts (the whole vocabulary).
     ids:    (B, K) token ids of the candidates.
     dropped_mass: (B,) prior mass outside the candidates (0 when K = V).
+
+    Spins come as (B, d) (one per context) or (B, n, d) (n per context, sharing its candidates:
+    one batched matmul, no copies of the points).
     """
 
     logits: Tensor
@@ -67,61 +71,74 @@ class CandidatePosterior:
         B, V = logits.shape
         if top_k is None or top_k >= V:
             ids = torch.arange(V, device=logits.device).expand(B, V)
-            return cls(logits, table.expand(B, V, table.shape[-1]), ids, logits.new_zeros(B))
+            return cls(logits, table, ids, logits.new_zeros(B))
         vals, ids = logits.topk(int(top_k), dim=-1)  # (B, K)
         kept = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True)).sum(-1)  # (B,)
         return cls(vals, table[ids], ids, (1.0 - kept).clamp_min(0.0))
 
-    def repeat_interleave(self, n: int) -> "CandidatePosterior":
-        """Each context repeated n times (n independent draws per context)."""
-        return CandidatePosterior(self.logits.repeat_interleave(n, 0), self.points.repeat_interleave(n, 0),
-                                  self.ids.repeat_interleave(n, 0), self.dropped_mass.repeat_interleave(n, 0))
-
+    # ------------------------------------------------------------------ contractions with the points
     def cosines(self, spin: Tensor) -> Tensor:
-        """S . e_v for every candidate. spin (B, d) -> (B, K)."""
-        return torch.einsum("bd,bkd->bk", spin, self.points)
+        """S . e_v for every candidate. spin (B, [n,] d) -> (B, [n,] K)."""
+        if self.points.dim() == 2:
+            return spin @ self.points.T
+        if spin.dim() == 2:
+            return torch.bmm(self.points, spin.unsqueeze(-1)).squeeze(-1)  # (B, K)
+        return torch.bmm(spin, self.points.transpose(1, 2))  # (B, n, K)
 
+    def combine(self, w: Tensor) -> Tensor:
+        """sum_v w_v e_v for weights (B, [n,] K) -> (B, [n,] d)."""
+        if self.points.dim() == 2:
+            return w @ self.points
+        if w.dim() == 2:
+            return torch.bmm(w.unsqueeze(1), self.points).squeeze(1)
+        return torch.bmm(w, self.points)
+
+    # ------------------------------------------------------------------ the posterior and the score
     def posterior_logits(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
-        """logits_v + kappa S . e_v. spin (B, d), kappa () or (B,) -> (B, K)."""
-        return self.logits + _column(kappa, spin) * self.cosines(spin)
+        """logits_v + kappa S . e_v. spin (B, [n,] d), kappa () or (B, [n]) -> (B, [n,] K)."""
+        logits = self.logits if spin.dim() == 2 else self.logits.unsqueeze(1)
+        return logits + _column(kappa, spin) * self.cosines(spin)
 
     def weights(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
-        """pi_t(v | S) over the candidates. (B, K)."""
+        """pi_t(v | S) over the candidates. (B, [n,] K)."""
         return torch.softmax(self.posterior_logits(spin, kappa), dim=-1)
 
     def mean_point(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
-        """sum_v pi_t(v | S) e_v. (B, d)."""
-        return torch.einsum("bk,bkd->bd", self.weights(spin, kappa), self.points)
+        """sum_v pi_t(v | S) e_v. (B, [n,] d)."""
+        return self.combine(self.weights(spin, kappa))
 
     def score(self, spin: Tensor, kappa: Tensor | float, geometry: SphereGeometry) -> Tensor:
-        """kappa P_S sum_v pi_t(v | S) e_v, the Riemannian score of p_t. (B, d), tangent at S."""
+        """kappa P_S sum_v pi_t(v | S) e_v, the Riemannian score of p_t. (B, [n,] d), tangent at S."""
         return _column(kappa, spin) * geometry.proju(spin, self.mean_point(spin, kappa))
 
     def log_density(self, spin: Tensor, kappa: Tensor | float) -> Tensor:
-        """log sum_v p(v) exp(kappa S . e_v) = log p_t(S) - log C_d(kappa) (normalised prior). (B,)."""
-        return torch.logsumexp(self.posterior_logits(spin, kappa), -1) - torch.logsumexp(self.logits, -1)
+        """log sum_v p(v) exp(kappa S . e_v), p normalised over the candidates
+        (= log p_t(S) - log C_d(kappa)). (B, [n])."""
+        norm = torch.logsumexp(self.logits, -1)
+        return torch.logsumexp(self.posterior_logits(spin, kappa), -1) - (norm if spin.dim() == 2 else norm[:, None])
 
     def draw(self, spin: Tensor, kappa: Tensor | float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """v ~ pi_t(. | S): token ids (B,) and the posterior probability of the drawn token (B,)."""
-        w = self.weights(spin, kappa)  # (B, K)
-        k = torch.multinomial(w, 1, generator=generator)  # (B, 1)
-        return self.ids.gather(1, k).squeeze(1), w.gather(1, k).squeeze(1)
+        """v ~ pi_t(. | S): token ids (B, [n]) and the posterior probability of the drawn token (B, [n])."""
+        w = self.weights(spin, kappa)  # (B, [n,] K)
+        k = torch.multinomial(w.reshape(-1, w.shape[-1]), 1, generator=generator).view(w.shape[:-1])  # (B, [n])
+        ids = self.ids.gather(1, k.reshape(k.shape[0], -1)).view_as(k)
+        return ids, w.gather(-1, k.unsqueeze(-1)).squeeze(-1)
 
     def preserving_precession(self, spin: Tensor, kappa: Tensor | float, geometry: SphereGeometry) -> Tensor:
-        """A tangent drift w with div(p_t w) = 0 on the sphere: it leaves p_t invariant. (B, d).
+        """A tangent drift w with div(p_t w) = 0 on the sphere: it leaves p_t invariant. (B, [n,] d).
 
         Each component q_v = exp(kappa S . e_v) is invariant under rotations that fix e_v; their
         generators A_v = P_v J P_v (P_v = I - e_v e_v^T, J the fixed complex structure of
         :func:`spindiff.sphere.geometry.apply_complex_structure`) are antisymmetric with A_v e_v = 0,
         so the Killing field K_v(S) = A_v S is divergence-free and K_v . grad q_v = 0, i.e.
         div(q_v K_v) = 0. Summing, w = sum_v pi_t(v | S) A_v S has div(p_t w) = sum_v div(q_v K_v) = 0.
-        Expanded: A_v S = J S - (S . e_v) J e_v - (e_v . J S) e_v (using e_v . J e_v = 0).
-        The drift rotates about the posterior's effective field; its size scales like |S x e|.
+        Expanded: A_v S = J S - (S . e_v) J e_v - (e_v . J S) e_v (using e_v . J e_v = 0), and J is
+        linear, so sum_v w_v c_v J e_v = J sum_v w_v c_v e_v. The drift rotates about the
+        posterior's effective field; it vanishes as S reaches a token point.
         """
-        w = self.weights(spin, kappa)  # (B, K)
-        c = self.cosines(spin)  # (B, K) S . e_v
-        js = apply_complex_structure(spin)  # (B, d)
-        je = apply_complex_structure(self.points)  # (B, K, d)
-        ejs = torch.einsum("bkd,bd->bk", self.points, js)  # (B, K) e_v . J S
-        out = js - torch.einsum("bk,bkd->bd", w * c, je) - torch.einsum("bk,bkd->bd", w * ejs, self.points)
-        return geometry.proju(spin, out)  # tangent by construction; projection removes rounding
+        w = self.weights(spin, kappa)  # (B, [n,] K)
+        c = self.cosines(spin)  # S . e_v
+        js = apply_complex_structure(spin)  # J S
+        ejs = self.cosines(js)  # e_v . J S
+        out = js - apply_complex_structure(self.combine(w * c)) - self.combine(w * ejs)
+        return geometry.proju(spin, out)  # tangent by construction; the projection removes rounding

@@ -45,9 +45,6 @@ GRIDS: dict[str, Coordinate] = {
     "log_kappa": lambda sde, t: np.log(_kappa(sde, t)),
     "log_s": lambda sde, t: np.log(sde.schedule.integral(torch.as_tensor(t, dtype=torch.float64)).numpy()),
     "speciation": lambda sde, t: np.log(_kappa(sde, t) + math.sqrt(sde.dim)),
-    "uniform_logtail": lambda sde, t: t + 0.02 * sde.T * np.log(t / sde.T),
-    "uniform_logtail5": lambda sde, t: t + 0.05 * sde.T * np.log(t / sde.T),
-    "uniform_logtail1": lambda sde, t: t + 0.01 * sde.T * np.log(t / sde.T),
 }
 
 

@@ -21,7 +21,8 @@ have strong order 1/2 without Levy areas; tests/test_integrators.py measures the
 
 The Brownian increments come from a ``torchsde.BrownianInterval`` (or ``BrownianTree``) queried
 as ``bm(t0, t1)``, so the same path is replayed at any step size (strong convergence tests).
-Samplers are chosen by name from :data:`SAMPLERS` (``get_sampler``), never by if/elif chains.
+Step functions are chosen by name from :data:`INTEGRATORS` (``get_integrator``; config key
+``sampler.method``), never by if/elif chains.
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ from spindiff.sphere.geometry import SphereGeometry
 
 __all__ = [
     "StepFn",
-    "SAMPLERS",
-    "register_sampler",
-    "get_sampler",
+    "INTEGRATORS",
+    "register_integrator",
+    "get_integrator",
     "geodesic_em_step",
     "geodesic_midpoint_step",
     "geodesic_heun_step",
@@ -94,24 +95,24 @@ def geodesic_heun_step(sde: TangentSDE, t0: float, t1: float, spin: Tensor, dw: 
     return geo.expmap(spin, 0.5 * (v1 + geo.proju(spin, v2)))
 
 
-SAMPLERS: dict[str, StepFn] = {
+INTEGRATORS: dict[str, StepFn] = {
     "geodesic_em": geodesic_em_step,
     "geodesic_midpoint": geodesic_midpoint_step,
     "geodesic_heun": geodesic_heun_step,
 }
 
 
-def register_sampler(name: str, step: StepFn) -> None:
+def register_integrator(name: str, step: StepFn) -> None:
     """Add a step function to the registry."""
-    SAMPLERS[name] = step
+    INTEGRATORS[name] = step
 
 
-def get_sampler(name: str) -> StepFn:
+def get_integrator(name: str) -> StepFn:
     """The step function registered as ``name``."""
     try:
-        return SAMPLERS[name]
+        return INTEGRATORS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler '{name}'; choose one of {sorted(SAMPLERS)}") from None
+        raise ValueError(f"unknown integrator '{name}'; choose one of {sorted(INTEGRATORS)}") from None
 
 
 BrownianLike = Callable[[float, float], Tensor]  # (ta, tb) -> W(tb) - W(ta), (B, d)
@@ -175,13 +176,13 @@ def integrate(
         sde: a :class:`spindiff.sphere.sde.SphereSDE` (forward time t or reverse time tau).
         spin0: (B, d) initial unit spins.
         ts: (n + 1,) time grid.
-        method: sampler name (:data:`SAMPLERS`).
+        method: step function name (:data:`INTEGRATORS`).
         bm: Brownian path of size (B, d) covering [ts[0], ts[-1]] (a torchsde Brownian object or
             :class:`GaussianIncrements`); a ``BrownianInterval`` from ``seed`` if None.
         seed: entropy for a new Brownian path.
         return_path: return all grid values (n + 1, B, d) instead of the last (B, d).
     """
-    step = get_sampler(method)
+    step = get_integrator(method)
     grid = [float(t) for t in ts]
     if any(b <= a for a, b in zip(grid, grid[1:])):
         raise ValueError("ts must be strictly increasing")

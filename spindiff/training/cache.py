@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spindiff.lm.field import ContextFieldProvider
 from spindiff.runtime import atomic_directory, file_lock
-from spindiff.training.features import ARRAYS, FEATURE_VERSION, compute_features
+from spindiff.training.features import ARRAYS, FEATURE_VERSION, TARGET_ARRAYS, compute_features
 from spindiff.training.sequences import build_sequences
 
 def _plain(x: Any) -> Any:
@@ -76,7 +76,7 @@ def feature_key(cfg: Any) -> dict[str, Any]:
         "version": FEATURE_VERSION,
         "model": {k: m.get(k) for k in ("name", "dtype", "revision", "tiny_seed", "fallback")},
         "field": {k: f.get(k) for k in ("heads", "protocol", "normalize", "final_norm")},
-        "data": {k: d.get(k) for k in ("source", "seq_len", "n_sequences")},
+        "data": {k: d.get(k) for k in ("source", "seq_len", "n_sequences", "targets_k")},
     }
     if f.get("heads", "").startswith("topk:") and f.get("report"):
         key["field"]["report"] = _file_digest(f["report"]) if Path(f["report"]).is_file() else f["report"]
@@ -129,7 +129,8 @@ class FeatureStore:
         """Open a complete cache directory read-only (memory-mapped)."""
         directory = Path(directory)
         meta = json.loads((directory / "meta.json").read_text())
-        arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in (*ARRAYS, "token_table")}
+        names = [*ARRAYS, *(k for k in TARGET_ARRAYS if (directory / f"{k}.npy").exists())]
+        arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r") for k in names}
         return cls(arrays, meta, directory)
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +151,8 @@ def _build(cfg: Any, lm: Any, directory: Path | None, progress: bool) -> Feature
     t_seq = time.perf_counter() - t0
     provider = ContextFieldProvider.from_config(cfg.field, lm.model)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    arrays = compute_features(provider, sequences, pad, directory, cfg.data.feature_batch_size, progress)
+    arrays = compute_features(provider, sequences, pad, directory, cfg.data.feature_batch_size, progress,
+                              int(cfg.data.targets_k))
     meta = {
         "version": FEATURE_VERSION, "key": feature_key(cfg), "n_pairs": int(arrays["token"].shape[0]),
         "n_sequences": len(sequences), "dim": provider.dim, "vocab_size": int(arrays["token_table"].shape[0]),

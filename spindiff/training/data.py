@@ -12,6 +12,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spindiff.training.cache import FeatureStore
+from spindiff.training.features import TARGET_ARRAYS
+
+BATCH_KEYS = ("field", "hidden", "spin", "token")
 
 class PairDataset(Dataset):
     """Map-style dataset over the pairs ``indices`` of a :class:`FeatureStore`.
@@ -25,12 +28,12 @@ class PairDataset(Dataset):
         self.directory = store.directory
         self._arrays: dict[str, np.ndarray] | None = None if store.directory is not None else store.arrays
         self.indices = np.asarray(indices, dtype=np.int64)
+        self.keys = BATCH_KEYS + tuple(k for k in TARGET_ARRAYS if k in store.arrays)
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = {k: np.load(self.directory / f"{k}.npy", mmap_mode="r")
-                            for k in ("field", "hidden", "spin", "token")}
+            self._arrays = {k: np.load(self.directory / f"{k}.npy", mmap_mode="r") for k in self.keys}
         return self._arrays
 
     def __getstate__(self) -> dict[str, Any]:
@@ -45,7 +48,7 @@ class PairDataset(Dataset):
     def __getitems__(self, items: Sequence[int]) -> dict[str, Tensor]:
         rows = self.indices[np.asarray(items, dtype=np.int64)]
         a = self.arrays
-        return {k: torch.from_numpy(np.ascontiguousarray(a[k][rows])) for k in ("field", "hidden", "spin", "token")}
+        return {k: torch.from_numpy(np.ascontiguousarray(a[k][rows])) for k in self.keys}
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}

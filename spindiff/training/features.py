@@ -9,14 +9,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from spindiff.lm.field import ContextFieldProvider, last_positions
 from spindiff.lm.tokens import pad_left
 from spindiff.score.posterior import unit_rows
 
-FEATURE_VERSION = 1
-ARRAYS = ("field", "hidden", "spin", "token", "seq", "pos")
+FEATURE_VERSION = 2  # 2: + token_norms and the LM's top-k next-token targets
+ARRAYS = ("field", "hidden", "spin", "token", "seq", "pos", "token_table", "token_norms")
+TARGET_ARRAYS = ("target_ids", "target_logp")  # (N, k) top-k of the LM at each pair (in_situ only)
 
 
 def _no_logits(model: Any) -> dict[str, Any]:
@@ -28,12 +30,15 @@ def _no_logits(model: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def sequence_features(provider: ContextFieldProvider, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+def sequence_features(provider: ContextFieldProvider, input_ids: Tensor, attention_mask: Tensor,
+                      targets_k: int = 0) -> tuple[Tensor, ...]:
     """In-situ field and hidden state at EVERY position, from one forward pass.
 
     input_ids, attention_mask: (B, T), left padding. Returns field (B, T, D) (unit when
     ``provider.normalize``) and hidden (B, T, D); position j equals the provider's output for the
-    prefix ending at j. Padding positions hold garbage.
+    prefix ending at j. Padding positions hold garbage. With ``targets_k`` > 0 also the LM's
+    next-token distribution at every position as its top-k: ids (B, T, k) int64 and
+    log-probabilities (B, T, k) float32 (the rest mass is 1 - sum exp).
     """
     if provider.protocol != "in_situ":
         raise ValueError("sequence_features computes the in_situ protocol; use prefix_features for paper")
@@ -45,8 +50,9 @@ def sequence_features(provider: ContextFieldProvider, input_ids: Tensor, attenti
     hook = ad.final_norm().register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0].detach()))
     try:
         with ad.capture_z(sorted(by_layer)) as zs:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=last_positions(attention_mask),
-                  use_cache=False, **_no_logits(model))
+            res = model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=last_positions(attention_mask), use_cache=False,
+                        **({} if targets_k else _no_logits(model)))
     finally:
         hook.remove()
     total = None
@@ -62,8 +68,12 @@ def sequence_features(provider: ContextFieldProvider, input_ids: Tensor, attenti
             total = total - total.mean(-1, keepdim=True)
         total = total * scale
     if provider.normalize:
-        total = total / total.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return total, hidden
+        total = F.normalize(total, dim=-1)
+    if not targets_k:
+        return total, hidden
+    logp = torch.log_softmax(res.logits.float(), dim=-1)  # (B, T, V)
+    top = logp.topk(int(targets_k), dim=-1)
+    return total, hidden, top.indices, top.values
 
 
 @torch.no_grad()
@@ -111,7 +121,8 @@ def _allocate(directory: Path | None, shapes: Mapping[str, tuple[tuple[int, ...]
 
 @torch.no_grad()
 def compute_features(provider: ContextFieldProvider, sequences: Sequence[Sequence[int]], pad_id: int,
-                     directory: Path | None = None, batch_size: int = 16, progress: bool = True) -> dict[str, np.ndarray]:
+                     directory: Path | None = None, batch_size: int = 16, progress: bool = True,
+                     targets_k: int = 64) -> dict[str, np.ndarray]:
     """Features of every pair of ``sequences`` (see the module docstring), written into
     memory-mapped .npy files in ``directory`` (or in-memory arrays when ``None``).
 
@@ -127,12 +138,16 @@ def compute_features(provider: ContextFieldProvider, sequences: Sequence[Sequenc
     if n == 0:
         raise ValueError("no (context, next token) pair: every sequence has fewer than 2 tokens")
     D = provider.dim
-    table = unit_rows(provider.adapter.unembedding().detach().float())  # (V, D)
+    W = provider.adapter.unembedding().detach().float()  # (V, D)
+    table = unit_rows(W)  # (V, D)
     V = table.shape[0]
+    K = int(targets_k) if provider.protocol == "in_situ" else 0
     arrays = _allocate(directory, {
         "field": ((n, D), np.float32), "hidden": ((n, D), np.float32), "spin": ((n, D), np.float32),
         "token": ((n,), np.int64), "seq": ((n,), np.int32), "pos": ((n,), np.int32),
-        "token_table": ((V, D), np.float32)})
+        "token_table": ((V, D), np.float32), "token_norms": ((V,), np.float32),
+        **({"target_ids": ((n, K), np.int32), "target_logp": ((n, K), np.float32)} if K else {})})
+    arrays["token_norms"][:] = W.norm(dim=-1).cpu().numpy()
     arrays["seq"][:] = seq
     arrays["pos"][:] = pos
     tokens = np.array([sequences[s][p] for s, p in zip(seq, pos)], dtype=np.int64)
@@ -146,7 +161,8 @@ def compute_features(provider: ContextFieldProvider, sequences: Sequence[Sequenc
             for b in range(0, len(sequences), batch_size):
                 chunk = list(range(b, min(len(sequences), b + batch_size)))
                 ids, mask = pad_left([sequences[i] for i in chunk], pad_id)
-                field, hidden = sequence_features(provider, ids.to(device), mask.to(device))  # (B, T, D)
+                feats = sequence_features(provider, ids.to(device), mask.to(device), K)  # (B, T, ...)
+                field, hidden = feats[0], feats[1]
                 T = ids.shape[1]
                 for row, i in enumerate(chunk):
                     L = lengths[i]
@@ -156,6 +172,9 @@ def compute_features(provider: ContextFieldProvider, sequences: Sequence[Sequenc
                     rows = slice(int(starts[i]), int(starts[i + 1]))
                     arrays["field"][rows] = field[row, cols].float().cpu().numpy()
                     arrays["hidden"][rows] = hidden[row, cols].float().cpu().numpy()
+                    if K:
+                        arrays["target_ids"][rows] = feats[2][row, cols].cpu().numpy()
+                        arrays["target_logp"][rows] = feats[3][row, cols].cpu().numpy()
                     bar.update(L - 1)
         else:
             step = max(1, batch_size * 8)

@@ -1,44 +1,49 @@
-"""The LightningModule that fits the residual score, and the objectives it can fit.
+"""The LightningModule that fits a score model, and the objectives it can fit.
 
 :class:`ScoreModule` is *given* its parts -- the score network (a pure ``nn.Module``), the
-forward process (``sde``) and an :class:`Objective` (the loss function and the evaluation
-operations of one training objective) -- and owns only the loss bookkeeping, logging,
-evaluation and optimizers. Objectives are chosen by name from :data:`OBJECTIVES`:
+forward process (``sde``) and an :class:`Objective` (the loss and the validation metrics of one
+training objective) -- and owns only the loss bookkeeping, logging and optimizers. Objectives are
+chosen by name from :data:`OBJECTIVES`; networks are built by :func:`spindiff.score.build.build_parts`
+(the same code that rebuilds them for sampling, without Lightning):
 
-- ``spin``: denoising score matching on S^{d-1} (:func:`spindiff.score.losses.dsm_loss`, exact vMF
-  conditional score) of the total score eta_train m(t) P_S N + score_scale(t) net(S_t, t, context);
+- ``posterior``: distillation of the LM's next-token distribution into the spin sampler's score
+  model (:class:`spindiff.score.model.PosteriorScoreModel`): the loss is the KL divergence from the
+  LM's distribution at each context (soft targets: its top-k probabilities and the rest mass,
+  cached with the features) to the model's softmax(prior + r_theta). The model's logits do not
+  depend on S_t or t (the exact posterior's do not), so the noised posterior at any t is exact
+  exactly when this KL is 0, and no time sampling is needed. The KL is over the top-k tokens and
+  one "rest" bin (a lower bound on the full KL that is tight when the rest mass is small).
 - ``euclid_ddpm``: the Euclidean Gaussian DDPM baseline in embedding space
-  (:mod:`spindiff.score.euclid`) with the same network size and context features.
+  (:mod:`spindiff.score.euclid`) on the same contexts.
 
 Batches are dicts from :class:`spindiff.training.data.PairDataset`: ``field``, ``hidden``, ``spin``
-(B, D) and ``token`` (B,).
+(B, D), ``token`` (B,) and, for ``posterior``, ``target_ids`` / ``target_logp`` (B, k).
 
 Determinism. The noise of training step k is drawn from a generator seeded by (seed, k, rank)
 (see :meth:`ScoreModule._generator` for accelerators), and validation noise from one seeded by
-the batch index, so a run resumed from a checkpoint
-draws exactly the noise of an uninterrupted run, and ``val/loss`` is comparable across
-validations.
+the batch index, so a run resumed from a checkpoint draws exactly the noise of an uninterrupted
+run, and ``val/loss`` is comparable across validations.
 
-Logged: ``train/loss`` (``lr-AdamW`` comes from the LearningRateMonitor); ``val/loss``;
-``val/acc@t`` (nearest-token accuracy of the one-step denoised spin S0_hat at each t of
-``eval_t``: S0_hat from the score, then argmax of cosine against the unit token table, one
-matmul) with ``val/acc_noisy@t`` (the same for the
-noised S_t itself, the no-network floor); ``val/acc_field`` (nearest token to the context field
-N alone); ``val/acc_sample`` (a full reverse integration of ``eval_sample_steps`` geodesic steps
-per context, decoded) and ``val/norm_drift`` (max | |S| - 1 | over those samples).
+Logged (posterior): ``train/loss`` and ``val/loss`` (the grouped KL, nats), ``val/kl_prior`` (the
+same for the prior alone: where the run started), ``val/tv`` (total variation to the LM's
+distribution, grouped the same way), ``val/top1`` (argmax agreement with the LM), ``val/nll``
+(cross-entropy of the sequence's actual next token). euclid_ddpm: ``val/loss``, ``val/acc@t``,
+``val/acc_sample``, ``val/norm_drift``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from spindiff.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
+from spindiff.checkpoint import FORMAT, FORMAT_VERSION
+from spindiff.score.build import build_parts as build_networks
 from spindiff.score.features import context_dim, context_features
 from spindiff.sphere.geometry import nearest_token
 
@@ -47,159 +52,137 @@ Batch = Mapping[str, Tensor]
 
 # --------------------------------------------------------------------------- objectives
 class Objective(Protocol):
-    """A training objective: how to compute the loss and the evaluation quantities.
-
-    ``context`` is the score network's context input (B, c) or ``None``; ``generator`` drives
-    every random draw.
-    """
+    """A training objective: the loss of a batch and its validation metrics (name -> scalar)."""
 
     name: str
 
-    def loss(self, net: nn.Module, sde: Any, batch: Batch, context: Tensor | None,
-             generator: torch.Generator | None) -> Tensor:
-        """Scalar training loss of a batch."""
+    def loss(self, module: "ScoreModule", batch: Batch, generator: torch.Generator | None) -> Tensor: ...
 
-    def denoise(self, net: nn.Module, sde: Any, batch: Batch, context: Tensor | None, t: float,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Noise the batch's targets to time t and denoise in one step: (x_t, x0_hat), (B, D) each."""
+    def metrics(self, module: "ScoreModule", batch: Batch, batch_idx: int) -> dict[str, Tensor]: ...
 
-    def sample(self, net: nn.Module, sde: Any, batch: Batch, context: Tensor | None, steps: int,
-               seed: int) -> Tensor:
-        """Full reverse sampling for the batch's contexts: (B, D) final states."""
+
+def grouped_kl(logits: Tensor, target_ids: Tensor, target_logp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """KL(p || q) over the target's top-k tokens plus one rest bin, and the grouped TV.
+
+    logits: (B, V) of q; target_ids (B, k) int, target_logp (B, k) log p of those tokens.
+    Returns kl (B,), tv (B,), log q of the top-k (B, k).
+    """
+    logq = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    lq = logq.gather(1, target_ids.long())  # (B, k)
+    lp = target_logp.float()
+    p, q = lp.exp(), lq.exp()
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (B,)
+    lq_rest = torch.log1p(-torch.exp(torch.logsumexp(lq, -1)).clamp(max=1.0 - 1e-7))  # log(1 - sum q_top)
+    lp_rest = torch.log(p_rest.clamp_min(1e-30))
+    kl = (p * (lp - lq)).sum(-1) + p_rest * (lp_rest - lq_rest)
+    tv = 0.5 * ((p - q).abs().sum(-1) + (p_rest - lq_rest.exp()).abs())
+    return kl, tv, lq
 
 
 @dataclass
-class SpinObjective:
-    """Denoising score matching on the sphere (vMF noising family, :mod:`spindiff.score.losses`).
+class PosteriorObjective:
+    """Distil the LM's next-token distribution into softmax(prior + r_theta) (module docstring)."""
 
-    One-step denoising uses the exact identity for the vMF family: the score of p_t is
-    kappa(t) P_{S_t} E[S_0 | S_t], so E[S_0 | S_t] = m(t) S_t + score / kappa(t) with
-    m(t) = E[S_t . S_0] (the radial part concentrates at m(t) for large d);
-    S0_hat = E[S_0 | S_t] / |E[S_0 | S_t]|.
-    """
+    name: str = "posterior"
 
-    weighting: str = "normalized"
-    name: str = "spin"
+    @staticmethod
+    def logits(module: "ScoreModule", batch: Batch, net: nn.Module | None = None) -> Tensor:
+        net = module.score_net if net is None else net
+        return net(batch["field"], batch["hidden"], None, module.token_table.to(batch["field"].dtype))
 
-    def score_fn(self, net: nn.Module, sde: Any, batch: Batch, context: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
-        from spindiff.score.net import make_score_fn
+    def loss(self, module, batch, generator):
+        if "target_ids" not in batch:
+            raise ValueError("objective=posterior needs the LM's soft targets in the features (data.targets_k > 0, "
+                             "field.protocol=in_situ)")
+        return grouped_kl(self.logits(module, batch), batch["target_ids"], batch["target_logp"])[0].mean()
 
-        return make_score_fn(net, sde, field=batch["field"], context=context)
-
-    def loss(self, net, sde, batch, context, generator):
-        from spindiff.score.losses import dsm_loss
-
-        return dsm_loss(sde, self.score_fn(net, sde, batch, context), batch, weighting=self.weighting,
-                        generator=generator)
-
-    def denoise(self, net, sde, batch, context, t, generator):
-        spin0 = batch["spin"]
-        tt = torch.full((spin0.shape[0],), float(t), dtype=spin0.dtype, device=spin0.device)  # (B,)
-        spin_t = sde.marginal_sample(spin0, tt, generator=generator)  # (B, D)
-        score = self.score_fn(net, sde, batch, context)(spin_t, tt)  # (B, D) tangent at S_t
-        mean = sde.mean_cosine(tt).to(spin0)[:, None] * spin_t + score / sde.kappa(tt).to(spin0)[:, None]
-        return spin_t, sde.geometry.projx(mean)
-
-    def sample(self, net, sde, batch, context, steps, seed):
-        from spindiff.sphere.integrators import sample as integrate_reverse
-
-        spin0 = batch["spin"]
-        rev = sde.reverse(self.score_fn(net, sde, batch, context))
-        return integrate_reverse(rev, spin0.shape[0], steps=steps, dtype=spin0.dtype, device=spin0.device, seed=seed)
-
-
-def build_spin(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any, Objective]:
-    """Score network, BrownianSphereSDE and :class:`SpinObjective` for ``config``/``meta``."""
-    from spindiff.score.net import ResidualScoreNet
-    from spindiff.sphere.sde import BrownianSphereSDE
-
-    net = ResidualScoreNet(**{**meta["score_net"], "tangent": True})
-    sde = BrownianSphereSDE.from_config(config.sde, int(meta["dim"]))
-    return net, sde, SpinObjective(weighting=config.get("weighting", "normalized"))
+    def metrics(self, module, batch, batch_idx):
+        logits = self.logits(module, batch)
+        kl, tv, _ = grouped_kl(logits, batch["target_ids"], batch["target_logp"])
+        prior = module.score_net.prior_logits(batch["field"], None, module.token_table.to(logits.dtype))
+        kl0 = grouped_kl(prior, batch["target_ids"], batch["target_logp"])[0]
+        top1 = (logits.argmax(-1) == batch["target_ids"][:, 0].long()).float()
+        nll = -torch.log_softmax(logits.float(), -1).gather(1, batch["token"][:, None]).squeeze(1)
+        return {"val/loss": kl.mean(), "val/kl_prior": kl0.mean(), "val/tv": tv.mean(), "val/top1": top1.mean(),
+                "val/nll": nll.mean()}
 
 
 @dataclass
 class EuclidDDPMObjective:
     """The Euclidean Gaussian DDPM baseline (:mod:`spindiff.score.euclid`) on the same targets.
 
-    The clean point is x_0 = sqrt(d) S_0 (the target token's unit unembedding row scaled to unit
-    variance per coordinate, the scale the VP-SDE assumes) in R^d, with no sphere constraint.
-    Every token row has the same norm sqrt(d), so nearest-embedding rounding (Euclidean) is the
-    same argmax as nearest cosine; states are returned divided by sqrt(d) (spin units), so
-    ``val/norm_drift`` shows how far the Euclidean samples land from the sphere.
-    One-step denoising: x0_hat = (x_t - sigma(t) eps_hat) / alpha(t).
+    The clean point is x_0 = sqrt(d) S_0 (:func:`spindiff.score.euclid.token_points`) in R^d, with
+    no sphere constraint. One-step denoising: x0_hat = (x_t - sigma(t) eps_hat) / alpha(t).
     """
 
     name: str = "euclid_ddpm"
 
     @staticmethod
     def _x0(batch: Batch) -> Tensor:
-        spin = batch["spin"]
-        return spin * math.sqrt(spin.shape[-1])  # (B, D)
+        from spindiff.score.euclid import token_points
 
-    def loss(self, net, sde, batch, context, generator):
+        return token_points(batch["spin"])  # (B, D)
+
+    def loss(self, module, batch, generator):
         from spindiff.score.euclid import ddpm_loss, make_eps_fn
 
-        return ddpm_loss(sde, make_eps_fn(net, context), {"x0": self._x0(batch)}, generator=generator)
+        return ddpm_loss(module.sde, make_eps_fn(module.score_net, module.context(batch)), {"x0": self._x0(batch)},
+                         generator=generator)
 
-    def denoise(self, net, sde, batch, context, t, generator):
-        from spindiff.score.euclid import make_eps_fn
-
-        x0 = self._x0(batch)
-        tt = torch.full((x0.shape[0],), float(t), dtype=x0.dtype, device=x0.device)  # (B,)
-        x_t, _ = sde.marginal_sample(x0, tt, generator=generator)  # (B, D)
-        alpha, sigma = sde.alpha_sigma(tt)
-        x0_hat = (x_t - sigma.to(x0)[:, None] * make_eps_fn(net, context)(x_t, tt)) / alpha.to(x0)[:, None]
-        scale = math.sqrt(x0.shape[-1])
-        return x_t / scale, x0_hat / scale
-
-    def sample(self, net, sde, batch, context, steps, seed):
+    def metrics(self, module, batch, batch_idx):
         from spindiff.score.euclid import make_eps_fn, sample_ddpm
 
-        spin0 = batch["spin"]
-        n, d = spin0.shape
-        x = sample_ddpm(sde, make_eps_fn(net, context), n, d, steps=steps, dtype=spin0.dtype, device=spin0.device,
-                        seed=seed)
-        return x / math.sqrt(d)
+        sde, ctx = module.sde, module.context(batch)
+        out = {"val/loss": self.loss(module, batch, module._generator(1, batch_idx))}
+        if module.token_table is None:
+            return out
+        tokens, table = batch["token"], module.token_table.to(batch["spin"].dtype)
+        x0 = self._x0(batch)
+        scale = math.sqrt(x0.shape[-1])
+        eps_fn = make_eps_fn(module.score_net, ctx)
+        for k, t in enumerate(module.eval_t):
+            tt = torch.full((x0.shape[0],), float(t), dtype=x0.dtype, device=x0.device)
+            x_t, _ = sde.marginal_sample(x0, tt, generator=module._generator(2, batch_idx, k))
+            alpha, sigma = sde.alpha_sigma(tt)
+            x0_hat = (x_t - sigma.to(x0)[:, None] * eps_fn(x_t, tt)) / alpha.to(x0)[:, None]
+            out[f"val/acc@{t:g}"] = (nearest_token(x0_hat / scale, table) == tokens).float().mean()
+        if batch_idx == 0 and module.eval_sample_steps > 0:
+            n = min(x0.shape[0], module.eval_sample_size)
+            sub_eps = make_eps_fn(module.score_net, None if ctx is None else ctx[:n])
+            x = sample_ddpm(sde, sub_eps, n, x0.shape[-1], steps=module.eval_sample_steps, dtype=x0.dtype,
+                            device=x0.device, seed=module.seed) / scale
+            out["val/acc_sample"] = (nearest_token(x, table) == tokens[:n]).float().mean()
+            out["val/norm_drift"] = (x.norm(dim=-1) - 1).abs().max()
+        return out
 
 
-def build_euclid_ddpm(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any, Objective]:
-    """Noise-prediction network (same size/context, ``tangent=False``), VPSDE and objective."""
-    from spindiff.score.euclid import VPSDE
-    from spindiff.score.net import ResidualScoreNet
-
-    net = ResidualScoreNet(**{**meta["score_net"], "tangent": False, "eta_train": 0.0})
-    return net, VPSDE.from_config(config.sde), EuclidDDPMObjective()
+OBJECTIVES: dict[str, Objective] = {"posterior": PosteriorObjective(), "euclid_ddpm": EuclidDDPMObjective()}
 
 
-OBJECTIVES: dict[str, Callable[[Any, Mapping[str, Any]], tuple[nn.Module, Any, Objective]]] = {
-    "spin": build_spin,
-    "euclid_ddpm": build_euclid_ddpm,
-}
-
-
-def register_objective(name: str, builder: Callable[[Any, Mapping[str, Any]], tuple[nn.Module, Any, Objective]]) -> None:
-    """Add an objective builder ``(config, meta) -> (score_net, sde, objective)``."""
-    OBJECTIVES[name] = builder
-
-
-def score_net_hparams(config: Any, dim: int) -> dict[str, Any]:
+def score_net_hparams(config: Any, dim: int, vocab: int) -> dict[str, Any]:
     """Constructor arguments of the score network for ``config`` (stored in checkpoints)."""
-    c = context_dim(config.score_net.features, dim)
-    tangent = config.objective == "spin"
-    return {"dim": int(dim), "context_dim": c, "hidden": int(config.score_net.hidden),
-            "layers": int(config.score_net.layers), "time_dim": int(config.score_net.time_dim),
-            "eta_train": float(config.score_net.eta_train) if tangent else 0.0, "tangent": tangent}
+    sn = config.score_net
+    if config.objective == "posterior":
+        return {"dim": int(dim), "vocab": int(vocab), "features": str(sn.features), "prior": str(sn.prior),
+                "eta_train": float(sn.eta_train), "hidden": int(sn.hidden), "layers": int(sn.layers),
+                "learned": str(sn.prior) != "lm"}
+    return {"dim": int(dim), "context_dim": context_dim(sn.features, dim), "hidden": int(sn.hidden),
+            "layers": int(sn.layers), "time_dim": int(sn.time_dim), "eta_train": 0.0, "tangent": False}
 
 
-def build_parts(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any, Objective]:
-    """(score_net, sde, objective) for ``config.objective`` from the registry."""
+def build_parts(config: Any, meta: Mapping[str, Any], token_norms: Any = None) -> tuple[nn.Module, Any, Objective]:
+    """(score_net, sde, objective) for ``config.objective``. ``token_norms`` (V,) initialises the
+    posterior model's per-token scales (|W_U[v]|) for a new run (a loaded run has them in its weights)."""
     config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
     try:
-        builder = OBJECTIVES[config.objective]
+        objective = OBJECTIVES[str(config.objective)]
     except KeyError:
         raise ValueError(f"objective={config.objective!r}: choose one of {sorted(OBJECTIVES)}") from None
-    return builder(config, meta)
+    net, sde = build_networks(config, meta)
+    if token_norms is not None and getattr(net, "learned", False) and hasattr(net, "scale"):
+        with torch.no_grad():
+            net.scale.copy_(torch.tensor(np.array(token_norms), dtype=net.scale.dtype))
+    return net, sde, objective
 
 
 def make_meta(config: Any, store_meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,7 +198,7 @@ def make_meta(config: Any, store_meta: Mapping[str, Any]) -> dict[str, Any]:
         "context_features": str(config.score_net.features),
         "context_dim": context_dim(config.score_net.features, dim),
         "field": OmegaConf.to_container(config.field, resolve=True) if isinstance(config.field, DictConfig) else dict(config.field),
-        "score_net": score_net_hparams(config, dim),
+        "score_net": score_net_hparams(config, dim, int(store_meta["vocab_size"])),
         "n_pairs": int(store_meta["n_pairs"]), "n_sequences": int(store_meta["n_sequences"]),
         "feature_key": store_meta.get("key"),
     }
@@ -223,15 +206,15 @@ def make_meta(config: Any, store_meta: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the module
 class ScoreModule(L.LightningModule):
-    """Fits a score network; owns loss, logging, evaluation and optimizers.
+    """Fits a score network; owns loss, logging and optimizers.
 
     Args:
-        score_net: the network (pure ``nn.Module``), e.g. :class:`spindiff.score.net.ResidualScoreNet`.
+        score_net: the network (pure ``nn.Module``).
         sde: the forward process (:class:`spindiff.sphere.sde.BrownianSphereSDE` or the Euclidean one).
-        objective: loss and evaluation operations (:data:`OBJECTIVES`).
+        objective: loss and validation metrics (:data:`OBJECTIVES`).
         config: the resolved TrainConfig as a plain dict (saved as a hyperparameter).
         meta: the checkpoint self-description (:func:`make_meta`; saved as a hyperparameter).
-        token_table: (V, D) unit token rows for nearest-token accuracy (not saved).
+        token_table: (V, D) unit token rows (the posterior's points; not saved).
     """
 
     def __init__(self, score_net: nn.Module, sde: Any, objective: Objective, config: dict[str, Any],
@@ -261,9 +244,8 @@ class ScoreModule(L.LightningModule):
             self._token_table_dev = self._token_table.to(self.device)
         return self._token_table_dev
 
-    # ------------------------------------------------------------------ helpers
     def context(self, batch: Batch) -> Tensor | None:
-        """The network's context input (B, c) (:func:`spindiff.training.data.context_features`)."""
+        """The Euclidean network's context input (B, c) (:func:`spindiff.score.features.context_features`)."""
         return context_features(batch["field"], batch["hidden"], self.features)
 
     def _generator(self, *key: int) -> torch.Generator | None:
@@ -281,7 +263,7 @@ class ScoreModule(L.LightningModule):
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """Loss of a batch (scalar)."""
-        return self.objective.loss(self.score_net, self.sde, batch, self.context(batch), generator)
+        return self.objective.loss(self, batch, generator)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -292,37 +274,15 @@ class ScoreModule(L.LightningModule):
                 f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}). Lower optim.lr, keep optim.grad_clip > 0, or resume from "
                 f"checkpoints/best.ckpt; the last finite state is in checkpoints/last.ckpt.")
-        bs = batch["spin"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["token"].shape[0])
         return loss
 
     @torch.no_grad()
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        bs = batch["spin"].shape[0]
-        ctx = self.context(batch)
-        loss = self.objective.loss(self.score_net, self.sde, batch, ctx, self._generator(1, batch_idx))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
-        if self.token_table is None:
-            return
-        tokens = batch["token"]
-        table = self.token_table.to(batch["spin"].dtype)
-        acc_field = (nearest_token(batch["field"], table) == tokens).float().mean()
-        self.log("val/acc_field", acc_field, sync_dist=True, batch_size=bs)
-        for k, t in enumerate(self.eval_t):
-            x_t, x0_hat = self.objective.denoise(self.score_net, self.sde, batch, ctx, t, self._generator(2, batch_idx, k))
-            self.log(f"val/acc@{t:g}", (nearest_token(x0_hat, table) == tokens).float().mean(), sync_dist=True,
-                     batch_size=bs)
-            self.log(f"val/acc_noisy@{t:g}", (nearest_token(x_t, table) == tokens).float().mean(), sync_dist=True,
-                     batch_size=bs)
-        if batch_idx == 0 and self.eval_sample_steps > 0:
-            n = min(bs, self.eval_sample_size)
-            sub = {k: v[:n] for k, v in batch.items()}
-            x0 = self.objective.sample(self.score_net, self.sde, sub, None if ctx is None else ctx[:n],
-                                       self.eval_sample_steps, seed=self.seed)
-            self.log("val/acc_sample", (nearest_token(x0, table) == sub["token"]).float().mean(), sync_dist=True,
-                     batch_size=n)
-            self.log("val/norm_drift", (x0.norm(dim=-1) - 1).abs().max(), sync_dist=True, reduce_fx="max",
-                     batch_size=n)
+        bs = batch["token"].shape[0]
+        for name, value in self.objective.metrics(self, batch, batch_idx).items():
+            self.log(name, value, prog_bar=name == "val/loss", sync_dist=True, batch_size=bs,
+                     reduce_fx="max" if name == "val/norm_drift" else "mean")
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:
@@ -347,22 +307,12 @@ class ScoreModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-# --------------------------------------------------------------------------- rebuild from a file
 def load_score_module(path: str, expect_model: str | None = None, expect_dim: int | None = None,
-                      map_location: Any = "cpu", token_table: Tensor | None = None) -> ScoreModule:
-    """Rebuild a trained :class:`ScoreModule` from a checkpoint alone (validated by
-    :func:`spindiff.checkpoint.load_checkpoint`; raises :class:`CheckpointError`). Returned in
-    eval mode; ``module.score_net``, ``module.sde``, ``module.hparams.meta`` (model name, d,
-    vocab, context features) and ``module.context(batch)`` are what a sampler needs."""
-    ckpt = load_checkpoint(path, expect_model=expect_model, expect_dim=expect_dim, map_location=map_location)
-    hp = ckpt["hyper_parameters"]
-    try:
-        net, sde, objective = build_parts(hp["config"], hp["meta"])
-        module = ScoreModule(net, sde, objective, config=hp["config"], meta=hp["meta"], token_table=token_table)
-        module.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: its weights do not fit the network its hyper_parameters describe ({first}); "
-                              "it was edited or written by an incompatible version. Retrain with "
-                              "`python train.py out=DIR`.") from None
-    return module.eval()
+                      token_table: Tensor | None = None) -> ScoreModule:
+    """A trained :class:`ScoreModule` rebuilt from a checkpoint alone (for inspection and
+    evaluation on training batches; sampling uses :func:`spindiff.score.build.load_score`)."""
+    from spindiff.score.build import load_score
+
+    sc = load_score(path, expect_model=expect_model, expect_dim=expect_dim)
+    return ScoreModule(sc.score_net, sc.sde, OBJECTIVES[sc.objective], config=sc.config, meta=sc.meta,
+                       token_table=token_table).eval()

@@ -319,7 +319,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     from spindiff.config import check
     from spindiff.lm.models import load_model
     from spindiff.tracking import finish_run, log_metrics, make_lightning_logger
-    from spindiff.training.cache import load_or_build_features
+    from spindiff.training.cache import feature_cache_dir, load_or_build_features
     from spindiff.training.data import PairDataModule
     from spindiff.training.module import ScoreModule, build_parts, make_meta
 
@@ -339,11 +339,16 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
         del ckpt
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
+    # a cache miss needs the LM: load it (and check the head spec against it) before any cache
+    # folder or lock file is created, so a bad head spec leaves nothing behind
+    cached = bool(cfg.data.cache) and (feature_cache_dir(cfg) / "meta.json").exists()
+    lm = None if cached else _check_heads(cfg, load_model(cfg.model))
     with quiet_third_party():
-        store, cache_hit = load_or_build_features(cfg, lambda: _check_heads(cfg, load_model(cfg.model)),
-                                                  progress=rank == 0)
+        store, cache_hit = load_or_build_features(
+            cfg, lambda: lm if lm is not None else _check_heads(cfg, load_model(cfg.model)), progress=rank == 0)
+    del lm
     meta = make_meta(cfg, store.meta)
-    net, sde, objective = build_parts(cfg, meta)
+    net, sde, objective = build_parts(cfg, meta, token_norms=store.arrays.get("token_norms"))
     table = torch.from_numpy(np.array(store.arrays["token_table"]))  # a writable copy of the memmap
     cfg.out = str(out)
     plain = OmegaConf.to_container(cfg, resolve=True)
