@@ -33,7 +33,7 @@ Without a checkpoint (``ckpt=none``) the logits are ``sampler.prior`` alone: ``l
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -47,39 +47,9 @@ from spindiff.score.posterior import CandidatePosterior
 from spindiff.sphere.grids import GRIDS, reverse_grid
 from spindiff.sphere.integrators import INTEGRATORS, get_integrator
 from spindiff.sphere.sde import BrownianSphereSDE, llg_field_drift
+from spindiff.score.reverse import PosteriorReverseSDE, coefficients, integrate_posterior
 
 DECODERS = ("posterior", "nearest")
-FINAL_STEP = {"geodesic_heun": "geodesic_em"}  # integrators whose last step is taken by another
-
-
-class _PosteriorSDE:
-    """The reverse SDE of one token's batch in the integrators' form (tangent_drift, diffusion,
-    geometry), with n spins per context: spins are (B n, d) to the integrator, (B, n, d) inside."""
-
-    def __init__(self, sampler: "SpinSampler", post: CandidatePosterior, field: Tensor, n: int) -> None:
-        self.s, self.post, self.field, self.n = sampler, post, field, n
-        self.geometry = sampler.sde.geometry
-        self.dim = sampler.sde.dim
-
-    def tangent_drift(self, tau: float, spin: Tensor) -> Tensor:
-        s, sde = self.s, self.s.sde
-        t = sde.T - float(tau)
-        kappa, beta = s.coefficients(t)
-        S = spin.view(-1, self.n, spin.shape[-1])  # (B, n, d)
-        out = beta * self.post.score(S, kappa, self.geometry)
-        if s.precession:
-            out = out + s.precession * self.post.preserving_precession(S, kappa, self.geometry)
-        out = out.reshape(spin.shape)
-        if s.eta > 0:
-            out = out + llg_field_drift(spin, self.field.repeat_interleave(self.n, 0), s.eta, s.lam, self.geometry)
-        steer = s.steering
-        if steer is not None and getattr(steer, "mode", "prior") in ("dynamics", "both"):
-            out = out + steer.drift(spin, t)
-        return out
-
-    def diffusion(self, tau: float, spin: Tensor) -> Tensor:
-        _, beta = self.s.coefficients(self.s.sde.T - float(tau))
-        return torch.full((spin.shape[0],), math.sqrt(beta), dtype=spin.dtype, device=spin.device)
 
 
 @register_sampler("spin")
@@ -108,8 +78,7 @@ class SpinSampler(StepSampler):
         self.precession = float(cfg.precession)
         self.top_k = int(cfg.top_k) or None
         self.decode, self.kappa = str(cfg.decode), None if cfg.kappa is None else float(cfg.kappa)
-        self.step_fn = get_integrator(str(cfg.method))
-        self.last_fn = get_integrator(FINAL_STEP.get(str(cfg.method), str(cfg.method)))
+        get_integrator(str(cfg.method))  # validated
         self.grid = reverse_grid(self.sde, self.steps, str(cfg.grid))  # tau_0 = 0 .. tau_n = T - t_eps
         self._coef: dict[float, tuple[float, float]] = {}
         self.exit = len(self.grid) - 1
@@ -168,11 +137,7 @@ class SpinSampler(StepSampler):
     # ------------------------------------------------------------------ work
     def coefficients(self, t: float) -> tuple[float, float]:
         """(kappa(t), beta(t)) of the forward family, cached per grid time."""
-        hit = self._coef.get(t)
-        if hit is None:
-            tt = torch.tensor([t], dtype=torch.float64)
-            hit = self._coef[t] = (float(self.sde.kappa(tt)[0]), float(self.sde.beta(tt)[0]))
-        return hit
+        return coefficients(self.sde, t, self._coef)
 
     def logits(self, out: FieldOutput) -> Tensor:
         """Logits over the vocabulary for the contexts of ``out``: model + steering. (B, V)."""
@@ -185,18 +150,27 @@ class SpinSampler(StepSampler):
     def posterior(self, out: FieldOutput) -> CandidatePosterior:
         return CandidatePosterior.from_logits(self.logits(out), self.session.token_table, self.top_k)
 
+    def extra_drift(self, field: Tensor, n: int) -> Callable[[Tensor, float], Tensor] | None:
+        """The drifts that change the target: the paper's LLG field term and the steering field."""
+        steer = self.steering if self.steering is not None and \
+            getattr(self.steering, "mode", "prior") in ("dynamics", "both") else None
+        if self.eta == 0 and steer is None:
+            return None
+        rows = field.repeat_interleave(n, 0) if self.eta > 0 else None  # (B n, d)
+
+        def drift(spin: Tensor, t: float) -> Tensor:
+            out = torch.zeros_like(spin)
+            if rows is not None:
+                out = out + llg_field_drift(spin, rows, self.eta, self.lam, self.sde.geometry)
+            return out if steer is None else out + steer.drift(spin, t)
+
+        return drift
+
     def integrate(self, post: CandidatePosterior, field: Tensor, n: int, generator: torch.Generator) -> Tensor:
         """n spins per context from uniform noise to the exit point of the grid. (B, n, d)."""
-        B, d = field.shape
-        rev = _PosteriorSDE(self, post, field, n)
-        with small_op_threads(B * n):
-            spin = self.sde.prior_sampling(B * n, dtype=field.dtype, device=field.device, generator=generator)
-            for k in range(self.exit):
-                a, b = self.grid[k], self.grid[k + 1]
-                dw = torch.randn(B * n, d, dtype=field.dtype, device=field.device, generator=generator)
-                step = self.last_fn if k == len(self.grid) - 2 else self.step_fn
-                spin = step(rev, a, b, spin, dw * math.sqrt(b - a))  # (B n, d) geodesic step
-        return spin.view(B, n, d)
+        rev = PosteriorReverseSDE(self.sde, post, n, self.precession, self.extra_drift(field, n), cache=self._coef)
+        with small_op_threads(field.shape[0] * n):
+            return integrate_posterior(rev, self.grid, str(self.cfg.method), generator, self.exit)
 
     def _decode(self, post: CandidatePosterior, spin: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Tokens (B, n) and diagnostics for final spins (B, n, d)."""
