@@ -155,3 +155,76 @@ def fig_causal(theory: np.ndarray, effect: np.ndarray, path: str | os.PathLike, 
     ax.set_title(f"{title} pooled r = {r:+.3f}", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def fig_predictors(preds: dict[str, dict[str, np.ndarray]], exact: dict[str, np.ndarray], summary: dict[str, Any],
+                   labels: dict[str, str], path: str | os.PathLike, title: str = "") -> str:
+    """Predicted (x) vs exact ablation effect (y), one point per (prompt, head); rows: ablation modes,
+    columns: the predictors of the hierarchy (direct, + head paths, + MLP paths = AtP, AtP*)."""
+    keys = [k for k in ("direct", "+heads", "+heads+mlps", "atp_star") if k in next(iter(preds.values()))]
+    modes = list(preds)
+    fig, axes = plt.subplots(len(modes), len(keys), figsize=(3.2 * len(keys), 3.0 * len(modes)), squeeze=False)
+    for i, m in enumerate(modes):
+        y = exact[m].ravel()
+        for j, k in enumerate(keys):
+            ax, x = axes[i, j], preds[m][k].ravel()
+            ax.scatter(x, y, s=5, alpha=0.35, c="tab:purple", edgecolor="none")
+            lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+            ax.axhline(0, color="grey", lw=0.4)
+            ax.axvline(0, color="grey", lw=0.4)
+            r = summary[m]["predictors"][k]["r"]
+            ax.set_title(f"{labels[k].split(' (')[0]}\n{m}-ablation: r = {r:+.3f}", fontsize=7)
+            ax.set_xlabel("predicted change in dL", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("exact change in dL", fontsize=7)
+            ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}: predicted vs exact ablation effect (dashed: equality)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_paths(terms: dict[str, Any], exact: dict[str, tuple] | None, path: str | os.PathLike, title: str = "") -> str:
+    """Mean |term| over prompts and the heads of each layer: direct, via later heads, via later
+    MLPs, their sum (first order) and, when given, the exact ablation effect; one panel per mode."""
+    modes = list(terms)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], modes):
+        pt = terms[m]
+        L = pt.total.shape[1]
+        for name, style in (("direct", "-"), ("via_heads", "-"), ("via_mlps", "-"), ("total", "k-")):
+            ax.plot(range(L), np.abs(getattr(pt, name)).mean((0, 2)), style, lw=1.2, label=name)
+        if exact is not None:
+            eff, heads, H = exact[m]
+            lay = np.array([l for l, _ in heads])
+            ax.plot(range(L), [np.abs(eff[:, lay == l]).mean() if (lay == l).any() else np.nan for l in range(L)],
+                    "o--", c="tab:red", ms=3, lw=1, label="exact effect")
+        ax.set_xlabel("layer of the ablated head")
+        ax.set_ylabel("mean |change in dL|")
+        ax.set_title(f"{title} {m}-ablation: first-order paths", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig_pairs(pi: Any, records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> str:
+    """Heatmap of the mean pair interaction I(a, b) = e(ab) - e(a) - e(b) over prompts; * marks
+    pairs that are cooperative / antagonistic after BH control (``records`` from ``pairs()``)."""
+    I = pi.interaction.mean(0)
+    names = pi.names
+    K = len(names)
+    sig = {(r["head_a"], r["head_b"]) for r in records if r["role"] != "additive"}
+    lim = max(float(np.abs(I).max()), 1e-9)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * K, 0.8 + 0.5 * K))
+    im = ax.imshow(I, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    for i in range(K):
+        for j in range(K):
+            if i != j:
+                star = "*" if (names[i], names[j]) in sig or (names[j], names[i]) in sig else ""
+                ax.text(j, i, f"{I[i, j]:+.2f}{star}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(K), names, rotation=45, fontsize=7)
+    ax.set_yticks(range(K), names, fontsize=7)
+    fig.colorbar(im, ax=ax, label="mean I = e(ab) - e(a) - e(b)")
+    ax.set_title(f"{title}: pair interactions of the top {K} causal heads\n"
+                 "(> 0 cooperative, < 0 antagonistic; * BH q < alpha)", fontsize=8)
+    return _save(fig, path)

@@ -14,9 +14,10 @@ projected S_good / S_bad sit at their true head-logit values.
 space, and does not normalise the decision axis; we follow the paper's Eq. 5.)
 
 Per protocol: ``paper`` takes N0 from raw embeddings and W_O as the reference slice;
-``paper_fixed`` the correct W_O; ``in_situ`` N0 = the head's real z at the last position and,
-with ``final_norm``, e_A replaced by its image under the frozen final norm (s * e - mean(s * e)
-for LayerNorm, s * e for RMSNorm), so that the landscape is in logit units.
+``paper_fixed`` the correct W_O; ``in_situ`` N0 = the head's real output at the last position (from
+:class:`spindiff.lm.field.ContextFieldProvider`) and, with ``final_norm``, e_A replaced by its image
+under the frozen final norm (s * e - mean(s * e) for LayerNorm, s * e for RMSNorm), so that the
+landscape is in logit units.
 """
 from __future__ import annotations
 
@@ -26,10 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.gaps import last_logits
 from analysis.prompts import TokenizedSet, pad_left
 from spindiff.lm.adapter import ArchitectureAdapter
-from spindiff.lm.field import paper_context_vectors, reference_W_O
+from spindiff.lm.field import ContextFieldProvider, paper_context_vectors, reference_W_O
 
 
 @dataclass
@@ -73,24 +73,38 @@ def head_space(adapter: ArchitectureAdapter, model: nn.Module, tset: TokenizedSe
         N0 = paper_context_vectors(adapter, X, mask, layer, [head])[0, 0]  # (dh,)
         W_O = reference_W_O(adapter, layer)[head] if protocol == "paper" else adapter.layer_weights(layer).W_O[head]
     elif protocol == "in_situ":
-        resid: dict[str, Tensor] = {}
-        hook = adapter.final_norm().register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0][:, -1]))
-        try:
-            with adapter.capture_z([layer], last_only=True) as zs:
-                last_logits(model, ids, mask)
-        finally:
-            hook.remove()
-        N0 = zs[layer][0, head]
-        W_O = adapter.layer_weights(layer).W_O[head]
-        if final_norm:
-            scale, center = adapter.final_norm_scale(resid["x"][0])
-            e = e * scale
-            if center:
-                e = e - e.mean(-1, keepdim=True)
+        N0, W_O, e = _in_situ_head_space(adapter, model, ids, mask, layer, head, e, final_norm)
     else:
         raise ValueError(f"protocol '{protocol}': use paper, paper_fixed or in_situ")
     S = torch.einsum("cd,nd->nc", W_O, e.to(W_O.dtype))  # S_A = W_O[h] @ e_A -> (2, dh)
     return N0, S[0], S[1]
+
+
+def _in_situ_head_space(ad: ArchitectureAdapter, model: nn.Module, ids: Tensor, mask: Tensor, layer: int,
+                        head: int, e: Tensor, final_norm: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """N0, W_O[h] and the candidates' unembedding rows as the in_situ field sees them.
+
+    The field comes from :class:`ContextFieldProvider` (one definition). It gives N_proj = N0 @ W_O[h]
+    per head, with and without the frozen final norm, but neither N0 nor the norm's frozen scale;
+    so N0 is N_proj's pre-image under W_O[h] (exact: N_proj lies in W_O[h]'s row space; least squares),
+    and the frozen norm map v -> (v - mean v if centred) * scale is read off the provider's two outputs
+    for the layer's heads (scale per coordinate by least squares over the heads: exact, fn = c * scale).
+    Then e_A -> e_A * scale (- its mean for LayerNorm), the transpose of that map."""
+    heads = [(layer, h) for h in range(ad.n_heads)]
+    raw = ContextFieldProvider(model, heads, "in_situ", normalize=False, final_norm=False, adapter=ad)(ids, mask)
+    v = raw.per_head[0]  # (H, D) N_proj of every head of the layer
+    W_O = ad.layer_weights(layer).W_O[head]  # (dh, D)
+    N0 = torch.linalg.lstsq(W_O.T.to(v.dtype), v[head][:, None]).solution[:, 0]
+    if final_norm:
+        fn = ContextFieldProvider(model, heads, "in_situ", normalize=False, final_norm=True, adapter=ad)(ids, mask)
+        fn = fn.per_head[0]
+        center = ad.final_norm_scale(v[:1])[1]
+        c = v - v.mean(-1, keepdim=True) if center else v
+        scale = (fn * c).sum(0) / (c * c).sum(0)
+        e = e * scale
+        if center:
+            e = e - e.mean(-1, keepdim=True)
+    return N0, W_O, e
 
 
 def decision_landscape(adapter: ArchitectureAdapter, model: nn.Module, tset: TokenizedSet, prompt_id: int,

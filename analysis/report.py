@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from spindiff.runtime import atomic_write_text
 
 # the paper's published numbers (GPT-2 small, protocol=paper, 20 prompts)
@@ -31,7 +33,14 @@ def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable
 
 
 def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
+    """A CSV cell that reads back with ``float()``: numpy scalars as plain Python numbers (numpy 2's
+    repr of np.float64 is ``np.float64(...)``), small numbers in full precision."""
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
         return "nan" if math.isnan(v) else repr(v) if abs(v) < 1e-4 and v != 0 else f"{v:.10g}"
     return v
 
@@ -114,12 +123,24 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
     if m.get("fallback_reason"):
         lines += [f"> **Model used: {m['used']}**, not the requested '{m['requested']}' "
                   f"({m['fallback_reason']}). Numbers below are for {m['used']}.", ""]
+    pr = rep.get("prompts") or {}
     lines += [f"Model: **{m['used']}** ({m['class']}, {m['n_layers']} layers x {m['n_heads']} heads, "
               f"{m['n_kv_heads']} KV heads, d = {m['d_model']}, {m['dtype']}). Protocol `{rep['protocol']}`"
               + (" (through the frozen final norm)" if rep["protocol"] == "in_situ" and rep["final_norm"] else "")
-              + f", candidates `{rep['candidates']}`, prompt set '{rep['prompts']['name']}' "
-              f"(n = {rep['n_prompts']}, {rep['prompts']['n_rows_single_token']} rows with single-token candidates).",
-              "", "## Verdict", ""]
+              + f", candidates `{rep['candidates']}`"
+              + (f", prompt set '{pr['name']}' (n = {rep['n_prompts']}, {pr['n_rows_single_token']} rows with "
+                 "single-token candidates)." if pr else "."), ""]
+    if rep.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in rep["notes"]] + [""]
+    if "top_heads" in rep:
+        lines += _two_body_lines(rep, figures)
+    lines += beyond_lines(rep, figures)
+    lines += _stage_lines(rep, figures)
+    return "\n".join(lines)
+
+
+def _two_body_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    lines = ["## Verdict", ""]
     lines += verdict_lines(rep)
     lines += ["", f"## Top {len(rep['top_heads'])} heads by |r|", "", heads_md(rep["top_heads"]), ""]
     if "fig1" in figures:
@@ -143,6 +164,11 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
         if mt:
             lines += [f"Multi-token candidates in the paper set ({len(mt)}; first token scored): "
                       + ", ".join(f"#{m['prompt_id']} {m['word']} ({' '.join(m['tokens'])})" for m in mt), ""]
+    return lines
+
+
+def _stage_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    lines: list[str] = []
     ab = rep.get("ablation")
     if ab:
         lines += ["## Causal ablation (Fig. 4 case)", "",
@@ -190,7 +216,7 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
                   "~0.2 -> ~14 bits, 0.95 -> 0.02).", ""]
         if "fig3" in figures:
             lines += [f"![Fig. 3]({figures['fig3']})", ""]
-    pr = rep["prompts"]
+    pr = rep.get("prompts") or {}
     if pr.get("multi_token"):
         lines += ["## Multi-token candidates", "",
                   f"{len(pr['multi_token'])} candidate word(s) are several tokens; under `first_token` only the "
@@ -202,9 +228,66 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
         lines += [f"Prompt ids {pr['shared_first']}: good and bad share their first token; excluded from the "
                   "statistics.", ""]
     lines += ["## Files", "", "gaps.csv (prompt_id, layer, head, dl_theory, dl_actual), heads.csv (all heads), "
-              "ablation.csv, scan.csv, temperature.csv, report.json, config.yaml, run.json.", "",
+              "ablation.csv, scan.csv, temperature.csv, paths.csv, attribution.csv, predictors.csv, pairs.csv (those "
+              "of the stages that ran), report.json, config.yaml, run.json.", "",
               "Run time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rep.get("timings_s", {}).items()) + ".", "",
               f"Seeds: {rep['seeds']}. Versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()
                                                                if k in ("torch", "transformers", "numpy", "scipy")),
               ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _ci(v: list[float]) -> str:
+    return f"[{v[0]:.2f}, {v[1]:.2f}]"
+
+
+def beyond_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """Sections of the stages beyond the two-body term (analysis.beyond), those that ran."""
+    lines: list[str] = []
+    by = rep.get("beyond")
+    if by:
+        lines += ["## Beyond the two-body term: which predictor explains the causal effect?", "",
+                  f"Every one of {by['n_heads']} heads ablated alone on {by['n_prompts']} prompts (exact scan, the "
+                  "ground truth) against predictors that cost one forward + one backward per batch. r: Pearson r "
+                  "pooled over (prompt, head) and across the heads' means over prompts, 95% bootstrap CIs over "
+                  "prompts; recall: of the 10 heads with the largest mean |effect|, how many the predictor ranks in "
+                  "its top 10 (head means / per prompt); explained: 1 - SSE/SST of effect = prediction (no fit).",
+                  "", f"**Does adding three-body terms substantially improve the correlation?** {by['answer']}", ""]
+        for mode, mo in by["modes"].items():
+            lines += [f"### {mode}-ablation (exact scan {mo['exact_seconds']:.1f} s)", "",
+                      md_table(["predictor", "r pooled", "95% CI", "r head means", "95% CI", "median r per prompt",
+                                "top-10 recall", "slope", "explained", "cost (s)", "speed-up"],
+                               [(r["label"], fnum(r["r"]), _ci(r["r_ci"]), fnum(r["r_means"]), _ci(r["r_means_ci"]),
+                                 fnum(r["r_per_prompt_median"]), f"{r['recall10']:.1f} / {r['recall10_per_prompt']:.2f}",
+                                 fnum(r["slope"]), fnum(r["explained"]), f"{r['seconds']:.2f}", f"{r['speedup']:.0f}x")
+                                for r in mo["predictors"].values()]), "",
+                      "Steps of the hierarchy (change in pooled r, paired bootstrap 95% CI): " + "; ".join(
+                          f"{k}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for k, d in mo["steps"].items())
+                      + "." + (f" AtP without the heads of layers 0-1: r = {mo['atp_r_without_layers_0_1']:.3f}."
+                               if mo.get("atp_r_without_layers_0_1") is not None else ""), ""]
+        if "predictors" in figures:
+            lines += [f"![predicted vs exact]({figures['predictors']})", ""]
+    pa = rep.get("paths")
+    if pa:
+        lines += ["## First-order path decomposition", "",
+                  "Mean |term| over (prompt, head): " + "; ".join(
+                      f"{m}: " + ", ".join(f"{k} {fnum(v)}" for k, v in pa[m]["mean_abs"].items())
+                      for m in ("zero", "mean") if m in pa)
+                  + ". direct + via_heads + via_mlps = total (first order, = AtP) to "
+                  + fnum(max(pa[m]["max_abs_sum_error"] for m in ("zero", "mean") if m in pa)) + ".", ""]
+        if "paths" in figures:
+            lines += [f"![paths]({figures['paths']})", ""]
+    pr = rep.get("pairs")
+    if pr:
+        lines += ["## Head-pair interactions", "",
+                  f"Top {len(pr['heads'])} heads by exact zero-ablation effect ({', '.join(pr['heads'])}); every pair "
+                  f"ablated jointly on {pr['n_prompts']} prompts. {pr['rule']}. {pr['cooperative']} cooperative, "
+                  f"{pr['antagonistic']} antagonistic, {pr['additive']} additive of {pr['n_pairs']} pairs; mean |I| "
+                  f"{fnum(pr['mean_abs_interaction'])} vs mean |single effect| {fnum(pr['mean_abs_single'])}.", "",
+                  md_table(["pair", "e(a)", "e(b)", "e(ab)", "I", "sd", "q (BH)", "role"],
+                           [(f"{r['head_a']}+{r['head_b']}", fnum(r["effect_a"]), fnum(r["effect_b"]),
+                             fnum(r["effect_ab"]), fnum(r["interaction"]), fnum(r["interaction_sd"]),
+                             fnum(r["q_bh"]), r["role"]) for r in pr["top"]]), ""]
+        if "pairs" in figures:
+            lines += [f"![pair interactions]({figures['pairs']})", ""]
+    return lines

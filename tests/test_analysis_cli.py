@@ -24,8 +24,9 @@ def _csv(path):
 def all_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("all")
     with pytest.warns(UserWarning):
+        # the default ablate=L3H5,L0H0 (GPT-2's Fig. 4 heads) does not fit tiny-gpt2's 2 layers
         res = main(["all", "model.name=tiny-gpt2", "model.dtype=float64", "prompts=paper", "heldout=heldout",
-                    "ablate=L1H0,L0H0", "scan_prompts=5", "t_steps=7", f"out={out}", *SMALL])
+                    "scan_prompts=5", "t_steps=7", f"out={out}", *SMALL])
     return res, out
 
 
@@ -46,6 +47,83 @@ def test_all_writes_every_output(all_run):
     assert len(_csv(out / "temperature.csv")) == 7
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["used"] == "tiny-gpt2" and "versions" in run and run["seed"] == 0
+
+
+TEXT_COLUMNS = {"role", "mode", "ablated", "prompt", "good", "bad", "label", "predictor", "head_a", "head_b"}
+
+
+def _numeric_cells_parse(path):
+    rows = _csv(path)
+    assert rows, path
+    for col in rows[0]:
+        if col in TEXT_COLUMNS:
+            continue
+        for r in rows:
+            float(r[col])  # raises on np.float64(...) or an empty cell
+    return rows
+
+
+def test_every_csv_reads_back_with_float(all_run):
+    res, out = all_run
+    for f in sorted(out.glob("*.csv")):
+        _numeric_cells_parse(f)
+    heads = _csv(out / "heads.csv")
+    st = res["stats"]
+    for h in heads:  # full precision survives the round trip
+        k = st.index_of(int(h["layer"]), int(h["head"]))
+        assert float(h["p"]) == pytest.approx(st.p[k], rel=1e-9, abs=1e-300)
+        assert float(h["r"]) == pytest.approx(st.r[k], rel=1e-8)
+    assert "np." not in (out / "heads.csv").read_text()
+
+
+def test_csv_writer_numpy_scalars_round_trip(tmp_path):
+    """The heads.csv bug: numpy 2 writes np.float64(1.957e-28) for repr of a small np.float64."""
+    import numpy as np
+
+    from analysis.report import write_csv
+
+    vals = [np.float64(1.957e-28), np.float32(3e-6), np.float64(0.25), np.int64(7), float("nan"), 1e-300]
+    write_csv(tmp_path / "x.csv", [f"c{i}" for i in range(len(vals))], [vals])
+    row = _numeric_cells_parse(tmp_path / "x.csv")[0]
+    assert float(row["c0"]) == 1.957e-28 and float(row["c1"]) == pytest.approx(3e-6, rel=1e-6)
+    assert row["c3"] == "7" and row["c4"] == "nan" and float(row["c5"]) == 1e-300
+
+
+def test_default_ablate_that_does_not_fit_uses_top_heads(all_run):
+    res, out = all_run
+    rep = json.loads((out / "report.json").read_text())
+    st = res["stats"]
+    top = [f"L{int(st.layer[k])}H{int(st.head[k])}" for k in st.order[:2]]
+    assert any("does not fit" in n and ",".join(top) in n for n in rep["notes"])
+    ablated = {r["ablated"] for r in _csv(out / "ablation.csv")}
+    assert ablated == {top[0], top[1], "+".join(top)}
+    assert "does not fit" in (out / "report.md").read_text()
+
+
+def test_explicit_ablate_outside_the_model_stays_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "model.name=tiny-gpt2", "ablate=L3H5", f"out={tmp_path}", *SMALL])
+    assert e.value.code == 2 and "outside the model" in capsys.readouterr().err
+
+
+def test_internal_value_error_keeps_its_traceback(tmp_path, monkeypatch):
+    from analysis.pipeline import Analysis
+
+    def boom(self):
+        raise ValueError("an internal bug")
+    monkeypatch.setattr(Analysis, "step_gaps", boom)
+    monkeypatch.setitem(__import__("analysis.cli", fromlist=["STAGES"]).STAGES, "gaps", boom)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["gaps", "model.name=tiny-gpt2", "prompts=paper", f"out={tmp_path}", *SMALL])
+
+
+def test_bad_choice_is_caught_when_composing(capsys):
+    from spindiff.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match="ablation=half: use one of zero, mean"):
+        compose("analysis", ["ablation=half"])
+    with pytest.raises(ConfigError, match="pair_top_k=1"):
+        compose("analysis", ["pair_top_k=1"])
 
 
 def test_report_contents_and_topk(all_run, tiny_gpt2):
@@ -139,6 +217,15 @@ def test_help_prints_usage_and_tree(capsys):
     assert e.value.code == 0 and "reproduce" in out and "n_permutations" in out
 
 
+def test_reproduce_takes_ablation_case_from_config(tmp_path):
+    res = main(["reproduce", "model.name=tiny-gpt2", "ablate=L1H2,L0H1", "ablation_prompt=The opposite of hot is",
+                "ablation_good=cold", "ablation_bad=warm", f"out={tmp_path}", *SMALL])
+    assert {r["ablated"] for r in res["ablation"]} == {"L1H2", "L0H1", "L1H2+L0H1"}
+    md = (tmp_path / "report.md").read_text()
+    assert "'The opposite of hot is' cold vs warm" in md and "L1H2 ablated" in md
+    assert {r["ablated"] for r in _csv(tmp_path / "ablation.csv")} == {"L1H2", "L0H1", "L1H2+L0H1"}
+
+
 def test_reproduce_tiny_gpt2(tmp_path):
     res = main(["reproduce", "model.name=tiny-gpt2", f"out={tmp_path}", *SMALL])
     md = (tmp_path / "report.md").read_text()
@@ -151,11 +238,11 @@ def test_reproduce_tiny_gpt2(tmp_path):
 
 @pytest.mark.smollm2
 @pytest.mark.slow
-def test_reproduce_gpt2_falls_back_to_smollm2(tmp_path, monkeypatch):
+def test_reproduce_gpt2_falls_back_to_smollm2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.warns(UserWarning, match="falling back"):
-        res = main(["reproduce", "model.name=gpt2", f"out={tmp_path}", *SMALL, "batch_size=20", "n_permutations=20",
-                    "n_bootstrap=20"])
+    res = main(["reproduce", "model.name=gpt2", f"out={tmp_path}", *SMALL, "batch_size=20", "n_permutations=20",
+                "n_bootstrap=20"])
+    assert "falling back" in capsys.readouterr().err  # one warning line (spindiff.lm.models)
     assert res["model"] == "smollm2-135m"
     md = (tmp_path / "report.md").read_text()
     assert "model used = **smollm2-135m**" in md and "requested 'gpt2'" in md
@@ -165,3 +252,84 @@ def test_reproduce_gpt2_falls_back_to_smollm2(tmp_path, monkeypatch):
     assert rows["L3H5"]["r_paper"] == pytest.approx(rows["L3H5"]["r_paper_fixed"], abs=1e-9)
     abl = {r["ablated"]: r for r in res["ablation"]}
     assert abl["L3H5"]["dl_base"] == pytest.approx(0.70, abs=0.02)  # MEASURED.md: +0.70
+
+
+@pytest.fixture(scope="module")
+def beyond_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("beyond")
+    res = main(["beyond", "model.name=tiny-llama", "model.dtype=float64", "prompts=paper", "scan_prompts=6",
+                "pair_top_k=3", f"out={out}", *SMALL])
+    return res, out
+
+
+def test_beyond_writes_tables_figures_and_the_answer(beyond_run):
+    import matplotlib.image as mpimg
+
+    res, out = beyond_run
+    for f in ("predictors.csv", "paths.csv", "pairs.csv", "gaps.csv", "report.json", "report.md", "run.json",
+              "fig_predictors.png", "fig_paths.png", "fig_pairs.png"):
+        assert (out / f).exists(), f
+    for png in out.glob("*.png"):
+        assert mpimg.imread(png).shape[0] > 100
+    rep = json.loads((out / "report.json").read_text())
+    by = rep["beyond"]
+    preds = _numeric_cells_parse(out / "predictors.csv")
+    assert {(r["mode"], r["predictor"]) for r in preds} == {
+        (m, k) for m in ("zero", "mean") for k in ("direct", "direct_norm", "+heads", "+q", "+k", "+v", "+heads+mlps",
+                                                    "atp_star")}
+    for r in preds:
+        rec = by["modes"][r["mode"]]["predictors"][r["predictor"]]
+        assert float(r["r"]) == pytest.approx(rec["r"], rel=1e-8) and -1 <= float(r["r"]) <= 1
+        assert float(r["r_ci_low"]) <= float(r["r_ci_high"]) and float(r["seconds"]) > 0
+    assert by["answer"].startswith("**") and "0.9" in by["answer"]
+    assert by["direct_equals_minus_dl_theory_max_abs_diff"] < 1e-10
+    md = (out / "report.md").read_text()
+    assert "Does adding three-body terms substantially improve the correlation?" in md
+    for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (out / png).exists()
+
+
+def test_beyond_paths_csv_is_consistent(beyond_run):
+    import numpy as np
+
+    res, out = beyond_run
+    rows = _numeric_cells_parse(out / "paths.csv")
+    A = res["analysis"]
+    assert len(rows) == 2 * len(A.scan_ids()) * 8
+    f = lambda r, k: float(r[k])  # noqa: E731
+    for r in rows:  # the path terms sum to the first-order effect; Q + K + V = the head paths
+        assert f(r, "direct") + f(r, "via_heads") + f(r, "via_mlps") == pytest.approx(f(r, "total"), abs=1e-9)
+        assert f(r, "via_q") + f(r, "via_k") + f(r, "via_v") == pytest.approx(f(r, "via_heads"), abs=1e-6)
+    # the exact column is the exact scan's effect
+    scan = A.exact_scan("zero")
+    heads = A.scan_heads()
+    zero = [r for r in rows if r["mode"] == "zero"]
+    got = np.array([f(r, "exact") for r in zero]).reshape(len(A.scan_ids()), len(heads))
+    np.testing.assert_allclose(got, scan.effect, rtol=1e-9, atol=1e-12)
+
+
+def test_beyond_pairs_csv(beyond_run):
+    res, out = beyond_run
+    pairs = _numeric_cells_parse(out / "pairs.csv")
+    assert len(pairs) == 3 and {p["role"] for p in pairs} <= {"cooperative", "antagonistic", "additive"}
+    for p in pairs:
+        assert float(p["interaction"]) == pytest.approx(
+            float(p["effect_ab"]) - float(p["effect_a"]) - float(p["effect_b"]), abs=1e-8)
+    top = json.loads((out / "report.json").read_text())["pairs"]["heads"]
+    scan = res["analysis"].exact_scan("zero")
+    import numpy as np
+
+    order = np.argsort(-np.abs(scan.effect).mean(0))[:3]
+    assert top == [f"L{scan.heads[k][0]}H{scan.heads[k][1]}" for k in order]
+
+
+def test_single_beyond_stages(tmp_path):
+    common = ["model.name=tiny-gpt2", "prompts=paper", "scan_prompts=4", *SMALL]
+    res = main(["attribution", f"out={tmp_path / 'a'}", "qk_fix=false", *common])
+    rows = _numeric_cells_parse(tmp_path / "a" / "attribution.csv")
+    assert len(rows) == len(res["analysis"].scan_ids()) * 8 and all(r["atp_star_zero"] == "nan" for r in rows)
+    main(["paths", f"out={tmp_path / 'p'}", "qkv_split=false", *common])
+    rows = _numeric_cells_parse(tmp_path / "p" / "paths.csv")
+    assert "via_q" not in rows[0] and (tmp_path / "p" / "report.md").exists()
+    main(["pairs", f"out={tmp_path / 'q'}", "pair_top_k=2", *common])
+    assert len(_csv(tmp_path / "q" / "pairs.csv")) == 1 and (tmp_path / "q" / "fig_pairs.png").exists()
