@@ -3,7 +3,6 @@ Fig. 3 order parameters vs T, Fig. 4 ablation bars, and the causal-check scatter
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,22 +14,15 @@ import numpy as np  # noqa: E402
 
 from analysis.landscape import Landscape  # noqa: E402
 from analysis.temperature import TemperatureSweep  # noqa: E402
+from spindiff.runtime import atomic_savefig  # noqa: E402
 
 
 def _save(fig: Any, path: str | os.PathLike) -> str:
-    """Atomic PNG write (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    """Atomic PNG write (:func:`spindiff.runtime.atomic_savefig`), then close the figure."""
     try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
+        return str(atomic_savefig(fig, path))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return str(path)
 
 
 def fig_scatter(x: np.ndarray, y: np.ndarray, head: str, r: float, p: float, slope: float, intercept: float,

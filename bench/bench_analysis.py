@@ -12,7 +12,7 @@
    layer by layer, interleaved. Requirement: >= 1.7x. Also reports the FLOPs each must do and
    the achieved GFLOP/s.
 3. Field provider: one new token with the context field
-   (``ContextFieldProvider.step``) vs a plain cached step ``model(new_token, past_key_values=...)``.
+   (``ContextFieldProvider.step``) vs a plain cached step ``model(new_token, cache=...)``.
    Requirement: <= 1.3x.
 
 Ratios are measured side by side in one process, interleaved (alternating order, best of
@@ -161,7 +161,7 @@ def bench_field_step(model, tok, batch: int, n_steps: int, repeats: int) -> dict
     with torch.no_grad():
         for rep in range(repeats):
             out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), use_cache=True)
-            past, m, nxt_p = out.past_key_values, mask, out.logits[:, -1].argmax(-1)
+            past, m, nxt_p = out.cache, mask, out.logits[:, -1].argmax(-1)
             prev = prov(ids, mask, use_cache=True)
             nxt_f = prev.logits.argmax(-1)
             for i in range(n_steps):
@@ -170,10 +170,10 @@ def bench_field_step(model, tok, batch: int, n_steps: int, repeats: int) -> dict
                     m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
                     t0, c0 = time.perf_counter(), time.process_time()
                     o = model(input_ids=nxt_p[:, None], attention_mask=m, position_ids=last_positions(m)[:, -1:],
-                              past_key_values=past, use_cache=True)
+                              cache=past, use_cache=True)
                     plain_t.append(time.perf_counter() - t0)
                     plain_c.append(time.process_time() - c0)
-                    past, nxt_p = o.past_key_values, o.logits[:, -1].argmax(-1)
+                    past, nxt_p = o.cache, o.logits[:, -1].argmax(-1)
                     return o.logits[:, -1]
 
                 def field():
