@@ -48,6 +48,7 @@ def _save(path: Path, obj) -> Path:
     ("empty", "is empty"),
     ("truncated", "corrupt or truncated.*best.ckpt / last.ckpt"),
     ("garbage", "corrupt"),
+    ("text", "corrupt or truncated, or not a torch checkpoint at all .*KeyError"),  # `echo junk > x.ckpt`
     ("unsafe", "Python objects .*getcwd.*refused unread.*weights_only=True"),
     ("state_dict_only", "not a Lightning checkpoint.*no 'state_dict'"),
     ("lightning_foreign", "not a spindiff score checkpoint"),
@@ -71,6 +72,9 @@ def test_bad_checkpoints_raise_clear_errors(ckpt_path, tmp_path, case, match):
     elif case == "garbage":
         path = tmp_path / "g.ckpt"
         path.write_bytes(b"\x00not a checkpoint" * 100)
+    elif case == "text":
+        path = tmp_path / "j.ckpt"
+        path.write_text("junk\n")
     elif case == "unsafe":
         path = _save(tmp_path / "u.ckpt", {**good, "payload": Foreign()})
     elif case == "state_dict_only":

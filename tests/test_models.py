@@ -79,10 +79,13 @@ def test_run_record(tmp_path):
 
 @pytest.mark.smollm2
 @pytest.mark.slow
-def test_gpt2_falls_back_to_smollm2_offline(monkeypatch, capsys):
+def test_gpt2_falls_back_to_smollm2_offline(monkeypatch, capsys, recwarn):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.warns(UserWarning, match="falling back to smollm2-135m"):
-        lm = load_model(ModelConfig(name="gpt2"))
+    lm = load_model(ModelConfig(name="gpt2"))
+    load_model(ModelConfig(name="gpt2"))  # a second load (a sweep, a bench) does not repeat it
+    err = capsys.readouterr().err
+    assert err.count("falling back to smollm2-135m") == 1 and err.startswith("warning: '")
+    assert not [w for w in recwarn if "falling back" in str(w.message)]  # one style: no UserWarning too
     assert lm.name == "smollm2-135m" and lm.requested == "gpt2"
     assert lm.info["fallback_reason"]
     with pytest.raises(ModelLoadError, match="model.name=smollm2-135m"):
@@ -98,3 +101,55 @@ def test_smollm2_cache_roundtrip_and_greedy_berlin(tmp_path, smollm2):
         nxt = model(input_ids=ids).logits[0, -1].argmax()
     assert tok.decode(nxt).strip() == "Berlin"
     assert smollm2.info["n_layers"] == 30 and smollm2.info["n_kv_heads"] == 3
+
+
+def test_tokenizers_come_back_left_padded_and_auto_is_the_bundled_default(monkeypatch):
+    lm = load_model(ModelConfig(name="tiny-llama"))
+    assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token is not None
+    calls = []
+    monkeypatch.setattr("spindiff.lm.models.load_smollm2", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+        ModelLoadError("stop here")))
+    with pytest.raises(ModelLoadError, match="stop here"):
+        load_model(ModelConfig(name="auto"))
+    assert calls  # auto -> smollm2-135m
+
+
+def test_bad_dtype_and_device_are_config_errors():
+    from spindiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dtype='float8'"):
+        resolve_dtype("float8")
+    with pytest.raises(ConfigError, match="model.device='gpu'"):
+        resolve_device("gpu")
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    import os
+    import stat
+
+    from spindiff.runtime import atomic_directory, atomic_savefig, atomic_write_text, file_lock
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+        with file_lock(tmp_path / ".lock"):
+            pass
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure()
+        atomic_savefig(fig, tmp_path / "p.png")
+        plt.close(fig)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.txt") == 0o640 and mode(tmp_path / "p.png") == 0o640
+    assert mode(tmp_path / "d") == 0o750 and (tmp_path / "d" / "f").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.png").size[0] > 10

@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from spindiff.config import WandbConfig
-from spindiff.tracking import init_run, resolve_mode
+from spindiff.tracking import init_run, log_once, resolve_mode, start_run
 
 
 def test_auto_is_offline_without_key(monkeypatch, tmp_path):
@@ -22,7 +22,7 @@ def test_auto_is_offline_without_key(monkeypatch, tmp_path):
 
 def test_bad_mode(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    with pytest.raises(ValueError, match="auto, offline, online or disabled"):
+    with pytest.raises(ValueError, match="wandb.mode='sometimes': use auto, offline, online or disabled"):
         resolve_mode("sometimes")
 
 
@@ -33,3 +33,30 @@ def test_offline_run_writes_locally(monkeypatch, tmp_path):
     run.log({"x": 1.0})
     run.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_disabled_is_no_run_and_log_once_is_a_no_op(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    wcfg = OmegaConf.structured(WandbConfig())
+    assert start_run(wcfg, tmp_path, {}) is None
+    log_once(wcfg, tmp_path / "x", {}, {"a": 1.0})
+    assert not (tmp_path / "x").exists()
+
+
+def test_log_once_writes_finite_numbers_offline_and_silently(monkeypatch, tmp_path, capfd):
+    """One helper for sample / evaluate / sweep: start, log (finite numbers only), finish; W&B
+    prints nothing (no 'anonymous setting' warning, no run summary)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    log_once(OmegaConf.structured(WandbConfig()), tmp_path, {"a": 1},
+             {"x": 1.5, "bad": float("nan"), "label": "text", "flag": True}, name="t", job_type="test")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    summary = next(runs[0].rglob("wandb-summary.json"), None)
+    if summary is not None:  # written at finish by current wandb versions
+        import json
+
+        data = json.loads(summary.read_text())
+        assert data["x"] == 1.5 and "bad" not in data and "label" not in data and "flag" not in data
+    out = capfd.readouterr()
+    assert "anonymous" not in out.err + out.out and "Run summary" not in out.err + out.out

@@ -362,7 +362,8 @@ def as_eval_config(cfg: Any) -> DictConfig:
     if isinstance(cfg, EvaluateConfig):
         return OmegaConf.structured(cfg)
     base = compose("evaluate", check_values=False)
-    return OmegaConf.merge(base, as_config(cfg) if not isinstance(cfg, dict) else OmegaConf.create(cfg))
+    given = OmegaConf.to_container(as_config(cfg)) if not isinstance(cfg, dict) else cfg
+    return OmegaConf.merge(base, OmegaConf.create(given))
 
 
 def _check_eval_config(cfg: DictConfig) -> None:

@@ -120,7 +120,8 @@ def check_trainer(trainer_cfg: Any) -> dict[str, Any]:
                       **{**kw, "enable_progress_bar": False, "enable_model_summary": False})
     except Exception as e:  # noqa: BLE001 - MisconfigurationException, ValueError, TypeError, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        named = [k for k in kw if f"`{k}`" in msg or f"{k}=" in msg or f"'{k}'" in msg]
+        low = msg.lower()
+        named = [k for k in kw if k.lower() in low or k.replace("_", " ").lower() in low]
         where = ", ".join(f"trainer.{k}={kw[k]!r}" for k in (named or kw))
         raise ConfigError(f"lightning.Trainer rejects {where}: {msg}") from None
     finally:
@@ -257,8 +258,7 @@ class ProgressLines(Callback):
         if trainer.is_global_zero and not trainer.sanity_checking and trainer.global_step != self.last_val:
             self.last_val = trainer.global_step  # the final validation of the same weights is not news
             vals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items())
-                              if k == "val/loss" or (k.startswith("val/acc") and "noisy" not in k))
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if "noisy" not in k)
             if shown:
                 print(f"step {trainer.global_step}: {shown}", flush=True)
 
@@ -438,11 +438,11 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
     """What ``python train.py`` prints at the end: paths, steps, and [start, end] of the losses and
-    of every validation accuracy (the nearest-token accuracy of the denoised / sampled spin)."""
+    of every validation metric (accuracies of the denoised / sampled spin, fidelity to the LM)."""
     m = results["metrics"]
     start, end = m["val_start"], m["val_end"]
     val = {k: [start.get(k), end.get(k)] for k in sorted(set(start) | set(end))
-           if k == "val/loss" or (k.startswith("val/acc") and "noisy" not in k)}
+           if k.startswith("val/") and "noisy" not in k}
     return {"out": results["paths"]["out"], "checkpoint": results["paths"]["best"] or results["paths"]["last"],
             "metrics_csv": results["paths"]["metrics_csv"], "steps": results["global_step"],
             "resumed_from": results["resumed_from"], "wall_s": results["wall_s"],
