@@ -111,6 +111,3 @@ def make_lightning_logger(wcfg: Any, out: str | os.PathLike, config: Any, name: 
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     return WandbLogger(experiment=run, save_dir=str(out))
-
-
-init_run = start_run  # the previous name, kept for callers not yet moved to start_run / log_once

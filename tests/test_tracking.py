@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from spindiff.config import WandbConfig
-from spindiff.tracking import init_run, log_once, resolve_mode, start_run
+from spindiff.tracking import finish_run, log_metrics, log_once, resolve_mode, start_run
 
 
 def test_auto_is_offline_without_key(monkeypatch, tmp_path):
@@ -29,9 +29,9 @@ def test_bad_mode(monkeypatch):
 def test_offline_run_writes_locally(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    run = init_run(OmegaConf.structured(WandbConfig()), tmp_path, {"a": 1}, name="t")
-    run.log({"x": 1.0})
-    run.finish()
+    run = start_run(OmegaConf.structured(WandbConfig()), tmp_path, {"a": 1}, name="t")
+    log_metrics(run, {"x": 1.0})
+    finish_run(run)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 

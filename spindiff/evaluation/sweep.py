@@ -204,11 +204,6 @@ def _log_point(cfg: Any, out: Path, group: str, name: str, res: Any) -> None:
              job_type="sweep", group=group)
 
 
-def _savefig(fig: Any, path: Path) -> None:
-    """The sweep's heatmaps (110 dpi) through :func:`spindiff.runtime.atomic_savefig`."""
-    atomic_savefig(fig, path, dpi=110)
-
-
 def write_heatmaps(rows: Sequence[dict[str, Any]], out: Path, spec: SweepSpec) -> list[Path]:
     """eta x lambda heatmaps of each metric (one figure per steps value). Returns the paths."""
     import matplotlib
@@ -251,7 +246,7 @@ def write_heatmaps(rows: Sequence[dict[str, Any]], out: Path, spec: SweepSpec) -
             fig.colorbar(im, ax=ax)
             name = metric.replace("/", "_")
             path = out / (f"heatmap_{name}.png" if len(steps_vals) == 1 else f"heatmap_{name}_steps{st}.png")
-            _savefig(fig, path)
+            atomic_savefig(fig, path, dpi=110)
             plt.close(fig)
             paths.append(path)
     return paths
