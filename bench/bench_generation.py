@@ -1,32 +1,32 @@
-"""Generation benchmark: does the physics-informed field drift help? (paper Sec. V.5)
+"""Generation benchmark of the posterior-score spin sampler, every arm next to its limit.
 
-One command, one process, one model load, every arm side by side on the same prompts and seeds:
+One command, one process, one model load, every arm side by side on the same held-out prompts
+(spindiff/data/eval_prompts.txt, disjoint from the training seed prompts) and seeds:
 
-    python bench/bench_generation.py            # full: ~20-30 min on 2 CPU cores
-    python bench/bench_generation.py --quick    # a few minutes, smaller everything
+    python bench/bench_generation.py --ckpt field+hidden=PATH --ckpt hidden=PATH --ckpt field=PATH \
+        --ckpt none=PATH --euclid-ckpt PATH            # full: ~15-25 min on 2 CPU cores
+    python bench/bench_generation.py --quick           # a few minutes, smaller everything
 
 Arms (all through the sampler registry of :mod:`spindiff.generation`):
 
-* ``ar``              the LM's own sampling (``generate``, temperature 1, top-p 1): the reference
-                      and the finite-sample floor of the fidelity metrics;
-* ``spin eta=0``      spherical diffusion with the learned score only (trained checkpoint);
-* ``spin best``       the same checkpoint plus the attention field drift eta P_S N + (eta/lam) Prec,
-                      (eta, lam) = best of an eta x lambda sweep run first (fidelity/tv);
-* ``spin field-only`` no learned score, field drift only (``ckpt=none``) at the best (eta, lam);
-* ``euclid_ddpm``     Gaussian DDPM in embedding space, same network size and features;
-* ``spin prior eta=0`` / ``spin prior best`` (with ``--prior-ckpt``, 20 steps): a checkpoint
-                      trained with the analytic field term in the score (``score_net.eta_train``
-                      > 0, ``experiment=field_prior``), without and with the field drift.
+* ``ar``                the LM's own sampling: the reference; its TV is the finite-sample floor;
+* ``oracle``            the spin sampler with the LM's own logits as the prior (``prior=lm``,
+                        ``ckpt=none``): the limit every spin arm can reach; its distance to ``ar``
+                        isolates the SDE's discretisation (decoded at t_eps, where the posterior is
+                        one-hot: ``post_p`` is reported);
+* ``learned:<name>``    trained checkpoints (``--ckpt name=PATH``), e.g. features field+hidden,
+                        hidden, field (the attention field alone), prior none;
+* ``field-prior@E``     the field's token prior eta_train N . e_v with no network, E swept;
+* precession on/off     marginal-preserving precession (gamma) on the oracle and the main checkpoint;
+* ``llg(eta,lam)``      the paper's LLG field drift added to the main checkpoint (changes the target);
+* ``euclid_ddpm``       the Euclidean DDPM baseline (``--euclid-ckpt``).
 
-Measured (mean and 95% CI over seeds, :mod:`spindiff.evaluation.evaluate`): next-token fidelity (TV and
-KL of the empirical next-token distribution against the LM softmax, top-1 agreement, LM
-log-prob of the draws), perplexity of continuations under the LM, diversity (distinct-1/2/3,
-self-BLEU, rep-2), cost (tokens/s, SDE steps per token) at steps in {10, 20, 50, 100}; fidelity
-vs steps with and without precession (lam = inf); throughput of ``spin`` (20 steps) vs ``ar`` at
-batch 8 and the batch-32 / batch-1 ratio. Writes ``report.md`` (tables, figures, a plain answer),
-``results.json`` and PNG figures to ``--out`` (default ``runs/bench/generation-<timestamp>``).
-Checkpoints: ``--spin-ckpt`` / ``--euclid-ckpt`` (default ``auto``: newest compatible
-``runs/train/*/checkpoints/last.ckpt``).
+Stages: (1) the oracle over integrators x grids x steps {5, 10, 20, 50, 100}, decoding at the end
+vs nearest cosine vs an early exit; (2) every arm at the shipped sampler settings: next-token TV /
+KL / top-1 / draw log p against the LM's softmax, continuation perplexity under the LM,
+distinct-n, self-BLEU, mean and 95% CI over seeds; (3) steps curves of the main checkpoint;
+(4) tokens/s side by side at batch 1 / 8 / 32. Writes report.md, results.json and PNG figures to
+--out (default runs/bench/generation-<timestamp>); W&B offline runs under one group.
 """
 from __future__ import annotations
 
@@ -45,56 +45,34 @@ import torch
 
 from spindiff.config import compose
 from spindiff.evaluation.evaluate import EvalCache, EvalResult, evaluate_sampler, load_eval_prompts
-from spindiff.runtime import atomic_write_json, atomic_write_text, git_commit, package_versions
-from spindiff.generation import GenerationSession, Sampler, build_sampler, find_checkpoint
-from spindiff.evaluation.sweep import SweepSpec, load_sweep, run_sweep, DEFAULT_SWEEP
+from spindiff.generation import GenerationSession, Sampler, build_sampler
+from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_text, git_commit, package_versions
 
 SETTINGS = {
-    "full": dict(sweep_eta=None, sweep_lam=None, sweep_steps=20, sweep_prompts=20, sweep_draws=32, sweep_seeds=[0, 1],
-                 steps=[10, 20, 50, 100], curve_steps=[5, 10, 20, 50, 100], gen_prompts=40, max_new_tokens=12,
-                 fid_prompts=20, n_draws=32, seeds=[0, 1, 2], batch_size=8,
-                 tp_tokens=32, tp_reps=3, tp_b1_tokens=16, tp_b32_tokens=16),
-    "quick": dict(sweep_eta=[0.0, 2.0, 8.0], sweep_lam=[1.0, math.inf], sweep_steps=10, sweep_prompts=8, sweep_draws=16,
-                  sweep_seeds=[0], steps=[10, 20], curve_steps=[5, 10, 20], gen_prompts=8, max_new_tokens=8,
-                  fid_prompts=8, n_draws=16, seeds=[0, 1], batch_size=8,
-                  tp_tokens=16, tp_reps=2, tp_b1_tokens=8, tp_b32_tokens=8),
+    "full": dict(fid_prompts=40, n_draws=32, seeds=[0, 1, 2], gen_prompts=40, max_new_tokens=12, batch_size=8,
+                 oracle_steps=[5, 10, 20, 50, 100], curve_steps=[5, 10, 20, 50, 100], eta_train=[5.0, 10.0, 20.0, 40.0],
+                 precession=[5.0, 20.0], llg=[(2.0, 1.0), (8.0, 1.0), (8.0, math.inf)],
+                 tp_tokens=24, tp_reps=3, tp_b1_tokens=12, tp_b32_tokens=12),
+    "quick": dict(fid_prompts=8, n_draws=16, seeds=[0, 1], gen_prompts=8, max_new_tokens=6, batch_size=8,
+                  oracle_steps=[5, 10], curve_steps=[5, 10], eta_train=[10.0, 20.0], precession=[20.0],
+                  llg=[(8.0, 1.0)], tp_tokens=8, tp_reps=2, tp_b1_tokens=4, tp_b32_tokens=4),
 }
-SINGLE_STEP_ARMS = ("spin field-only", "spin prior eta=0", "spin prior best")
-TABLE_KEYS = [("fidelity/tv", "TV ↓"), ("fidelity/kl", "KL ↓"), ("fidelity/top1_agreement", "top-1 ↑"),
-              ("fidelity/logprob", "draw logp ↑"), ("gen/perplexity", "PPL ↓ [95% CI]"), ("gen/distinct_1", "dist-1"),
-              ("gen/distinct_2", "dist-2"), ("gen/distinct_3", "dist-3"), ("gen/self_bleu", "self-BLEU"),
-              ("gen/rep_2", "rep-2"), ("cost/tokens_per_s", "tok/s"), ("cost/sde_steps_per_token", "steps/tok")]
+METHODS = ("geodesic_em", "geodesic_midpoint", "geodesic_heun")
+GRIDS = ("uniform", "speciation")
+KEYS = (("fidelity/tv", "TV"), ("fidelity/kl", "KL"), ("fidelity/top1_agreement", "top-1"),
+        ("fidelity/logprob", "draw log p"), ("gen/perplexity", "PPL"), ("gen/distinct_2", "distinct-2"),
+        ("gen/self_bleu", "self-BLEU"))
 
 
 def _fmt(m: float, c: float = float("nan"), digits: int = 3) -> str:
-    if m is None or not isinstance(m, (int, float)) or math.isnan(m):
-        return "–"
-    s = f"{m:.{digits}g}" if abs(m) < 1e4 else f"{m:.3g}"
-    return s + (f" ± {c:.2g}" if isinstance(c, (int, float)) and math.isfinite(c) else "")
-
-
-def _cell(r: EvalResult, key: str) -> str:
-    """'mean ± CI'; perplexity as exp(-mean log-prob) with the interval mapped through exp (the mean
-    of per-seed perplexities is dominated by one bad seed)."""
-    if key == "gen/perplexity":
-        m, c = r.mean.get("gen/logprob", float("nan")), r.ci.get("gen/logprob", float("nan"))
-        if not math.isfinite(m):
-            return "–"
-        if not math.isfinite(c):
-            return _fmt(math.exp(-m))
-        return f"{math.exp(-m):.3g} [{math.exp(-(m + c)):.3g}, {math.exp(-(m - c)):.3g}]"
-    return _fmt(r.mean.get(key, float("nan")), r.ci.get(key, float("nan")))
-
-
-def _loadavg() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+    if m is None or not math.isfinite(m):
+        return "n/a"
+    s = f"{m:.{digits}g}" if abs(m) >= 1000 else f"{m:.{digits}f}"
+    return s if not math.isfinite(c) else f"{s} ± {c:.{digits}f}"
 
 
 class Bench:
-    """State shared by the benchmark stages: session, prompts, cache, results and W&B group."""
+    """Session, prompts, cache, results and W&B group shared by the stages."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -107,8 +85,8 @@ class Bench:
         self.base = [f"model.name={args.model}", "stream=false"]
         self.session = GenerationSession.load(compose("sample", self.base).model)
         self.cache = EvalCache()
-        self.gen_prompts = load_eval_prompts("", self.s["gen_prompts"])
         self.fid_prompts = load_eval_prompts("", self.s["fid_prompts"])
+        self.gen_prompts = load_eval_prompts("", self.s["gen_prompts"])
         self.results: dict[str, EvalResult] = {}
         self.log: list[str] = []
 
@@ -120,7 +98,7 @@ class Bench:
         return build_sampler(compose("sample", self.base + list(overrides)), self.session)
 
     def evaluate(self, key: str, overrides: Sequence[str], generation: bool = True) -> EvalResult:
-        """Fidelity on the fidelity prompts, continuations on the generation prompts (memoised by key)."""
+        """Fidelity on the fidelity prompts (+ continuations on the generation prompts), memoised by key."""
         memo = self.results.get(key)
         if memo is not None and (not generation or "gen/perplexity" in memo.mean):
             return memo
@@ -133,87 +111,91 @@ class Bench:
             gen = evaluate_sampler(s, self.gen_prompts, self.s["seeds"], 0, self.s["max_new_tokens"],
                                    self.s["batch_size"], fidelity=False, generation=True, cache=self.cache)
             rows = [{**a, **b} for a, b in zip(fid.per_seed, gen.per_seed)]
-        res = EvalResult({**s.describe(), "key": key}, rows)
+        res = EvalResult({**s.describe(), "key": key, "overrides": list(overrides)}, rows)
         self.results[key] = res
-        self.say(f"  {key:<28} {s.label:<52} TV={_fmt(res.mean['fidelity/tv'], res.ci['fidelity/tv'])}"
-                 + (f" PPL={_fmt(res.mean['gen/perplexity'], res.ci['gen/perplexity'])}"
-                    f" dist2={_fmt(res.mean['gen/distinct_2'])}" if generation else "")
+        self.say(f"  {key:<30} {s.label:<58} TV={_fmt(res.mean['fidelity/tv'], res.ci['fidelity/tv'])}"
+                 + (f" PPL={_fmt(res.mean['gen/perplexity'], res.ci['gen/perplexity'])}" if generation else "")
                  + f" ({time.perf_counter() - t0:.0f} s)")
         self._wandb(key, res)
         return res
 
     def _wandb(self, key: str, res: EvalResult) -> None:
-        from spindiff.tracking import init_run, resolve_mode
+        from spindiff.tracking import finish_run, log_metrics, start_run
 
-        cfg = compose("sample", self.base)
-        if resolve_mode(cfg.wandb.mode) == "disabled" or self.args.no_wandb:
+        if self.args.no_wandb:
             return
-        run = init_run(cfg.wandb, self.out, {"bench": self.mode, "arm": key, **res.sampler}, name=key,
-                       job_type="bench", group=self.group)
+        cfg = compose("sample", self.base)
+        run = start_run(cfg.wandb, self.out, {"bench": self.mode, "arm": key, **res.sampler}, name=key,
+                        job_type="bench", group=self.group)
+        if run is None:
+            return
         flat = {k: v for k, v in res.flat().items() if "/" in k and isinstance(v, (int, float)) and math.isfinite(v)}
-        run.log(flat)
-        run.summary.update(flat)
-        run.finish()
+        log_metrics(run, flat, summary=True)
+        finish_run(run)
+
+
+def _spin(steps: Optional[int] = None, method: Optional[str] = None, grid: Optional[str] = None,
+          ckpt: Optional[str] = None, **kw: Any) -> list[str]:
+    out = ["sampler.name=spin", f"ckpt={ckpt or 'none'}"]
+    out += [f"sampler.steps={steps}"] if steps else []
+    out += [f"sampler.method={method}"] if method else []
+    out += [f"sampler.grid={grid}"] if grid else []
+    return out + [f"sampler.{k}={v}" for k, v in kw.items()]
+
+
+ORACLE = {"prior": "lm"}
 
 
 # --------------------------------------------------------------------------- stages
-def stage_sweep(b: Bench, spin_ckpt: Optional[str]) -> dict[str, Any]:
-    """eta x lambda grid (fidelity only) with the learned checkpoint; returns best points."""
-    spec = load_sweep(DEFAULT_SWEEP)
-    grid = dict(spec.grid)
-    if b.s["sweep_eta"]:
-        grid["sampler.eta"] = b.s["sweep_eta"]
-    if b.s["sweep_lam"]:
-        grid["sampler.lam"] = b.s["sweep_lam"]
-    grid["sampler.steps"] = [b.s["sweep_steps"]]
-    spec = SweepSpec(name="eta_lambda", method="grid", metric="fidelity/tv", goal="minimize", grid=grid,
-                     fixed={**spec.fixed, "eval.n_prompts": b.s["sweep_prompts"], "eval.seeds": b.s["sweep_seeds"],
-                            "eval.n_draws": b.s["sweep_draws"], "eval.generation": False},
-                     raw={**spec.raw, "parameters": {**spec.raw["parameters"]}})
-    extra = b.base + [f"ckpt={spin_ckpt or 'none'}"]
-    if b.args.no_wandb:
-        extra.append("wandb.mode=disabled")
-    b.say(f"[sweep] eta {grid['sampler.eta']} x lam {grid['sampler.lam']} at steps {b.s['sweep_steps']}, "
-          f"ckpt={spin_ckpt or 'none (field-only)'}")
-    res = run_sweep(spec, extra, b.out / "sweep", session=b.session, progress=True)
-    ok = [r for r in res["rows"] if r.get("status") == "ok"]
-    pos = [r for r in ok if r["sampler.eta"] > 0]
-    best_pos = min(pos, key=lambda r: r["fidelity/tv"]) if pos else None
-    best_all = min(ok, key=lambda r: r["fidelity/tv"]) if ok else None
-    return {"rows": res["rows"], "best_pos": best_pos, "best_all": best_all, "dir": str(res["out"])}
+def stage_oracle(b: Bench) -> dict[str, Any]:
+    """TV of the oracle over integrators x grids x steps; decoding variants at the default steps."""
+    rows: dict[str, dict[str, dict[int, float]]] = {}
+    for grid in GRIDS:
+        for method in METHODS:
+            cur = rows.setdefault(grid, {}).setdefault(method, {})
+            for n in b.s["oracle_steps"]:
+                r = b.evaluate(f"oracle/{grid}/{method}/{n}", _spin(n, method, grid, **ORACLE), generation=False)
+                cur[n] = r.mean["fidelity/tv"]
+    dflt = compose("sample", b.base).sampler
+    decode = {
+        "posterior at t_eps": b.evaluate("oracle/default", _spin(**ORACLE), generation=False),
+        "nearest cosine": b.evaluate("oracle/nearest", _spin(decode="nearest", **ORACLE), generation=False),
+        "early exit at kappa >= 100": b.evaluate("oracle/exit100", _spin(exit_kappa=100.0, **ORACLE), generation=False),
+    }
+    return {"tv": rows, "decode": decode, "default": (int(dflt.steps), str(dflt.method), str(dflt.grid))}
 
 
-def _over(name: str, eta: float = 0.0, lam: float = math.inf, steps: int = 20, ckpt: Optional[str] = None) -> list[str]:
-    lam_s = "inf" if math.isinf(lam) else str(lam)
-    return [f"sampler.name={name}", f"sampler.eta={eta}", f"sampler.lam={lam_s}", f"sampler.steps={steps}",
-            f"ckpt={ckpt or 'none'}"]
+def stage_arms(b: Bench, ckpts: dict[str, str], euclid: Optional[str]) -> dict[str, EvalResult]:
+    arms: dict[str, EvalResult] = {}
+    arms["ar"] = b.evaluate("ar", ["sampler.name=ar"])
+    arms["oracle"] = b.evaluate("oracle", _spin(**ORACLE))
+    for name, path in ckpts.items():
+        arms[f"learned:{name}"] = b.evaluate(f"learned:{name}", _spin(ckpt=path))
+    fp = {e: b.evaluate(f"field-prior@{e:g}", _spin(prior="field", eta_train=e), generation=False)
+          for e in b.s["eta_train"]}
+    best_e = min(fp, key=lambda e: fp[e].mean["fidelity/tv"])
+    arms[f"field-prior@{best_e:g} (best)"] = b.evaluate(f"field-prior@{best_e:g}", _spin(prior="field", eta_train=best_e))
+    main = next(iter(ckpts.values()), None)
+    for g in b.s["precession"]:
+        arms[f"oracle+prec{g:g}"] = b.evaluate(f"oracle+prec{g:g}", _spin(precession=g, **ORACLE))
+        if main:
+            arms[f"learned+prec{g:g}"] = b.evaluate(f"learned+prec{g:g}", _spin(ckpt=main, precession=g))
+    if main:
+        for eta, lam in b.s["llg"]:
+            key = f"learned+llg({eta:g},{'inf' if math.isinf(lam) else f'{lam:g}'})"
+            arms[key] = b.evaluate(key, _spin(ckpt=main, eta=eta, lam=lam), generation=False)
+    if euclid:
+        arms["euclid_ddpm"] = b.evaluate("euclid_ddpm", ["sampler.name=euclid_ddpm", f"ckpt={euclid}"])
+    return arms
 
 
-def stage_main(b: Bench, arms: dict[str, Optional[list[str]]]) -> dict[str, dict[int, EvalResult]]:
-    """Every arm at every steps value (ar once)."""
-    table: dict[str, dict[int, EvalResult]] = {}
-    for name, over in arms.items():
-        if over is None:
-            continue
-        if name == "ar":
-            table[name] = {0: b.evaluate("ar", over)}
-            continue
-        table[name] = {}
-        steps = [20] if name in SINGLE_STEP_ARMS else b.s["steps"]  # extra arms: one steps value
-        for st in steps:
-            o = [x for x in over if not x.startswith("sampler.steps=")] + [f"sampler.steps={st}"]
-            table[name][st] = b.evaluate(f"{name}@{st}", o)
-    return table
-
-
-def stage_curves(b: Bench, curves: dict[str, list[str]]) -> dict[str, dict[int, EvalResult]]:
-    """Fidelity vs steps (no generation) for each curve."""
-    out: dict[str, dict[int, EvalResult]] = {}
-    for name, over in curves.items():
+def stage_curves(b: Bench, ckpts: dict[str, str]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    targets = {"oracle": dict(ORACLE)} | {f"learned:{k}": {"ckpt": v} for k, v in list(ckpts.items())[:1]}
+    for name, kw in targets.items():
         out[name] = {}
-        for st in b.s["curve_steps"]:
-            o = [x for x in over if not x.startswith("sampler.steps=")] + [f"sampler.steps={st}"]
-            out[name][st] = b.evaluate(f"{name}@{st}", o, generation=False)
+        for n in b.s["curve_steps"]:
+            out[name][n] = b.evaluate(f"{name}/steps{n}", _spin(n, **kw), generation=False).mean["fidelity/tv"]
     return out
 
 
@@ -224,9 +206,8 @@ def _tps(sampler: Sampler, session: GenerationSession, seqs: list[list[int]], to
 
 
 def stage_throughput(b: Bench, arms: dict[str, list[str]]) -> dict[str, Any]:
-    """tokens/s side by side at batch 1, 8 and 32: every (arm, batch) is measured once per round,
-    round-robin, for ``tp_reps`` rounds, so load changes on a shared machine hit all of them alike.
-    Reported: median and best (max) over rounds; ratios from both."""
+    """tokens/s side by side at batch 1, 8 and 32, round-robin over arms for ``tp_reps`` rounds
+    (load changes on a shared machine hit every arm alike); median and best over rounds."""
     s = b.s
     prompts = load_eval_prompts("", 40)
     seqs = b.session.encode(prompts, reserve=s["tp_tokens"])
@@ -240,283 +221,105 @@ def stage_throughput(b: Bench, arms: dict[str, list[str]]) -> dict[str, Any]:
             for k, smp in samplers.items():
                 start = (bs * rep) % (40 - bs + 1)
                 runs[k][bs].append(_tps(smp, b.session, seqs[start:start + bs], tok, rep))
-    res: dict[str, Any] = {"tokens": {bs: tok for bs, tok in plan}, "reps": s["tp_reps"]}
-    for bs, _ in plan:
-        res[f"batch{bs}"] = {k: {"median": statistics.median(v[bs]), "best": max(v[bs]), "runs": v[bs]}
-                             for k, v in runs.items()}
+    res: dict[str, Any] = {f"batch{bs}": {k: {"median": statistics.median(v[bs]), "best": max(v[bs])}
+                                          for k, v in runs.items()} for bs, _ in plan}
     res["ratios"] = {}
-    for stat in ("median", "best"):
-        ar = res["batch8"].get("ar", {}).get(stat)
-        for k in samplers:
-            if ar and k != "ar":
-                res["ratios"][f"{k}/ar@batch8 ({stat})"] = res["batch8"][k][stat] / ar
-            res["ratios"][f"{k}:batch32/batch1 ({stat})"] = res["batch32"][k][stat] / res["batch1"][k][stat]
     for k in samplers:
-        b.say(f"  {k:<22} tok/s median (best)  b1={res['batch1'][k]['median']:.1f} ({res['batch1'][k]['best']:.1f})"
-              f"  b8={res['batch8'][k]['median']:.1f} ({res['batch8'][k]['best']:.1f})"
-              f"  b32={res['batch32'][k]['median']:.1f} ({res['batch32'][k]['best']:.1f})")
+        if k != "ar":
+            res["ratios"][f"{k}/ar@batch8"] = res["batch8"][k]["median"] / res["batch8"]["ar"]["median"]
+        res["ratios"][f"{k}:batch32/batch1"] = res["batch32"][k]["median"] / res["batch1"][k]["median"]
+    for k in samplers:
+        b.say(f"  {k:<16} tok/s (median)  b1={res['batch1'][k]['median']:.1f}  b8={res['batch8'][k]['median']:.1f}"
+              f"  b32={res['batch32'][k]['median']:.1f}")
     for k, v in res["ratios"].items():
         b.say(f"  ratio {k} = {v:.2f}")
     return res
 
 
-# --------------------------------------------------------------------------- figures and report
-def _fig_curves(b: Bench, curves: dict[str, dict[int, EvalResult]], table: dict[str, dict[int, EvalResult]]) -> list[str]:
+# --------------------------------------------------------------------------- report
+def _figure(b: Bench, oracle: dict[str, Any], curves: dict[str, dict[int, float]], floor: float) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spindiff.evaluation.sweep import _savefig
-
-    paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, title) in zip(axes, [("fidelity/tv", "next-token TV vs LM (lower is better)"),
-                                       ("fidelity/logprob", "LM log-prob of draws (higher is better)"),
-                                       ("fidelity/top1_agreement", "top-1 agreement (higher is better)")]):
-        for name, pts in curves.items():
-            xs = sorted(pts)
-            ys = [pts[x].mean[key] for x in xs]
-            es = [pts[x].ci[key] if math.isfinite(pts[x].ci[key]) else 0 for x in xs]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
-        if "ar" in table:
-            ax.axhline(table["ar"][0].mean[key], color="k", ls="--", lw=1, label="ar (floor/reference)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for grid, by_method in oracle["tv"].items():
+        for method, tv in by_method.items():
+            axes[0].plot(list(tv), list(tv.values()), marker="o", ls="-" if grid == "uniform" else "--",
+                         label=f"{method.replace('geodesic_', '')}, {grid}")
+    for name, tv in curves.items():
+        axes[1].plot(list(tv), list(tv.values()), marker="o", label=name)
+    for ax, title in zip(axes, ("oracle prior: integrator x grid", "oracle vs learned (shipped settings)")):
+        ax.axhline(floor, color="k", lw=1, ls=":", label="ar (finite-sample floor)")
         ax.set_xscale("log")
         ax.set_xlabel("SDE steps per token")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    p = b.out / "quality_vs_steps.png"
-    _savefig(fig, p)
+        ax.set_ylabel("next-token TV vs the LM")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = b.out / "tv_vs_steps.png"
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
-    paths.append(p.name)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (key, title) in zip(axes, [("gen/perplexity", "perplexity under the LM (lower is better)"),
-                                       ("gen/distinct_2", "distinct-2 (diversity)"),
-                                       ("cost/tokens_per_s", "tokens/s (batch 8)")]):
-        for name, pts in table.items():
-            if name == "ar":
-                ax.axhline(pts[0].mean[key], color="k", ls="--", lw=1, label="ar")
-                continue
-            xs = sorted(pts)
-            if key == "gen/perplexity":  # exp(-mean log-prob) with the log-space CI mapped through exp
-                ms = [pts[x].mean["gen/logprob"] for x in xs]
-                cs = [pts[x].ci["gen/logprob"] if math.isfinite(pts[x].ci["gen/logprob"]) else 0 for x in xs]
-                ys = [math.exp(-m) for m in ms]
-                err = [[y - math.exp(-(m + c)) for y, m, c in zip(ys, ms, cs)],
-                       [math.exp(-(m - c)) - y for y, m, c in zip(ys, ms, cs)]]
-            else:
-                ys = [pts[x].mean[key] for x in xs]
-                err = [pts[x].ci[key] if math.isfinite(pts[x].ci[key]) else 0 for x in xs]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-        ax.set_xscale("log")
-        if key == "gen/perplexity":
-            ax.set_yscale("log")
-        ax.set_xlabel("SDE steps per token")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    p = b.out / "generation_vs_steps.png"
-    _savefig(fig, p)
-    plt.close(fig)
-    paths.append(p.name)
-    return paths
+    return path.name
 
 
-def _value(r: EvalResult, key: str) -> float:
-    """The reported mean; perplexity as exp(-mean log-prob), as in the table."""
-    if key == "gen/perplexity" and math.isfinite(r.mean.get("gen/logprob", float("nan"))):
-        return math.exp(-r.mean["gen/logprob"])
-    return r.mean.get(key, float("nan"))
+def _row(name: str, r: EvalResult, ar: EvalResult, oracle: EvalResult) -> str:
+    cells = [_fmt(r.mean.get(k, float("nan")), r.ci.get(k, float("nan"))) for k, _ in KEYS]
+    d_ar = r.mean["fidelity/tv"] - ar.mean["fidelity/tv"]
+    d_or = r.mean["fidelity/tv"] - oracle.mean["fidelity/tv"]
+    ppl = r.mean.get("gen/perplexity", float("nan")) / ar.mean.get("gen/perplexity", float("nan"))
+    return f"| {name} | " + " | ".join(cells) + f" | {d_ar:+.3f} | {d_or:+.3f} | {_fmt(ppl, digits=2)} |"
 
 
-def _cmp(a: EvalResult, c: EvalResult, key: str, lower_better: bool) -> tuple[str, float]:
-    """'better' | 'worse' | 'indistinguishable' for a vs c on key (95% CIs overlap -> indistinguishable).
-    Perplexity is compared through the mean log-prob (its CI is symmetric there, not in PPL)."""
-    if key == "gen/perplexity" and all(math.isfinite(r.mean.get("gen/logprob", float("nan"))) for r in (a, c)):
-        return _cmp(a, c, "gen/logprob", not lower_better)
-    ma, mc = a.mean.get(key, float("nan")), c.mean.get(key, float("nan"))
-    ca = a.ci.get(key, 0.0) if math.isfinite(a.ci.get(key, float("nan"))) else 0.0
-    cc = c.ci.get(key, 0.0) if math.isfinite(c.ci.get(key, float("nan"))) else 0.0
-    if not (math.isfinite(ma) and math.isfinite(mc)):
-        return "not measured", float("nan")
-    if abs(ma - mc) <= ca + cc:
-        return "indistinguishable", ma - mc
-    better = (ma < mc) if lower_better else (ma > mc)
-    return ("better" if better else "worse"), ma - mc
-
-
-def write_report(b: Bench, info: dict[str, Any], sweep: Optional[dict[str, Any]], table: dict[str, dict[int, EvalResult]],
-                 curves: dict[str, dict[int, EvalResult]], tp: Optional[dict[str, Any]], figs: list[str]) -> str:
-    s = b.s
-    L: list[str] = []
-    L.append(f"# Generation benchmark ({b.mode})\n")
-    L.append(f"Command: `{info['command']}`  ")
-    L.append(f"Model: {b.session.name} (d={b.session.dim}, V={b.session.token_table.shape[0]}); host: "
-             f"{info['host']}; torch threads {torch.get_num_threads()}; load average at start {info['load_start']}, "
-             f"at end {info['load_end']}; wall {info['wall_min']:.1f} min; git {info['git']}.\n")
-    L.append(f"Checkpoints: spin = `{info['spin_ckpt']}` ({info['spin_ckpt_summary']}); euclid_ddpm = "
-             f"`{info['euclid_ckpt']}` ({info['euclid_ckpt_summary']})"
-             + (f"; field prior = `{info['prior_ckpt']}` ({info['prior_ckpt_summary']})" if info.get("prior_ckpt") else "")
-             + ".\n")
-    L.append(f"Evaluation: fidelity on {len(b.fid_prompts)} held-out prompts × {s['n_draws']} draws; continuations "
-             f"of {s['max_new_tokens']} tokens on {len(b.gen_prompts)} prompts (batch {s['batch_size']}); seeds "
-             f"{s['seeds']}; mean ± 95% Student-t CI half-width over seeds. TV/KL compare the empirical next-token "
-             f"distribution of {s['n_draws']} draws with the LM softmax; `ar` sampling exactly from the LM gives "
-             f"the finite-sample floor of these two numbers.\n")
-    if sweep is not None:
-        L.append("## 1. eta × lambda sweep (learned score + field drift)\n")
-        L.append(f"Grid at {s['sweep_steps']} steps on {s['sweep_prompts']} prompts × {s['sweep_draws']} draws, seeds "
-                 f"{s['sweep_seeds']} (files: `{Path(sweep['dir']).name}/summary.csv`, heatmaps, best.json).\n")
-        L.append("| eta | lam | TV ↓ | top-1 ↑ | draw logp ↑ |\n|---|---|---|---|---|")
-        for r in sorted([r for r in sweep["rows"] if r.get("status") == "ok"], key=lambda r: r["fidelity/tv"]):
-            lam = "inf" if math.isinf(r["sampler.lam"]) else f"{r['sampler.lam']:g}"
-            L.append(f"| {r['sampler.eta']:g} | {lam} | {_fmt(r['fidelity/tv'], r.get('fidelity/tv_ci'))} | "
-                     f"{_fmt(r['fidelity/top1_agreement'])} | {_fmt(r['fidelity/logprob'])} |")
-        bp, ba = sweep["best_pos"], sweep["best_all"]
-        if bp:
-            L.append(f"\nBest with the field on (eta > 0): **eta = {bp['sampler.eta']:g}, lambda = "
-                     f"{'inf' if math.isinf(bp['sampler.lam']) else format(bp['sampler.lam'], 'g')}** "
-                     f"(TV {_fmt(bp['fidelity/tv'], bp.get('fidelity/tv_ci'))}). Best overall: eta = {ba['sampler.eta']:g}, "
-                     f"lambda = {'inf' if math.isinf(ba['sampler.lam']) else format(ba['sampler.lam'], 'g')}.\n")
-        L.append("![TV heatmap](sweep/heatmap_fidelity_tv.png)\n")
-    L.append("## 2. Arms × steps\n")
-    L.append("| arm | steps | " + " | ".join(t for _, t in TABLE_KEYS) + " |")
-    L.append("|---|---|" + "---|" * len(TABLE_KEYS))
-    for name, pts in table.items():
-        for st in sorted(pts):
-            r = pts[st]
-            L.append(f"| {name} | {st or '–'} | " + " | ".join(_cell(r, k) for k, _ in TABLE_KEYS) + " |")
-    L.append("\nLabels: " + "; ".join(f"`{name}` = {next(iter(p.values())).sampler.get('label')}"
-                                     for name, p in table.items()) + ".\n")
-    L.append("## 3. Quality vs steps, with and without precession\n")
-    for f in figs:
-        L.append(f"![{f}]({f})\n")
-    L.append("| curve | " + " | ".join(f"{st} steps" for st in s["curve_steps"]) + " |")
-    L.append("|---|" + "---|" * len(s["curve_steps"]))
-    for name, pts in curves.items():
-        L.append(f"| {name} (TV) | " + " | ".join(_fmt(pts[st].mean['fidelity/tv'], pts[st].ci['fidelity/tv'])
-                                                   for st in s["curve_steps"]) + " |")
+def write_report(b: Bench, info: dict[str, Any], oracle: dict[str, Any], arms: dict[str, EvalResult],
+                 curves: dict[str, dict[int, float]], tp: Optional[dict[str, Any]], fig: str) -> str:
+    ar, orc = arms["ar"], arms["oracle"]
+    lines = [f"# Generation benchmark ({b.mode})", "",
+             f"Model {info['model']}; {len(b.fid_prompts)} held-out prompts x {b.s['n_draws']} draws for fidelity, "
+             f"{len(b.gen_prompts)} prompts x {b.s['max_new_tokens']} tokens for continuations; seeds {b.s['seeds']}; "
+             f"mean ± 95% CI over seeds. Shipped sampler: {oracle['default'][0]} steps of {oracle['default'][1]} on the "
+             f"{oracle['default'][2]} grid. Load average {info['loadavg']}; {info['wall_min']:.1f} min.", "",
+             "## Oracle prior (the LM's own logits): TV by integrator, grid and steps", "",
+             "| grid | integrator | " + " | ".join(str(n) for n in b.s["oracle_steps"]) + " |",
+             "|---|---|" + "---|" * len(b.s["oracle_steps"])]
+    for grid, by_method in oracle["tv"].items():
+        for method, tv in by_method.items():
+            lines.append(f"| {grid} | {method} | " + " | ".join(f"{tv[n]:.3f}" for n in b.s["oracle_steps"]) + " |")
+    lines += ["", f"ar (direct draws from the LM, the finite-sample floor): TV {_fmt(ar.mean['fidelity/tv'], ar.ci['fidelity/tv'])}",
+              "", "Decoding at the shipped settings: " + "; ".join(
+                  f"{k}: TV {_fmt(v.mean['fidelity/tv'], v.ci['fidelity/tv'])}" for k, v in oracle["decode"].items()),
+              "", f"![TV vs steps]({fig})", "", "## Arms at the shipped sampler settings", "",
+              "| arm | " + " | ".join(n for _, n in KEYS) + " | TV - ar | TV - oracle | PPL / ar |",
+              "|---|" + "---|" * (len(KEYS) + 3)]
+    lines += [_row(k, r, ar, orc) for k, r in arms.items()]
+    lines += ["", "## Steps (TV)", "", "| arm | " + " | ".join(str(n) for n in b.s["curve_steps"]) + " |",
+              "|---|" + "---|" * len(b.s["curve_steps"])]
+    lines += [f"| {k} | " + " | ".join(f"{v[n]:.3f}" for n in b.s["curve_steps"]) + " |" for k, v in curves.items()]
     if tp:
-        L.append(f"\n## 4. Throughput (side by side; every (arm, batch) once per round, round-robin, {tp['reps']} "
-                 f"rounds; tokens/s median (best); no EOS stop; {tp['tokens'][1]}/{tp['tokens'][8]}/{tp['tokens'][32]} "
-                 "new tokens at batch 1/8/32)\n")
-        L.append("| arm | batch 1 | batch 8 | batch 32 | batch32 / batch1 (median) |\n|---|---|---|---|---|")
-        for k in tp["batch8"]:
-            cell = lambda bs: f"{tp[f'batch{bs}'][k]['median']:.1f} ({tp[f'batch{bs}'][k]['best']:.1f})"  # noqa: E731
-            L.append(f"| {k} | {cell(1)} | {cell(8)} | {cell(32)} | {tp['ratios'][f'{k}:batch32/batch1 (median)']:.2f} |")
-        L.append("")
-        for k, v in tp["ratios"].items():
-            target = "≥ 0.5" if "/ar@batch8" in k else "≥ 3"
-            if k.startswith("spin") or "/ar@" in k:
-                L.append(f"- **{k} = {v:.2f}** (target {target}: {'met' if v >= (0.5 if '/ar@' in k else 3) else 'NOT met'})")
-        L.append("")
-    L.append("## 5. Answer to the paper's open question (Sec. V.5)\n")
-    L.extend(answer(b, sweep, table, curves))
-    return "\n".join(L) + "\n"
+        lines += ["", "## Throughput (tokens/s, median of rounds, side by side)", "", "| arm | batch 1 | batch 8 | batch 32 |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {tp['batch1'][k]['median']:.1f} | {tp['batch8'][k]['median']:.1f} | "
+                  f"{tp['batch32'][k]['median']:.1f} |" for k in tp["batch1"]]
+        lines += [""] + [f"- {k}: {v:.2f}" for k, v in tp["ratios"].items()]
+    lines += ["", "## Distances from the limits", ""]
+    for k, r in arms.items():
+        if k in ("ar", "oracle"):
+            continue
+        lines.append(f"- {k}: TV {r.mean['fidelity/tv'] - orc.mean['fidelity/tv']:+.3f} from the oracle, "
+                     f"{r.mean['fidelity/tv'] - ar.mean['fidelity/tv']:+.3f} from ar.")
+    lines += ["", f"Oracle vs ar: TV {orc.mean['fidelity/tv'] - ar.mean['fidelity/tv']:+.3f} (95% CIs "
+              f"± {orc.ci['fidelity/tv']:.3f} / ± {ar.ci['fidelity/tv']:.3f}).", ""]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(b.out / "report.md", text)
+    return text
 
 
-def answer(b: Bench, sweep: Optional[dict[str, Any]], table: dict[str, dict[int, EvalResult]],
-           curves: dict[str, dict[int, EvalResult]]) -> list[str]:
-    """Plain-language conclusions computed from the numbers (CI overlap = no detectable difference)."""
-    out: list[str] = []
-    ref_steps = 20 if 20 in b.s["steps"] else b.s["steps"][-1]
-    A = table.get("spin eta=0", {}).get(ref_steps)
-    B = table.get("spin best", {}).get(ref_steps)
-    F = table.get("spin field-only", {}).get(ref_steps)
-    E = table.get("euclid_ddpm", {}).get(ref_steps)
-    R = table.get("ar", {}).get(0)
-    metrics = [("fidelity/tv", True, "next-token TV"), ("fidelity/logprob", False, "LM log-prob of draws"),
-               ("gen/perplexity", True, "perplexity"), ("gen/distinct_2", False, "distinct-2"),
-               ("gen/self_bleu", True, "self-BLEU")]
-
-    def line(x: EvalResult, y: EvalResult, xn: str, yn: str) -> str:
-        parts = []
-        for k, lower, name in metrics:
-            verdict, diff = _cmp(x, y, k, lower)
-            parts.append(f"{name} {verdict} ({_fmt(_value(x, k))} vs {_fmt(_value(y, k))})")
-        return f"- **{xn} vs {yn}** at {ref_steps} steps: " + "; ".join(parts) + "."
-
-    if A is not None and B is not None:
-        out.append("**Perplexity / fidelity / diversity: field drift on vs off (same learned score).**")
-        out.append(line(B, A, f"field on ({B.sampler['label']})", "learned score only (eta = 0)"))
-    if sweep is not None and sweep.get("best_all") is not None:
-        ba = sweep["best_all"]
-        out.append(f"- In the sweep the lowest TV overall is at eta = {ba['sampler.eta']:g} "
-                   + ("(the field drift does not improve next-token fidelity over the learned score)."
-                      if ba["sampler.eta"] == 0 else "(a non-zero field drift gives the lowest TV)."))
-    PA, PB = table.get("spin prior eta=0", {}).get(ref_steps), table.get("spin prior best", {}).get(ref_steps)
-    if PA is not None and A is not None:
-        out.append("\n**The field as an analytic prior inside the score (score_net.eta_train > 0).**")
-        out.append(line(PA, A, "learned residual + field prior, no drift", "learned score only"))
-        if PB is not None and B is not None:
-            out.append(line(PB, B, "learned residual + field prior + field drift", "learned score + field drift"))
-    if E is not None:
-        out.append("\n**Against the Brownian (Euclidean DDPM) baseline.**")
-        if A is not None:
-            out.append(line(A, E, "spherical, learned only", "euclid_ddpm"))
-        if B is not None:
-            out.append(line(B, E, "spherical + field", "euclid_ddpm"))
-    if R is not None:
-        out.append("\n**Against the LM's own sampling (ar).**")
-        for X, n in ((B, "spherical + field"), (A, "spherical, learned only"), (E, "euclid_ddpm"), (F, "field only")):
-            if X is not None:
-                out.append(line(X, R, n, "ar"))
-    if curves:
-        out.append("\n**Fewer steps with non-reversible (precessing) dynamics?**")
-        names = list(curves)
-        prec = [n for n in names if "lam=inf" not in n and n.startswith("spin best")]
-        noprec = [n for n in names if "lam=inf" in n]
-        if prec and noprec:
-            N = curves[noprec[0]]
-            for pn in prec:
-                P = curves[pn]
-                verdicts = []
-                for st in b.s["curve_steps"]:
-                    v, d = _cmp(P[st], N[st], "fidelity/tv", True)
-                    verdicts.append(f"{st}: {v} ({_fmt(P[st].mean['fidelity/tv'])} vs {_fmt(N[st].mean['fidelity/tv'])})")
-                out.append(f"- TV of `{pn}` vs `{noprec[0]}` at equal steps — " + "; ".join(verdicts) + ".")
-                wins = sum(_cmp(P[st], N[st], "fidelity/tv", True)[0] == "better" for st in b.s["curve_steps"])
-                loses = sum(_cmp(P[st], N[st], "fidelity/tv", True)[0] == "worse" for st in b.s["curve_steps"])
-                out.append(f"  Precession ({pn.split('(')[-1].rstrip(')')}) is better at {wins}, worse at {loses}, "
-                           f"indistinguishable at {len(b.s['curve_steps']) - wins - loses} of "
-                           f"{len(b.s['curve_steps'])} step counts.")
-            steps_to = {}
-            for n in prec + noprec:
-                floor = min(curves[n][st].mean["fidelity/tv"] for st in b.s["curve_steps"])
-                ok = [st for st in b.s["curve_steps"] if curves[n][st].mean["fidelity/tv"] <= floor + 0.01]
-                steps_to[n] = ok[0]
-            out.append("- Steps to come within 0.01 TV of each curve's own best: "
-                       + "; ".join(f"{n.split('(')[-1].rstrip(')')}: {v}" for n, v in steps_to.items()) + ".")
-        else:
-            out.append("- No precession-off curve was run.")
-    out.append("\n**Controllability** was not measured beyond the knobs themselves: eta moves the sampler "
-               "between the learned distribution (eta = 0) and the attention-field attractor (large eta), as the "
-               "sweep table shows; no attribute-control task was run.")
-    out.append("\nVerdicts use the 95% CIs over seeds: 'indistinguishable' means the intervals overlap. "
-               "All numbers are for the checkpoints named above, trained briefly on CPU; a longer-trained score "
-               "network could change the spherical and Euclidean arms, not the ar reference.")
-    return out
-
-
-# --------------------------------------------------------------------------- main
-def _ckpt(session: GenerationSession, spec: str, objective: str) -> Optional[str]:
-    if spec == "none":
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
         return None
-    if spec == "auto":
-        return find_checkpoint(session, objective)[0]
-    return spec
-
-
-def _ckpt_summary(session: GenerationSession, path: Optional[str]) -> str:
-    if not path:
-        return "none"
-    from spindiff.checkpoint import checkpoint_summary, load_checkpoint
-
-    s = checkpoint_summary(load_checkpoint(path))
-    params = s.get("score_net_params")
-    return (f"{s.get('objective')}, {s.get('global_step')} optimizer steps, "
-            + (f"{params / 1e6:.2f}M params, " if params else "")
-            + f"features {s.get('context_features')}, eta_train {s.get('eta_train')}, "
-            + f"best val loss {_fmt(s['best_val_loss']) if s.get('best_val_loss') is not None else 'not recorded'}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -524,85 +327,39 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="a few-minute version (fewer prompts, seeds, steps)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="")
-    ap.add_argument("--spin-ckpt", default="auto", help="auto | none | PATH")
-    ap.add_argument("--euclid-ckpt", default="auto", help="auto | none | PATH")
-    ap.add_argument("--prior-ckpt", default="none",
-                    help="PATH of a spin checkpoint trained with score_net.eta_train > 0 (experiment=field_prior): "
-                         "adds the arms 'spin prior eta=0' and 'spin prior best' at 20 steps")
-    ap.add_argument("--eta", type=float, default=None, help="skip the sweep: use this eta (with --lam)")
-    ap.add_argument("--lam", type=float, default=None)
+    ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
+                    help="a trained posterior checkpoint (repeatable; the first is the main one)")
+    ap.add_argument("--euclid-ckpt", default="", help="a euclid_ddpm checkpoint")
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--no-wandb", action="store_true", help="do not log arms to W&B (offline by default)")
     args = ap.parse_args(argv)
-    t_start = time.perf_counter()
-    load_start = _loadavg()
+    ckpts = dict(c.split("=", 1) for c in args.ckpt)
+    t0 = time.perf_counter()
     b = Bench(args)
-    spin_ckpt = _ckpt(b.session, args.spin_ckpt, "spin")
-    euclid_ckpt = _ckpt(b.session, args.euclid_ckpt, "euclid_ddpm")
-    b.say(f"# bench_generation ({b.mode}) on {b.session.name}; spin ckpt={spin_ckpt}; euclid ckpt={euclid_ckpt}; "
-          f"out={b.out}")
-    sweep = None
-    if args.eta is None:
-        sweep = stage_sweep(b, spin_ckpt)
-        bp = sweep["best_pos"]
-        eta, lam = (bp["sampler.eta"], bp["sampler.lam"]) if bp else (1.0, 1.0)
-    else:
-        eta, lam = args.eta, (args.lam if args.lam is not None else 1.0)
-    b.say(f"[arms] best field drift: eta={eta:g} lam={lam:g}")
-    arms: dict[str, Optional[list[str]]] = {
-        "ar": ["sampler.name=ar", "sampler.temperature=1.0", "sampler.top_p=1.0"],
-        "spin eta=0": _over("spin", 0.0, math.inf, 20, spin_ckpt) if spin_ckpt else None,
-        "spin best": _over("spin", eta, lam, 20, spin_ckpt),
-        "spin field-only": _over("spin", eta, lam, 20, None) if spin_ckpt else None,
-        "euclid_ddpm": _over("euclid_ddpm", 0.0, math.inf, 20, euclid_ckpt) if euclid_ckpt else None,
-    }
-    prior_ckpt = None if args.prior_ckpt == "none" else args.prior_ckpt
-    if prior_ckpt:
-        arms["spin prior eta=0"] = _over("spin", 0.0, math.inf, 20, prior_ckpt)
-        arms["spin prior best"] = _over("spin", eta, lam, 20, prior_ckpt)
-    table = stage_main(b, arms)
-    # precession on (finite lambda: the best one and 1, 0.25) vs off (lambda = inf), same eta
-    lams = sorted({x for x in ([lam] if math.isfinite(lam) else []) + [1.0, 0.25]}, reverse=True)
-    curves = {f"spin best (lam={x:g})": _over("spin", eta, x, 20, spin_ckpt) for x in lams}
-    curves["spin best (lam=inf)"] = _over("spin", eta, math.inf, 20, spin_ckpt)
-    if spin_ckpt:
-        curves["spin eta=0"] = _over("spin", 0.0, math.inf, 20, spin_ckpt)
-    if euclid_ckpt:
-        curves["euclid_ddpm"] = _over("euclid_ddpm", 0.0, math.inf, 20, euclid_ckpt)
-    b.say("[curves] fidelity vs steps")
-    # reuse the main-table results where the configuration is the same
-    for cname, over in curves.items():
-        for st in b.s["curve_steps"]:
-            for aname, aover in arms.items():
-                if aover is not None and aname != "ar" and sorted(x for x in aover if "steps" not in x) == \
-                        sorted(x for x in over if "steps" not in x) and f"{aname}@{st}" in b.results:
-                    b.results[f"{cname}@{st}"] = b.results[f"{aname}@{st}"]
-    curve_res = stage_curves(b, curves)
+    b.say(f"# bench_generation ({b.mode}) on {b.session.name}, out={b.out}")
+    b.say("## oracle: integrators x grids x steps")
+    oracle = stage_oracle(b)
+    b.say("## arms")
+    arms = stage_arms(b, ckpts, args.euclid_ckpt or None)
+    b.say("## steps")
+    curves = stage_curves(b, ckpts)
     tp = None
     if not args.no_throughput:
-        b.say("[throughput] side by side")
-        tp_arms = {"ar": arms["ar"], "spin best@20": _over("spin", eta, lam, 20, spin_ckpt)}
-        if spin_ckpt:
-            tp_arms["spin eta=0@20"] = _over("spin", 0.0, math.inf, 20, spin_ckpt)
+        b.say("## throughput")
+        tp_arms = {"ar": ["sampler.name=ar"], "spin(oracle)": _spin(**ORACLE)}
+        if ckpts:
+            tp_arms["spin(learned)"] = _spin(ckpt=next(iter(ckpts.values())))
         tp = stage_throughput(b, tp_arms)
-    figs = _fig_curves(b, curve_res, table)
-    info = {"command": "python bench/bench_generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "host": f"{platform.platform()}, {os.cpu_count()} CPUs", "load_start": load_start,
-            "load_end": _loadavg(), "wall_min": (time.perf_counter() - t_start) / 60, "git": git_commit(),
-            "spin_ckpt": spin_ckpt, "euclid_ckpt": euclid_ckpt, "prior_ckpt": prior_ckpt,
-            "prior_ckpt_summary": _ckpt_summary(b.session, prior_ckpt),
-            "spin_ckpt_summary": _ckpt_summary(b.session, spin_ckpt),
-            "euclid_ckpt_summary": _ckpt_summary(b.session, euclid_ckpt)}
-    report = write_report(b, info, sweep, table, curve_res, tp, figs)
-    atomic_write_text(b.out / "report.md", report)
-    results = {"info": info, "settings": b.s, "best": {"eta": eta, "lam": lam},
-               "sweep_best": sweep and {k: sweep[k] for k in ("best_pos", "best_all")},
-               "table": {n: {str(st): r.to_json() for st, r in p.items()} for n, p in table.items()},
-               "curves": {n: {str(st): r.to_json() for st, r in p.items()} for n, p in curve_res.items()},
-               "throughput": tp, "versions": package_versions()}
-    atomic_write_json(b.out / "results.json", results)
-    print(f"\nwrote {b.out / 'report.md'} ({info['wall_min']:.1f} min)")
-    return results
+    info = {"model": b.session.name, "loadavg": _loadavg(), "wall_min": (time.perf_counter() - t0) / 60,
+            "host": platform.node(), "python": sys.version.split()[0], "git": git_commit(),
+            "packages": package_versions(), "argv": list(argv or sys.argv[1:]), "checkpoints": ckpts}
+    fig = _figure(b, oracle, curves, arms["ar"].mean["fidelity/tv"])
+    text = write_report(b, info, oracle, arms, curves, tp, fig)
+    atomic_write_json(b.out / "results.json", {
+        "info": info, "settings": b.s, "oracle_tv": oracle["tv"], "curves": curves, "throughput": tp,
+        "arms": {k: r.to_json() for k, r in arms.items()}, "all": {k: r.to_json() for k, r in b.results.items()}})
+    print(text)
+    return {"out": str(b.out), "arms": arms, "oracle": oracle, "curves": curves, "throughput": tp}
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class DataConfig:
 
     source: str = "lm"  # lm (continuations sampled from the LM itself) | file
     path: str = ""  # text file when source=file
-    n_sequences: int = 128  # lm: continuations to sample; file: max chunks (0 = all)
+    n_sequences: int = 256  # lm: continuations to sample; file: max chunks (0 = all)
     seq_len: int = 48  # lm: new tokens per continuation; file: tokens per chunk
     prompts: str = ""  # lm: file with one seed prompt per line (default: built-in diverse set)
     seed: int = 0  # data generation and split (independent of the training seed)
@@ -158,7 +158,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` at trainer.max_steps."""
 
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # passed to Trainer(gradient_clip_val=...); 0 = off
     betas: list = _field(default_factory=lambda: [0.9, 0.999])
@@ -242,7 +242,7 @@ class SteerConfig:
 # --------------------------------------------------------------------------- entry points
 # lightning.Trainer arguments of the shipped `python train.py` (configs/train.yaml states the same)
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_steps": 500, "max_epochs": -1, "val_check_interval": 100, "check_val_every_n_epoch": None,
+    "max_steps": 400, "max_epochs": -1, "val_check_interval": 100, "check_val_every_n_epoch": None,
     "log_every_n_steps": 10, "num_sanity_val_steps": 0, "accelerator": "auto", "devices": 1,
     "enable_progress_bar": True,
 }

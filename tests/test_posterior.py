@@ -81,11 +81,11 @@ def test_untrained_model_is_the_prior_exactly():
                                 row_norms=torch.rand(V) + 0.5)
         expect = {"field": 7.0 * (F.normalize(field, dim=-1) @ table.T), "none": torch.zeros(5, V), "lm": lm}[prior]
         assert torch.equal(m(field, hidden, lm, table), expect)
-    # the read-out can represent the LM's logits W_U h exactly (A = I, s_v = |W_U[v]|)
+    # the read-out represents the LM's logits W_U h exactly (gate g = 1, s_v = |W_U[v]|)
     W = torch.randn(V, d, generator=g)
-    m = PosteriorScoreModel(d, V, "hidden", "none", hidden=0, row_norms=W.norm(dim=-1))
+    m = PosteriorScoreModel(d, V, "field+hidden", "none", hidden=0, row_norms=W.norm(dim=-1))
     with torch.no_grad():
-        m.readout.weight.copy_(torch.eye(d))
+        m.gate.fill_(1.0)
     assert torch.allclose(m(field, hidden, None, F.normalize(W, dim=-1)), hidden @ W.T, atol=1e-5)
 
 
