@@ -26,6 +26,7 @@ last position is the one that matters).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -108,6 +109,21 @@ def family_of(model: Any) -> str:
         f"model_type '{mt}' has no architecture adapter yet; supported: gpt2, llama-family "
         "(see README 'Adding a model family')"
     )
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off for loads from local files (a fraction of a second;
+    the bar is noise). Restored afterwards; the GGUF dequantisation and hub downloads keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def cache_root(cfg_dir: str = "") -> Path:
@@ -219,8 +235,9 @@ def load_smollm2(cache_dir: str = "", dtype: torch.dtype = torch.float32):
     cached = _smollm2_cache_dir(cache_root(cache_dir), gguf)
     if (cached / "model.safetensors").exists():
         try:
-            tok = AutoTokenizer.from_pretrained(str(cached))
-            model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+            with _no_loading_bar():
+                tok = AutoTokenizer.from_pretrained(str(cached))
+                model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
             return model.eval(), tok, str(cached), True
         except Exception as e:  # corrupt cache: rebuild it
             notice(f"the SmolLM2 cache at {cached} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
@@ -256,11 +273,13 @@ def load_hf(name: str, dtype: torch.dtype, revision: str | None = None, hub_time
 
     kw = dict(revision=revision, trust_remote_code=False)
     if Path(name).is_dir():
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).eval(),
-                AutoTokenizer.from_pretrained(name, **kw), str(Path(name).resolve()))
+        with _no_loading_bar():
+            return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw).eval(),
+                    AutoTokenizer.from_pretrained(name, **kw), str(Path(name).resolve()))
     try:  # the HF cache, without touching the network
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True, **kw)
-        return model.eval(), AutoTokenizer.from_pretrained(name, local_files_only=True, **kw), f"hf-cache:{name}"
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True, **kw)
+            return model.eval(), AutoTokenizer.from_pretrained(name, local_files_only=True, **kw), f"hf-cache:{name}"
     except OSError:
         pass
     if not _hub_reachable(hub_timeout):
