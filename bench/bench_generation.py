@@ -49,16 +49,18 @@ from spindiff.generation import GenerationSession, Sampler, build_sampler
 from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_text, git_commit, package_versions
 
 SETTINGS = {
-    "full": dict(fid_prompts=40, n_draws=32, seeds=[0, 1, 2], gen_prompts=40, max_new_tokens=12, batch_size=8,
-                 oracle_steps=[5, 10, 20, 50, 100], curve_steps=[5, 10, 20, 50, 100], eta_train=[5.0, 10.0, 20.0, 40.0],
-                 precession=[5.0, 20.0], llg=[(2.0, 1.0), (8.0, 1.0), (8.0, math.inf)],
+    "full": dict(fid_prompts=40, n_draws=32, seeds=[0, 1], gen_prompts=16, max_new_tokens=8, batch_size=8,
+                 grids=["uniform"], oracle_steps=[5, 10, 20], curve_steps=[5, 10, 20], eta_train=[10.0, 20.0, 40.0],
+                 precession=[20.0], llg=[(8.0, 1.0)], tp_tokens=16, tp_reps=2, tp_b1_tokens=8, tp_b32_tokens=8),
+    "long": dict(fid_prompts=40, n_draws=32, seeds=[0, 1, 2], gen_prompts=40, max_new_tokens=12, batch_size=8,
+                 grids=["uniform", "speciation"], oracle_steps=[5, 10, 20, 50, 100], curve_steps=[5, 10, 20, 50, 100],
+                 eta_train=[5.0, 10.0, 20.0, 40.0], precession=[5.0, 20.0], llg=[(2.0, 1.0), (8.0, 1.0), (8.0, math.inf)],
                  tp_tokens=24, tp_reps=3, tp_b1_tokens=12, tp_b32_tokens=12),
     "quick": dict(fid_prompts=8, n_draws=16, seeds=[0, 1], gen_prompts=8, max_new_tokens=6, batch_size=8,
-                  oracle_steps=[5, 10], curve_steps=[5, 10], eta_train=[10.0, 20.0], precession=[20.0],
+                  grids=["uniform", "speciation"], oracle_steps=[5, 10], curve_steps=[5, 10], eta_train=[10.0, 20.0], precession=[20.0],
                   llg=[(8.0, 1.0)], tp_tokens=8, tp_reps=2, tp_b1_tokens=4, tp_b32_tokens=4),
 }
 METHODS = ("geodesic_em", "geodesic_midpoint", "geodesic_heun")
-GRIDS = ("uniform", "speciation")
 KEYS = (("fidelity/tv", "TV"), ("fidelity/kl", "KL"), ("fidelity/top1_agreement", "top-1"),
         ("fidelity/logprob", "draw log p"), ("gen/perplexity", "PPL"), ("gen/distinct_2", "distinct-2"),
         ("gen/self_bleu", "self-BLEU"))
@@ -76,7 +78,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.mode = "quick" if args.quick else "full"
+        self.mode = "quick" if args.quick else ("long" if args.long else "full")
         self.s = dict(SETTINGS[self.mode])
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.out = Path(args.out or Path("runs") / "bench" / f"generation-{stamp}")
@@ -150,7 +152,7 @@ ORACLE = {"prior": "lm"}
 def stage_oracle(b: Bench) -> dict[str, Any]:
     """TV of the oracle over integrators x grids x steps; decoding variants at the default steps."""
     rows: dict[str, dict[str, dict[int, float]]] = {}
-    for grid in GRIDS:
+    for grid in b.s["grids"]:
         for method in METHODS:
             cur = rows.setdefault(grid, {}).setdefault(method, {})
             for n in b.s["oracle_steps"]:
@@ -177,9 +179,10 @@ def stage_arms(b: Bench, ckpts: dict[str, str], euclid: Optional[str]) -> dict[s
     arms[f"field-prior@{best_e:g} (best)"] = b.evaluate(f"field-prior@{best_e:g}", _spin(prior="field", eta_train=best_e))
     main = next(iter(ckpts.values()), None)
     for g in b.s["precession"]:
-        arms[f"oracle+prec{g:g}"] = b.evaluate(f"oracle+prec{g:g}", _spin(precession=g, **ORACLE))
+        arms[f"oracle+prec{g:g}"] = b.evaluate(f"oracle+prec{g:g}", _spin(precession=g, **ORACLE), generation=False)
         if main:
-            arms[f"learned+prec{g:g}"] = b.evaluate(f"learned+prec{g:g}", _spin(ckpt=main, precession=g))
+            arms[f"learned+prec{g:g}"] = b.evaluate(f"learned+prec{g:g}", _spin(ckpt=main, precession=g),
+                                                    generation=False)
     if main:
         for eta, lam in b.s["llg"]:
             key = f"learned+llg({eta:g},{'inf' if math.isinf(lam) else f'{lam:g}'})"
@@ -325,6 +328,7 @@ def _loadavg() -> Optional[float]:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few-minute version (fewer prompts, seeds, steps)")
+    ap.add_argument("--long", action="store_true", help="every grid, steps up to 100, 3 seeds (~1 h on 2 cores)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="")
     ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",

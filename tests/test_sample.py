@@ -13,7 +13,6 @@ import torch
 
 from spindiff.config import compose
 from spindiff.generation.sample import SampleError, sample
-from spindiff.generation.decoding import warp_logits
 from spindiff.generation import (SAMPLERS, GenerationSession, build_sampler, decode_spins, find_checkpoint)
 
 TINY = ["model.name=tiny-gpt2", "wandb.mode=disabled", "stream=false"]
@@ -73,15 +72,6 @@ def test_decode_spins_is_argmax_cosine_with_margin():
     assert torch.equal(ids_k, ids)
     _, _, m0 = decode_spins(spins, table, kappa=1e-6, generator=g)
     assert (m0 <= 1e-12).any()
-
-
-def test_warp_logits_top_p_and_greedy():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(warp_logits(logits, 1.0, 0.7))
-    assert kept.tolist() == [[True, True, False, False]]
-    assert torch.isfinite(warp_logits(logits, 1.0, 1.0)).all()
-    g = warp_logits(logits, 0.0, 1.0)
-    assert torch.isfinite(g).sum() == 1 and g.argmax() == 0
 
 
 # ----------------------------------------------------------------------------- generation

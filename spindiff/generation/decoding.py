@@ -1,5 +1,5 @@
 """Decoding a final spin into a token: nearest cosine (one matmul, optional bfloat16 pre-search),
-or a draw from softmax(kappa cos); the LM's own logit warping for the ``ar`` sampler.
+or a draw from softmax(kappa cos).
 """
 from __future__ import annotations
 
@@ -79,17 +79,3 @@ def coarse_table(table: Tensor, rows: int = 8, reps: int = 3) -> Optional[Tensor
         return low if t16 < 0.8 * t32 else None
     except (RuntimeError, TypeError):
         return None
-
-
-def warp_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Logits after temperature and nucleus (top-p) filtering, as ``generate`` applies them. (B, V)."""
-    if temperature <= 0:
-        out = torch.full_like(logits, float("-inf"))
-        return out.scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
-    x = logits / temperature
-    if top_p < 1.0:
-        srt, idx = x.sort(dim=-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) >= top_p  # keep the smallest prefix with mass >= top_p
-        x = x.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return x

@@ -83,7 +83,6 @@ class GenerationSession:
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
-        self.tokenizer.padding_side = "left"
         self.adapter = get_adapter(self.model)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
