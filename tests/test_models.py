@@ -81,6 +81,7 @@ def test_run_record(tmp_path):
 @pytest.mark.slow
 def test_gpt2_falls_back_to_smollm2_offline(monkeypatch, capsys, recwarn):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("spindiff.runtime._SHOWN", set())  # "once per process": earlier tests may have warned
     lm = load_model(ModelConfig(name="gpt2"))
     load_model(ModelConfig(name="gpt2"))  # a second load (a sweep, a bench) does not repeat it
     err = capsys.readouterr().err
