@@ -61,6 +61,7 @@ class AnalysisConfig:
     pair_top_k: int = 10  # beyond / pairs: heads (largest exact zero-ablation effect) whose pairs are ablated
     qkv_split: bool = True  # beyond / paths: split the head paths into queries, keys and values
     qk_fix: bool = True  # beyond / attribution: the AtP* attention-saturation correction
+    hybrid_layers: int = 2  # beyond: the hybrid predictor scans the heads of layers < this exactly (0 = off)
     batch_size: int = 16
     progress: bool = True
     seed: int = 0
@@ -79,7 +80,8 @@ def check_config(cfg: DictConfig) -> None:
         if cfg[key] not in choices:
             raise ConfigError(f"{key}={cfg[key]}: use one of {', '.join(choices)}")
     for key, low in (("top_k", 1), ("n_permutations", 1), ("n_bootstrap", 1), ("n_splits", 1), ("t_steps", 2),
-                     ("batch_size", 1), ("scan_prompts", 0), ("pair_top_k", 2), ("landscape_prompt", 0)):
+                     ("batch_size", 1), ("scan_prompts", 0), ("pair_top_k", 2), ("landscape_prompt", 0),
+                     ("hybrid_layers", 0)):
         if cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]}: must be >= {low}")
     if not 0 < cfg.alpha < 1:

@@ -152,8 +152,8 @@ def fig_causal(theory: np.ndarray, effect: np.ndarray, path: str | os.PathLike, 
 def fig_predictors(preds: dict[str, dict[str, np.ndarray]], exact: dict[str, np.ndarray], summary: dict[str, Any],
                    labels: dict[str, str], path: str | os.PathLike, title: str = "") -> str:
     """Predicted (x) vs exact ablation effect (y), one point per (prompt, head); rows: ablation modes,
-    columns: the predictors of the hierarchy (direct, + head paths, + MLP paths = AtP, AtP*)."""
-    keys = [k for k in ("direct", "+heads", "+heads+mlps", "atp_star") if k in next(iter(preds.values()))]
+    columns: the predictors of the hierarchy (direct, + head paths, + MLP paths = AtP, AtP*, hybrid)."""
+    keys = [k for k in ("direct", "+heads", "+heads+mlps", "atp_star", "hybrid") if k in next(iter(preds.values()))]
     modes = list(preds)
     fig, axes = plt.subplots(len(modes), len(keys), figsize=(3.2 * len(keys), 3.0 * len(modes)), squeeze=False)
     for i, m in enumerate(modes):
@@ -165,8 +165,9 @@ def fig_predictors(preds: dict[str, dict[str, np.ndarray]], exact: dict[str, np.
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
             ax.axhline(0, color="grey", lw=0.4)
             ax.axvline(0, color="grey", lw=0.4)
-            r = summary[m]["predictors"][k]["r"]
-            ax.set_title(f"{labels[k].split(' (')[0]}\n{m}-ablation: r = {r:+.3f}", fontsize=7)
+            rec = summary[m]["predictors"][k]
+            name = rec.get("label", labels[k]).split(" (")[0].split(", AtP for")[0]
+            ax.set_title(f"{name}\n{m}-ablation: r = {rec['r']:+.3f}", fontsize=7)
             ax.set_xlabel("predicted change in dL", fontsize=7)
             if j == 0:
                 ax.set_ylabel("exact change in dL", fontsize=7)

@@ -258,7 +258,7 @@ def test_reproduce_gpt2_falls_back_to_smollm2(tmp_path, monkeypatch, capsys):
 def beyond_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("beyond")
     res = main(["beyond", "model.name=tiny-llama", "model.dtype=float64", "prompts=paper", "scan_prompts=6",
-                "pair_top_k=3", f"out={out}", *SMALL])
+                "pair_top_k=3", "hybrid_layers=1", f"out={out}", *SMALL])
     return res, out
 
 
@@ -276,12 +276,14 @@ def test_beyond_writes_tables_figures_and_the_answer(beyond_run):
     preds = _numeric_cells_parse(out / "predictors.csv")
     assert {(r["mode"], r["predictor"]) for r in preds} == {
         (m, k) for m in ("zero", "mean") for k in ("direct", "direct_norm", "+heads", "+q", "+k", "+v", "+heads+mlps",
-                                                    "atp_star")}
+                                                    "atp_star", "hybrid")}
     for r in preds:
         rec = by["modes"][r["mode"]]["predictors"][r["predictor"]]
         assert float(r["r"]) == pytest.approx(rec["r"], rel=1e-8) and -1 <= float(r["r"]) <= 1
         assert float(r["r_ci_low"]) <= float(r["r_ci_high"]) and float(r["seconds"]) > 0
-    assert by["answer"].startswith("**") and "0.9" in by["answer"]
+    assert by["answer"].startswith("**") and "0.9" in by["answer"] and by["best"] != "hybrid"
+    zero = by["modes"]["zero"]["predictors"]
+    assert zero["hybrid"]["seconds"] > zero["+heads+mlps"]["seconds"] and "layers 0-0" in zero["hybrid"]["label"]
     assert by["direct_equals_minus_dl_theory_max_abs_diff"] < 1e-10
     md = (out / "report.md").read_text()
     assert "Does adding three-body terms substantially improve the correlation?" in md
