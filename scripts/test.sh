@@ -6,4 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# pytest's tmp_path folders under a root of this run only: concurrent pytest runs of the same user
+# otherwise prune each other's /tmp/pytest-of-$USER/pytest-N (cwd and files vanish mid-test)
+if [ -z "${PYTEST_DEBUG_TEMPROOT:-}" ]; then
+  PYTEST_DEBUG_TEMPROOT=$(mktemp -d)
+  export PYTEST_DEBUG_TEMPROOT
+  trap 'rm -rf "$PYTEST_DEBUG_TEMPROOT"' EXIT
+fi
 python -m pytest -q -rs "$@"
