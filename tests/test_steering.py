@@ -39,7 +39,7 @@ def test_word_field_is_the_normalised_mean_unit_embedding(session):
     st = build_steering(_cfg(f"steer.words={WORDS}", "steer.strength=3").steer, session)
     ids = [session.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in WORDS.split(",")]
     W = session.adapter.unembedding().detach()
-    mean = torch.stack([W[i] / W[i].norm() for i in ids]).mean(0)
+    mean = torch.stack([W[i] / W[i].norm() for i in ids]).mean(0) - (W / W.norm(dim=-1, keepdim=True)).mean(0)
     assert torch.allclose(st.direction, mean / mean.norm(), atol=1e-12)
     assert st.words == tuple(WORDS.split(",")) and st.strength == 3.0
     # the field favours the words: each word's B.e_v is above the vocabulary's mean
@@ -225,3 +225,45 @@ def test_cli_bad_steering_input_exits_2_with_one_error_line(tmp_path, args, matc
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], r.stderr
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+
+
+# --------------------------------------------------------------------------- the benchmark's scoring
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_steering", REPO / "bench" / "bench_steering.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_scoring_helpers():
+    bs = _bench()
+    assert bs.held_out_hit("We watched the Games last night.", ["games"])
+    assert not bs.held_out_hit("The gamers were late.", ["game", "games"])  # whole words only
+    for t, v in bs.TOPICS.items():  # held-out words are never steering words
+        assert not {w.lower() for w in v["steer"]} & {w.lower() for w in v["heldout"]}, t
+    assert len(bs.NEUTRAL_PROMPTS) == 40 and len(set(bs.NEUTRAL_PROMPTS)) == 40
+    # success at matched log-perplexity: linear between the strengths that bracket the target
+    pts = [(0.0, 3.0, 0.1), (1.0, 4.0, 0.5), (2.0, 5.0, 0.9)]
+    assert bs.success_at(pts, 3.5) == pytest.approx(0.3)
+    assert bs.success_at(pts, 4.5) == pytest.approx(0.7)
+    assert math.isnan(bs.success_at(pts, 5.5))
+    # gap statistics: contrast = mean over male-coded minus female-coded occupations
+    gaps = np.array([2.0, 2.2, 1.8, 2.0, -1.0, -1.2, -0.8, -1.0])
+    labels = np.array(["male"] * 4 + ["female"] * 4)
+    occ = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    st = bs.gap_stats(gaps, labels, occ)
+    assert st["contrast"][0] == pytest.approx(3.0) and st["mean_gap"][0] == pytest.approx(0.5)
+    assert st["mean_abs_gap"][0] == pytest.approx(1.5)
+
+
+@pytest.mark.smollm2
+def test_bench_topic_words_are_single_tokens_for_smollm2():
+    from spindiff.lm.models import load_model
+    from spindiff.generation.steering import word_ids
+
+    bs = _bench()
+    tok = load_model(ModelConfig(name="smollm2-135m")).tokenizer
+    for t, v in bs.TOPICS.items():
+        assert len(word_ids(tok, v["steer"], "smollm2-135m")) == len(v["steer"])
