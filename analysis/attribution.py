@@ -38,7 +38,7 @@ from torch import Tensor
 
 from analysis.ablation import ablation_check
 from analysis.attention import attend, check_supported, transpose_positional
-from analysis.paths import GradientTrace, ablation_delta
+from analysis.paths import GradientTrace, ablation_delta, need_branches
 from spindiff.lm.adapter import ArchitectureAdapter
 from spindiff.lm.field import last_positions
 
@@ -62,6 +62,7 @@ class SaturationFix:
     @torch.no_grad()
     def __init__(self, tr: GradientTrace, ad: ArchitectureAdapter):
         check_supported(ad)
+        need_branches(tr, "SaturationFix")
         self.tr, self.ad = tr, ad
         self.pos = last_positions(tr.mask)
         self.targets: dict[int, dict[str, Tensor]] = {}

@@ -49,6 +49,8 @@ from spindiff.lm.field import last_positions
 class GradientTrace:
     """One forward and one backward of the gap (summed over the batch; rows are independent).
 
+    (the fields after g_z are None for ``gradient_trace(..., branches=False)``, except resid_final)
+
     z, g_z:  per layer (B, T, H, dh): z and d gap / d z (all paths)
     v_attn:  per layer (B, T, D): the gradient entering layer l's attention branch at its input
              (J_attn^T of the gradient after it; zeros for layer 0, where no earlier head writes)
@@ -61,24 +63,26 @@ class GradientTrace:
     gap: Tensor
     z: list[Tensor]
     g_z: list[Tensor]
-    v_attn: list[Tensor]
-    v_mlp: list[Tensor]
-    g_final: Tensor
+    v_attn: list[Tensor] | None
+    v_mlp: list[Tensor] | None
+    g_final: Tensor | None
     resid_final: Tensor
-    attn_in: list[Tensor]
-    mlp_in: list[Tensor]
+    attn_in: list[Tensor] | None
+    mlp_in: list[Tensor] | None
     de: Tensor
     mask: Tensor
     seconds: float
 
 
 def gradient_trace(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask: Tensor, good: Tensor,
-                   bad: Tensor) -> GradientTrace:
+                   bad: Tensor, branches: bool = True) -> GradientTrace:
     """Forward + backward of dL on a left-padded batch, with every quantity :class:`PathTerms` needs.
 
     The graph starts at layer 0's z (detached there, so nothing before it is differentiated); each
-    norm's input is replaced by a copy of itself whose gradient is that branch's alone. Parameter
-    gradients are never formed (``torch.autograd.grad`` with the activations as inputs)."""
+    norm's input is replaced by a view of itself (no copy) whose gradient is that branch's alone.
+    Parameter gradients are never formed (``torch.autograd.grad`` with the activations as inputs).
+    ``branches=False``: z and its gradient only (all attribution patching needs); v_attn, v_mlp,
+    g_final, attn_in and mlp_in are then None."""
     t0 = time.perf_counter()
     L = ad.n_layers
     z: dict[int, Tensor] = {}
@@ -98,7 +102,7 @@ def gradient_trace(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask:
             x = args[0]
             if key == "final":
                 fin["resid"] = x[:, -1].detach()
-            x = x.clone()  # its own autograd node: the gradient that reaches it is this branch's alone
+            x = x.view_as(x)  # its own autograd node: the gradient that reaches it is this branch's alone
             store[key] = x
             return (x,) + tuple(args[1:])
         return hook
@@ -108,8 +112,9 @@ def gradient_trace(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask:
     norm_name = POST_ATTN_NORM[ad.family]
     for l in range(L):
         handles.append(ad.out_proj(l).register_forward_pre_hook(z_hook(l)))
-        handles.append(ad.attn_input_norm(l).register_forward_pre_hook(branch(xa, l)))
-        handles.append(getattr(blocks[l], norm_name).register_forward_pre_hook(branch(xm, l)))
+        if branches:
+            handles.append(ad.attn_input_norm(l).register_forward_pre_hook(branch(xa, l)))
+            handles.append(getattr(blocks[l], norm_name).register_forward_pre_hook(branch(xm, l)))
     handles.append(ad.final_norm().register_forward_pre_hook(branch(fin, "final")))
     try:
         with torch.enable_grad():
@@ -117,8 +122,9 @@ def gradient_trace(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask:
                         use_cache=False)
             logits = out.logits[:, -1]
             gap = logits.gather(-1, good[:, None])[:, 0] - logits.gather(-1, bad[:, None])[:, 0]
-            wanted = [z[l] for l in range(L)] + [xa[l] for l in range(1, L)] + [xm[l] for l in range(L)] \
-                + [fin["final"]]
+            wanted = [z[l] for l in range(L)]
+            if branches:
+                wanted += [xa[l] for l in range(1, L)] + [xm[l] for l in range(L)] + [fin["final"]]
             grads = torch.autograd.grad(gap.sum(), wanted, allow_unused=True)
     finally:
         for h in handles:
@@ -127,13 +133,18 @@ def gradient_trace(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask:
     g = [zero(t) if gr is None else gr.detach() for t, gr in zip(wanted, grads)]
     H, dh = ad.n_heads, ad.d_head
     shape = lambda t: t.view(*t.shape[:2], H, dh)  # noqa: E731
-    g_z = [shape(g[l]) for l in range(L)]
-    v_attn = [zero(xa[0]).detach()] + g[L:2 * L - 1]
-    v_mlp = g[2 * L - 1:3 * L - 1]
     W_U = ad.unembedding()
-    return GradientTrace(gap.detach().double(), [shape(z[l].detach()) for l in range(L)], g_z, v_attn, v_mlp,
-                         g[-1][:, -1], fin["resid"], [xa[l].detach() for l in range(L)],
-                         [xm[l].detach() for l in range(L)], (W_U[good] - W_U[bad]).detach(), mask, time.perf_counter() - t0)
+    tr = GradientTrace(gap.detach().double(), [shape(z[l].detach()) for l in range(L)],
+                       [shape(g[l]) for l in range(L)], None, None, None, fin["resid"], None, None,
+                       (W_U[good] - W_U[bad]).detach(), mask, 0.0)
+    if branches:
+        tr.v_attn = [zero(xa[0]).detach()] + g[L:2 * L - 1]
+        tr.v_mlp = g[2 * L - 1:3 * L - 1]
+        tr.g_final = g[-1][:, -1]
+        tr.attn_in = [xa[l].detach() for l in range(L)]
+        tr.mlp_in = [xm[l].detach() for l in range(L)]
+    tr.seconds = time.perf_counter() - t0
+    return tr
 
 
 TERMS = ("total", "direct", "direct_frozen", "via_heads", "via_mlps")
@@ -167,6 +178,11 @@ class PathTerms:
         return PathTerms(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in parts[0].names()})
 
 
+def need_branches(tr: GradientTrace, what: str) -> None:
+    if tr.v_attn is None:
+        raise ValueError(f"{what} needs the branch gradients: gradient_trace(..., branches=True)")
+
+
 def ablation_delta(tr: GradientTrace, layer: int, mode: str, mean_z: dict[int, Tensor] | None) -> Tensor:
     """z' - z (B, T, H, dh) for every head of ``layer``."""
     z = tr.z[layer]
@@ -179,6 +195,7 @@ def qkv_split(tr: GradientTrace, ad: ArchitectureAdapter) -> dict[str, list[Tens
     attention recomputed from the adapter's weights (:mod:`analysis.attention`), with three copies
     of the layer's input, one per side, each through the layer's input norm."""
     check_supported(ad)
+    need_branches(tr, "qkv_split")
     pos = last_positions(tr.mask)
     out: dict[str, list[Tensor]] = {k: [torch.zeros_like(tr.v_attn[0])] for k in QKV}
     for l in range(1, ad.n_layers):
@@ -198,6 +215,7 @@ def path_terms(tr: GradientTrace, ad: ArchitectureAdapter, mode: str = "zero",
     """The decomposition of the module docstring for every head of every layer (with the
     query/key/value split of the head paths when ``qkv`` from :func:`qkv_split` is given)."""
     ablation_check(mode, mean_z)
+    need_branches(tr, "path_terms")
     L, H = ad.n_layers, ad.n_heads
     B = tr.gap.shape[0]
     names = list(TERMS) + (list(QKV) if qkv else [])

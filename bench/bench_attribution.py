@@ -70,13 +70,13 @@ def main(argv=None) -> dict:
             last_logits(model, ids, mask)
     gradient_trace(model, ad, ids, mask, g, b)
 
-    def run_atp():
-        tr = gradient_trace(model, ad, ids, mask, g, b)
+    def run_atp():  # z and its gradient only
+        tr = gradient_trace(model, ad, ids, mask, g, b, branches=False)
         return tr, atp(tr, "zero")
 
-    def run_atp_star():
-        tr, a = run_atp()
-        return a + qk_fix(tr, ad, "zero", None, SaturationFix(tr, ad))
+    def run_atp_star():  # the QK fix needs the residual entering every layer (the branch hooks)
+        tr = gradient_trace(model, ad, ids, mask, g, b)
+        return atp(tr, "zero") + qk_fix(tr, ad, "zero", None, SaturationFix(tr, ad))
 
     def run_exact():
         return ablation_scan(model, ad, ts, heads, "zero", None, pad, len(ts), progress=False).effect

@@ -72,6 +72,15 @@ def test_path_terms_sum_to_first_order_effect(traced, mode):
     assert np.abs(pt.via_heads[:, -1]).max() == 0 and np.abs(pt.via_mlps[:, -1]).max() > 0
 
 
+def test_trace_without_branches_gives_the_same_attribution(traced):
+    model, ad, ts, ids, mask, tr, mz = traced
+    lean = gradient_trace(model, ad, ids, mask, ts.good_first, ts.bad_first, branches=False)
+    for mode in ("zero", "mean"):
+        np.testing.assert_allclose(atp(lean, mode, mz), atp(tr, mode, mz), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="branches=True"):
+        path_terms(lean, ad)
+
+
 def test_direct_frozen_is_minus_dl_theory(traced):
     model, ad, ts, ids, mask, tr, mz = traced
     gt = compute_gaps(model, ts, "in_situ", adapter=ad, progress=False)
