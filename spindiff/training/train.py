@@ -14,10 +14,11 @@ What a run does (``python train.py``; every setting in ``configs/train.yaml``):
    fails on its input leaves no stub directory;
 5. fits with ``lightning.Trainer(**cfg.trainer)``, keeping ``out/checkpoints/best.ckpt`` (lowest
    ``val/loss``) and ``out/checkpoints/last.ckpt``; every logged metric goes to ONE history,
-   ``out/metrics.csv`` (a resumed run drops the rows the interruption lost and appends; the
-   ``segment`` column counts the starts), and to W&B (offline unless a key is configured); with
-   ``resume=true`` an existing ``last.ckpt`` is validated and training continues from it; with
-   ``trainer.enable_progress_bar=false`` one progress line per ``print_every_n_steps``;
+   ``out/metrics.csv`` (:mod:`spindiff.training.history`; a resumed run drops the rows the
+   interruption lost and appends; the ``segment`` column counts the starts), and to W&B (offline
+   unless a key is configured); with ``resume=true`` an existing ``last.ckpt`` is validated and
+   training continues from it; with ``trainer.enable_progress_bar=false`` one progress line per
+   ``print_every_n_steps``;
 6. validates the final weights and writes ``out/results.json``.
 
 Multi-GPU / multi-node goes through Lightning's own settings (``trainer.strategy=ddp
@@ -28,10 +29,8 @@ the data module shards batches by rank itself (deterministic order, resumable), 
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import inspect
-import io
 import logging
 import math
 import sys
@@ -43,14 +42,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers.logger import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from spindiff.config import ConfigError, TrainConfig, register_check, register_user_error
 from spindiff.lm.adapter import HeadSpecError
-from spindiff.runtime import (atomic_write_json, atomic_write_text, default_out, prepare_run, quiet_third_party,
-                              record_model)
+from spindiff.runtime import atomic_write_json, default_out, prepare_run, quiet_third_party, record_model
+from spindiff.training.history import HistoryLogger, ProgressLines, first_values, history, next_segment
 
 MANAGED_TRAINER_KEYS = {
     "logger": "set by train.py (metrics.csv + W&B; configure W&B with wandb.*)",
@@ -162,107 +159,6 @@ def _check_heads(cfg: DictConfig, lm: Any) -> Any:
     return lm
 
 
-# --------------------------------------------------------------------------- metric history
-class HistoryLogger(Logger):
-    """Lightning logger writing the run's ONE metric history, ``out/metrics.csv``.
-
-    A resumed run (``start_step`` = the global step of the checkpoint it continues from) first
-    drops the rows at steps >= ``start_step`` (the interrupted segment logged them after its last
-    checkpoint; that work was lost and is redone), then appends. Every row carries ``segment``
-    (0 for the first start, +1 per resume). Only rank 0 writes."""
-
-    def __init__(self, path: Path, start_step: int | None = None, segment: int = 0) -> None:
-        super().__init__()
-        self.path, self.segment = Path(path), segment
-        old = _read_rows(self.path) if start_step is not None else []
-        self.rows = [r for r in old if _step(r) < int(start_step or 0)]
-
-    @property
-    def name(self) -> str:
-        return "history"
-
-    @property
-    def version(self) -> int:
-        return self.segment
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass  # config.yaml holds the resolved config
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row: dict[str, Any] = {"step": int(step if step is not None else len(self.rows)), "segment": self.segment}
-        row.update({k: float(v) for k, v in metrics.items()})
-        self.rows.append(row)
-
-    @rank_zero_only
-    def save(self) -> None:
-        _write_rows(self.path, self.rows)
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        self.save()
-
-
-def _step(row: dict[str, Any]) -> int:
-    return int(float(row.get("step") or 0))
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
-
-
-def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    keys = ["step", "segment", "epoch"]
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    keys = keys[:3] + sorted(keys[3:])
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (repr(float(v)) if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def history(out: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of a run's ``metrics.csv`` (the whole run, every segment)."""
-    res: dict[str, list[tuple[int, float]]] = {}
-    for row in _read_rows(Path(out) / "metrics.csv"):
-        for k, v in row.items():
-            if k not in ("step", "epoch", "segment"):
-                res.setdefault(k, []).append((_step(row), float(v)))
-    return res
-
-
-class ProgressLines(Callback):
-    """With the progress bar off: one line per ``every`` optimizer steps (and one per validation)
-    on stdout, so a log shows the fit advancing."""
-
-    def __init__(self, every: int, max_steps: int) -> None:
-        self.every, self.max_steps, self.t0, self.last, self.last_val = every, max_steps, time.perf_counter(), -1, -1
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if trainer.is_global_zero and step != self.last and step % self.every == 0:
-            self.last = step
-            loss = trainer.callback_metrics.get("train/loss")
-            total = f"/{self.max_steps}" if self.max_steps > 0 else ""
-            shown = f": train/loss {float(loss):.4g}" if loss is not None else ""
-            print(f"step {step}{total}{shown} ({time.perf_counter() - self.t0:.0f} s)", flush=True)
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking and trainer.global_step != self.last_val:
-            self.last_val = trainer.global_step  # the final validation of the same weights is not news
-            vals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if "noisy" not in k)
-            if shown:
-                print(f"step {trainer.global_step}: {shown}", flush=True)
-
-
 # --------------------------------------------------------------------------- resume
 RESUME_MUST_MATCH = ("model", "field", "data", "score_net", "sde", "objective", "weighting", "optim", "seed")
 RESUME_MAY_CHANGE = {"data.num_workers", "data.cache_dir", "data.cache", "data.feature_batch_size", "model.device",
@@ -288,10 +184,6 @@ def _check_resume_config(old: dict[str, Any], new: dict[str, Any], path: Path) -
         raise ConfigError(f"{path} was trained with different settings ({', '.join(diff[:6])}); resuming would mix "
                           "two runs. Use the original settings, a new out=DIR, or resume=false to start over in this "
                           "directory")
-
-
-def _first_values(hist: dict[str, list[tuple[int, float]]], prefix: str) -> dict[str, float]:
-    return {k: pts[0][1] for k, pts in hist.items() if k.startswith(prefix) and pts}
 
 
 # --------------------------------------------------------------------------- train
@@ -375,8 +267,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     if not tkw.get("enable_progress_bar", True) and int(cfg.get("print_every_n_steps", 0) or 0) > 0:
         all_callbacks.append(ProgressLines(int(cfg.print_every_n_steps), max_steps))
     all_callbacks.extend(callbacks)
-    segment = max([int(float(r.get("segment") or 0)) for r in _read_rows(out / "metrics.csv")] + [-1]) + 1 \
-        if resume_from else 0
+    segment = next_segment(out / "metrics.csv") if resume_from else 0
     loggers: list[Any] = [HistoryLogger(out / "metrics.csv", resume_step, segment)]
     wandb_logger = make_lightning_logger(cfg.wandb, out, plain, name=out.name) if rank == 0 else None
     if wandb_logger:
@@ -400,7 +291,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
 
     hist = history(out)
     if resume_from is not None:  # the run's first validation is in its history, not in this segment
-        val_start = _first_values(hist, "val/")
+        val_start = first_values(hist, "val/")
     train_curve = hist.get("train/loss", [])
     k = max(1, min(10, len(train_curve) // 4))  # smoothing window that never spans start and end
     head = [v for _, v in train_curve[:1]]
