@@ -62,6 +62,19 @@ def register_user_error(cls: type[BaseException]) -> type[BaseException]:
     return cls
 
 
+def finite_number(x: Any, what: str, fix: str = "give a finite number",
+                  error: type[Exception] = ConfigError) -> float:
+    """``float(x)`` for the setting ``what``; raises ``error`` (a user error class) saying whether
+    ``x`` is not a number or not finite, followed by ``fix``."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise error(f"{what}={x!r} is not a number; {fix}") from None
+    if not math.isfinite(v):
+        raise error(f"{what}={x!r} is not finite; {fix}")
+    return v
+
+
 # --------------------------------------------------------------------------- entry registry
 @dataclass(frozen=True)
 class Entry:

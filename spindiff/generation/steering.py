@@ -30,6 +30,7 @@ the difference of their raw context fields (:class:`spindiff.lm.field.ContextFie
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from spindiff.config import finite_number
 from spindiff.generation.session import SampleError
 from spindiff.sphere.geometry import SphereGeometry, precession
 
@@ -53,14 +55,7 @@ def _get(o: Any, k: str, d: Any = None) -> Any:
     return o.get(k, d) if hasattr(o, "get") else getattr(o, k, d)
 
 
-def _finite(x: Any, what: str, fix: str = "give a finite number") -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise SampleError(f"{what}={x!r} is not a number; {fix}") from None
-    if not math.isfinite(v):
-        raise SampleError(f"{what}={x!r} is not finite; {fix}")
-    return v
+_finite = functools.partial(finite_number, error=SampleError)  # (x, what, fix) -> float or SampleError
 
 
 class Steering:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import math
 import re
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spindiff.config import ConfigError
+from spindiff.config import ConfigError, finite_number
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList, HeadSpecError, head_name, last_positions, parse_heads
 
 __all__ = ["InterventionError", "Intervention", "HeadGains", "ActivationAddition", "Interventions",
@@ -45,14 +46,7 @@ class InterventionError(ConfigError):
     """An intervention that cannot be built (bad spec, head outside the model, zero direction ...)."""
 
 
-def _finite(x: Any, what: str) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise InterventionError(f"{what}={x!r} is not a number; give a finite number") from None
-    if not math.isfinite(v):
-        raise InterventionError(f"{what}={x!r} is not finite; give a finite number")
-    return v
+_finite = functools.partial(finite_number, error=InterventionError)  # (x, what) -> float or InterventionError
 
 
 # --------------------------------------------------------------------------- base
