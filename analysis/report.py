@@ -139,14 +139,17 @@ def render_markdown(rep: dict[str, Any], figures: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _figure(figures: dict[str, str], key: str, alt: str) -> list[str]:
+    """The markdown lines embedding figure ``key`` (with alt text ``alt``), none when it was not drawn."""
+    return [f"![{alt}]({figures[key]})", ""] if key in figures else []
+
+
 def _two_body_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
     lines = ["## Verdict", ""]
     lines += verdict_lines(rep)
     lines += ["", f"## Top {len(rep['top_heads'])} heads by |r|", "", heads_md(rep["top_heads"]), ""]
-    if "fig1" in figures:
-        lines += [f"![Fig. 1]({figures['fig1']})", ""]
-    if "heatmap" in figures:
-        lines += [f"![r heatmap]({figures['heatmap']})", ""]
+    lines += _figure(figures, "fig1", "Fig. 1")
+    lines += _figure(figures, "heatmap", "r heatmap")
     rp = rep.get("replication")
     if rp:
         lines += ["## Replication on the held-out set", "",
@@ -180,8 +183,7 @@ def _stage_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
                   ""]
         if ab.get("multi_token"):
             lines += [f"Multi-token candidates in this case (first token scored): {ab['multi_token']}", ""]
-        if "fig4" in figures:
-            lines += [f"![Fig. 4]({figures['fig4']})", ""]
+        lines += _figure(figures, "fig4", "Fig. 4")
     sc = rep.get("scan")
     if sc:
         lines += ["## Full ablation scan: does dL_theory predict the causal effect?", "",
@@ -198,15 +200,13 @@ def _stage_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
                   md_table(["head", "mean change", "mean abs change", "mean dL_theory"],
                            [(h["name"], fnum(h["mean_effect"]), fnum(h["mean_abs_effect"]), fnum(h["mean_theory"]))
                             for h in sc["top_causal"]]), ""]
-        if "causal" in figures:
-            lines += [f"![causal check]({figures['causal']})", ""]
+        lines += _figure(figures, "causal", "causal check")
     lc = rep.get("landscape")
     if lc:
         lines += ["## Decision landscape (Fig. 2)", "",
                   f"{lc['head']} on prompt #{lc['prompt_id']} '{lc['prompt']}': N0.(S_good - S_bad) = "
                   f"{fnum(lc['dl_theory'])} (S_A = W_O[h] @ e_A, paper Eq. 5).", ""]
-        if "fig2" in figures:
-            lines += [f"![Fig. 2]({figures['fig2']})", ""]
+        lines += _figure(figures, "fig2", "Fig. 2")
     tp = rep.get("temperature")
     if tp:
         lines += ["## Temperature sweep (Fig. 3)", "",
@@ -214,8 +214,7 @@ def _stage_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
                   f"at T = {tp['t_min']} -> {fnum(tp['entropy_bits_at_tmax'], 2)} bits at T = {tp['t_max']}; "
                   f"P(top-1) {fnum(tp['p_top1_at_tmin'], 3)} -> {fnum(tp['p_top1_at_tmax'], 3)} (paper, GPT-2: "
                   "~0.2 -> ~14 bits, 0.95 -> 0.02).", ""]
-        if "fig3" in figures:
-            lines += [f"![Fig. 3]({figures['fig3']})", ""]
+        lines += _figure(figures, "fig3", "Fig. 3")
     pr = rep.get("prompts") or {}
     if pr.get("multi_token"):
         lines += ["## Multi-token candidates", "",
@@ -265,8 +264,7 @@ def beyond_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
                           f"{k}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for k, d in mo["steps"].items())
                       + "." + (f" AtP without the heads of layers 0-1: r = {mo['atp_r_without_layers_0_1']:.3f}."
                                if mo.get("atp_r_without_layers_0_1") is not None else ""), ""]
-        if "predictors" in figures:
-            lines += [f"![predicted vs exact]({figures['predictors']})", ""]
+        lines += _figure(figures, "predictors", "predicted vs exact")
     pa = rep.get("paths")
     if pa:
         lines += ["## First-order path decomposition", "",
@@ -275,8 +273,7 @@ def beyond_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
                       for m in ("zero", "mean") if m in pa)
                   + ". direct + via_heads + via_mlps = total (first order, = AtP) to "
                   + fnum(max(pa[m]["max_abs_sum_error"] for m in ("zero", "mean") if m in pa)) + ".", ""]
-        if "paths" in figures:
-            lines += [f"![paths]({figures['paths']})", ""]
+        lines += _figure(figures, "paths", "paths")
     pr = rep.get("pairs")
     if pr:
         lines += ["## Head-pair interactions", "",
@@ -288,6 +285,5 @@ def beyond_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
                            [(f"{r['head_a']}+{r['head_b']}", fnum(r["effect_a"]), fnum(r["effect_b"]),
                              fnum(r["effect_ab"]), fnum(r["interaction"]), fnum(r["interaction_sd"]),
                              fnum(r["q_bh"]), r["role"]) for r in pr["top"]]), ""]
-        if "pairs" in figures:
-            lines += [f"![pair interactions]({figures['pairs']})", ""]
+        lines += _figure(figures, "pairs", "pair interactions")
     return lines
