@@ -93,6 +93,13 @@ def _toy_sde(d: int) -> BrownianSphereSDE:
     return BrownianSphereSDE.from_config(SDEConfig(), d)
 
 
+def _three_tokens(d: int, g: torch.Generator):
+    """3 random unit tokens in R^d (drawn from ``g``) with p = (0.6, 0.3, 0.1): (table, p, posterior, sde)."""
+    table = F.normalize(torch.randn(3, d, generator=g, dtype=F64), dim=-1)
+    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=F64)
+    return table, p, CandidatePosterior.from_logits(p.log(), table), _toy_sde(d)
+
+
 def _weights(ids: torch.Tensor, K: int) -> torch.Tensor:
     return torch.bincount(ids.reshape(-1), minlength=K).double() / ids.numel()
 
@@ -103,10 +110,7 @@ def test_reverse_sde_samples_the_prior(method):
     (d = 16, 3 tokens, 6000 draws): within 4 standard errors."""
     d, n = 16, 6000
     g = torch.Generator().manual_seed(3)
-    table = F.normalize(torch.randn(3, d, generator=g, dtype=F64), dim=-1)
-    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=F64)
-    post = CandidatePosterior.from_logits(p.log(), table)
-    sde = _toy_sde(d)
+    table, p, post, sde = _three_tokens(d, g)
     ids, pp, spin = sample_tokens(PosteriorReverseSDE(sde, post, n), reverse_grid(sde, 40, "uniform"), method, g)
     w = _weights(ids, 3)
     se = (p[0] * (1 - p[0]) / n).sqrt()
@@ -165,11 +169,7 @@ def test_preserving_precession_leaves_the_sampled_weights_unchanged():
     marginal-preserving precession (gamma = 20) match p within MC error, while the paper's LLG
     field drift toward the rarest token changes them."""
     d, n = 16, 8000
-    g = torch.Generator().manual_seed(7)
-    table = F.normalize(torch.randn(3, d, generator=g, dtype=F64), dim=-1)
-    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=F64)
-    post = CandidatePosterior.from_logits(p.log(), table)
-    sde = _toy_sde(d)
+    table, p, post, sde = _three_tokens(d, torch.Generator().manual_seed(7))
     grid = reverse_grid(sde, 60, "uniform")
     se = (p[0] * (1 - p[0]) / n).sqrt()
     w_prec = _weights(sample_tokens(PosteriorReverseSDE(sde, post, n, precession=20.0), grid,
