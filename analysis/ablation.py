@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from analysis.gaps import last_logits
-from analysis.prompts import TokenizedSet, pad_left
+from analysis.prompts import TokenizedSet
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList
 from spindiff.lm.field import last_positions
+from spindiff.lm.tokens import pad_left
 
 # per family: the decoder layer's post-attention norm (the MLP branch's input), and from it the
 # second half of the layer (post-attention norm + MLP + residual)

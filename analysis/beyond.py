@@ -31,8 +31,8 @@ from analysis.gaps import compute_gaps
 from analysis.interactions import PairInteractions, pair_interactions
 from analysis.paths import PathTerms, gradient_trace, path_terms, qkv_split
 from analysis.pipeline import Analysis
-from analysis.prompts import pad_left
 from analysis.report import write_csv
+from spindiff.lm.tokens import pad_left
 
 MODES = ("zero", "mean")
 LABELS = {

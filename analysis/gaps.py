@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from analysis.prompts import TokenizedSet, pad_left
+from analysis.prompts import TokenizedSet
 from spindiff.lm.adapter import ArchitectureAdapter, get_adapter
 from spindiff.lm.field import ContextFieldProvider, last_positions
+from spindiff.lm.tokens import pad_left
 
 PROTOCOLS = ("paper", "paper_fixed", "in_situ")
 CANDIDATES = ("first_token", "full")

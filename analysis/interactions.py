@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from analysis.ablation import ablation_check, _gap
 from analysis.gaps import last_logits
-from analysis.prompts import TokenizedSet, pad_left
+from analysis.prompts import TokenizedSet
 from analysis.stats import bh_q
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList, head_name
+from spindiff.lm.tokens import pad_left
 
 
 @torch.no_grad()

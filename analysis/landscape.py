@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.prompts import TokenizedSet, pad_left
+from analysis.prompts import TokenizedSet
 from spindiff.lm.adapter import ArchitectureAdapter
 from spindiff.lm.field import ContextFieldProvider, paper_context_vectors, reference_W_O
+from spindiff.lm.tokens import pad_left
 
 
 @dataclass

@@ -7,7 +7,6 @@ paper's table.
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ from analysis.config import check_config, default
 from analysis.figures import fig_ablation, fig_causal, fig_heatmap, fig_landscape, fig_scatter, fig_temperature
 from analysis.gaps import GapTable, compute_gaps, last_logits, pad_token_id
 from analysis.landscape import decision_landscape
-from analysis.prompts import PromptFileError, TokenizedSet, from_triples, load_prompts, pad_left, tokenize_set
+from analysis.prompts import PromptFileError, TokenizedSet, from_triples, load_prompts, tokenize_set
 from analysis.report import PAPER_NUMBERS, render_markdown, write_csv
 from analysis.stats import HeadStats, bh_q, head_regression, head_stats, pearson_many, r_pvalue, replication
 from analysis.temperature import TemperatureSweep, temperature_sweep
 from spindiff.config import ConfigError
 from spindiff.lm.adapter import HeadList, HeadSpecError, get_adapter
 from spindiff.lm.models import LoadedModel, context_window, load_model
+from spindiff.lm.tokens import pad_left
 from spindiff.runtime import atomic_write_json, atomic_write_text, package_versions
 
 
@@ -249,11 +249,7 @@ class Analysis:
         c = self.cfg
         heads = self.ablate_heads()
         pset = from_triples([(c.ablation_prompt, c.ablation_good, c.ablation_bad)], name="ablation_prompt")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ts = tokenize_set(self.tok, pset, self.window, c.add_bos, "first_token")
-        for w in caught:
-            print(f"warning: {w.message}")
+        ts = tokenize_set(self.tok, pset, self.window, c.add_bos, "first_token")
         rows = ablation_table(self.model, self.ad, ts, heads, ("zero", "mean"), self.mean_z(), self.pad_id)
         for r in rows:
             r.update(prompt=c.ablation_prompt, good=c.ablation_good, bad=c.ablation_bad)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from spindiff.runtime import notice
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED = {"paper": DATA_DIR / "paper.jsonl", "extended": DATA_DIR / "extended.jsonl",
@@ -250,6 +251,9 @@ def tokenize_set(tokenizer: Any, pset: PromptSet, context_window: int, add_bos: 
                  candidates: str = "first_token", warn: bool = True) -> TokenizedSet:
     """Tokenise prompts and candidates, checking what would make the analysis meaningless.
 
+    With ``warn``, multi-token candidates and pairs sharing their first token are reported as
+    ``warning: ...`` lines on stderr (:func:`spindiff.runtime.notice`, once per message).
+
     Raises:
         PromptTokenError: a prompt with no tokens, or longer than ``context_window``.
     """
@@ -288,22 +292,9 @@ def tokenize_set(tokenizer: Any, pset: PromptSet, context_window: int, add_bos: 
         how = ("only the first token is scored (candidates=first_token, the paper's rule); "
                "candidates=full scores whole words") if candidates == "first_token" else \
               "scored as whole continuations (candidates=full); dL_theory still uses the first token"
-        warnings.warn(f"{len(multi)} candidate(s) of '{pset.name}' are several tokens, {how}: {listed}",
-                      stacklevel=2)
+        notice(f"{len(multi)} candidate(s) of '{pset.name}' are several tokens, {how}: {listed}")
     if warn and shared:
-        warnings.warn(f"prompt ids {shared} of '{pset.name}': good and bad share their first token, so "
-                      "dL is 0 by construction under the first-token rule; they are excluded from the "
-                      "statistics (use candidates=full or other words)", stacklevel=2)
+        notice(f"prompt ids {shared} of '{pset.name}': good and bad share their first token, so "
+               "dL is 0 by construction under the first-token rule; they are excluded from the "
+               "statistics (use candidates=full or other words)")
     return ts
-
-
-def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists: returns ids (B, T) and attention mask (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = torch.tensor(list(s))
-            mask[i, T - len(s):] = 1
-    return ids, mask

@@ -3,7 +3,6 @@ corrected protocols ``paper_fixed`` and ``in_situ``, and the Fig. 4 ablation (``
 ``ablation_prompt``; the config's defaults are the paper's case), on the paper's 20 prompts."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +66,7 @@ def cmd_reproduce(A: Analysis) -> dict[str, Any]:
         known["ablation"] = str(e)
     else:
         pset = from_triples([(c.ablation_prompt, c.ablation_good, c.ablation_bad)], name="fig4")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ts = tokenize_set(A.tok, pset, A.window, c.add_bos, "first_token")
+        ts = tokenize_set(A.tok, pset, A.window, c.add_bos, "first_token", warn=False)
         abl = ablation_table(A.model, A.ad, ts, heads, ("zero",), None, A.pad_id)
     # one table, printed and written
     cols = ["head", "paper_r"] + [f"{k}_{p}" for p in PROTOCOLS for k in ("r", "p", "rank")]

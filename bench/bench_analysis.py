@@ -27,18 +27,18 @@ import math
 import os
 import statistics
 import time
-import warnings
 
 import numpy as np
 import torch
 
 from analysis.ablation import LayerSuffixScanner, gaps_with_ablation, scan_flops
 from analysis.gaps import compute_gaps, pad_token_id
-from analysis.prompts import load_prompts, pad_left, tokenize_set
+from analysis.prompts import load_prompts, tokenize_set
 from spindiff.lm.adapter import get_adapter
 from spindiff.config import ModelConfig
 from spindiff.lm.field import ContextFieldProvider, last_positions
 from spindiff.lm.models import context_window, load_model
+from spindiff.lm.tokens import pad_left
 
 
 def reference_loop_gaps(model, ad, tset) -> np.ndarray:
@@ -207,9 +207,7 @@ def main(argv=None) -> list[dict]:
     ad = get_adapter(model, lm.name)
     global pad_token_id_
     pad_token_id_ = pad_token_id(tok)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = tokenize_set(tok, load_prompts("paper"), context_window(model))
+    ts = tokenize_set(tok, load_prompts("paper"), context_window(model), warn=False)
     print(f"model {lm.name}: {ad.n_layers} layers x {ad.n_heads} heads, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
     ids, mask = pad_left(ts.ids, pad_token_id_)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -34,10 +33,11 @@ from analysis.compare import compare_predictors
 from analysis.gaps import last_logits, pad_token_id
 from analysis.paths import gradient_trace
 from analysis.pipeline import _evenly
-from analysis.prompts import load_prompts, pad_left, tokenize_set
+from analysis.prompts import load_prompts, tokenize_set
 from spindiff.config import ModelConfig
 from spindiff.lm.adapter import get_adapter
 from spindiff.lm.models import context_window, load_model
+from spindiff.lm.tokens import pad_left
 
 
 def main(argv=None) -> dict:
@@ -54,9 +54,7 @@ def main(argv=None) -> dict:
     model, tok = lm.model, lm.tokenizer
     ad = get_adapter(model, lm.name)
     pad = pad_token_id(tok)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = tokenize_set(tok, load_prompts("extended"), context_window(model) or 10**9)
+    full = tokenize_set(tok, load_prompts("extended"), context_window(model) or 10**9, warn=False)
     ids_sel = [i for i in _evenly(len(full), n_prompts) if i not in set(full.shared_first)]
     ts = full.subset(ids_sel)
     heads = [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)]

@@ -3,7 +3,6 @@ and Llama/GQA, ragged batches); targeted ablation equals the reference code's c_
 mean z is the mean over real tokens."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -15,9 +14,7 @@ from spindiff.lm.adapter import get_adapter
 
 
 def _paper_tset(tok, window=128):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tokenize_set(tok, load_prompts("paper"), window)
+    return tokenize_set(tok, load_prompts("paper"), window, warn=False)
 
 
 def test_fast_scan_equals_full_forward(tiny_model):
@@ -39,9 +36,8 @@ def test_targeted_ablation_equals_reference_prehook(tiny_gpt2):
     """The reference code's Fig. 4 ablation: a forward pre-hook on c_proj zeroing head h's slice."""
     model, tok = tiny_gpt2
     ad = get_adapter(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = tokenize_set(tok, from_triples([("Lions are carnivores. Cows are", "herbivores", "omnivores")]), 128)
+    ts = tokenize_set(tok, from_triples([("Lions are carnivores. Cows are", "herbivores", "omnivores")]), 128,
+                      warn=False)
     rows = ablation_table(model, ad, ts, [(1, 2), (0, 0)], ("zero",), None, 0)
     ids = torch.tensor([ts.ids[0]])
     g, b = int(ts.good_first[0]), int(ts.bad_first[0])

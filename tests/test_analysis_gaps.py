@@ -4,7 +4,6 @@ in_situ decomposition of dL_actual, whole-word candidates, and batching invarian
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -22,9 +21,7 @@ PROMPTS = [("The capital of France is Paris. The capital of Germany is", "Berlin
 
 
 def _tset(tok, triples=PROMPTS, candidates="first_token"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tokenize_set(tok, from_triples(triples), 128, candidates=candidates)
+    return tokenize_set(tok, from_triples(triples), 128, candidates=candidates, warn=False)
 
 
 def _enc(tok, s):
@@ -75,9 +72,9 @@ def test_paper_protocol_matches_reference_loop(tiny_gpt2):
 @pytest.mark.parametrize("protocol", ["paper", "paper_fixed"])
 def test_reassociated_paper_table_equals_field_provider(tiny_model, protocol):
     """paper_gap_table (x_j . u scores, xbar W_V) == N_proj . de from ContextFieldProvider."""
-    from analysis.prompts import pad_left
     from spindiff.lm.adapter import get_adapter
     from spindiff.lm.field import ContextFieldProvider
+    from spindiff.lm.tokens import pad_left
 
     model, tok = tiny_model
     ad = get_adapter(model)
@@ -219,9 +216,7 @@ def test_batching_with_left_padding_is_invariant(tiny_model, protocol):
 def test_shared_first_tokens_are_excluded(tiny_gpt2):
     model, tok = tiny_gpt2
     ps = load_prompts("paper")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = tokenize_set(tok, ps, 128)
+    ts = tokenize_set(tok, ps, 128, warn=False)
     gt = compute_gaps(model, ts, "paper", progress=False)
     assert ts.shared_first and not gt.valid[ts.shared_first].any()
     assert np.all(gt.dl_theory[ts.shared_first] == 0)

@@ -2,7 +2,6 @@
 under every protocol; the plane's axes are orthonormal and contain N0."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ from spindiff.lm.adapter import get_adapter
 def test_landscape_reproduces_gap_table(tiny_model, protocol):
     model, tok = tiny_model
     ad = get_adapter(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = tokenize_set(tok, load_prompts("paper"), 128)
+    ts = tokenize_set(tok, load_prompts("paper"), 128, warn=False)
     gt = compute_gaps(model, ts, protocol, progress=False)
     for p, (l, h) in [(0, (1, 2)), (13, (0, 0)), (19, (1, 3))]:
         ls = decision_landscape(ad, model, ts, p, l, h, protocol)
@@ -36,9 +33,7 @@ def test_landscape_reproduces_gap_table(tiny_model, protocol):
 
 def test_landscape_figure(tmp_path, tiny_gpt2):
     model, tok = tiny_gpt2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = tokenize_set(tok, load_prompts("paper"), 128)
+    ts = tokenize_set(tok, load_prompts("paper"), 128, warn=False)
     ls = decision_landscape(get_adapter(model), model, ts, 0, 1, 2, "paper")
     path = fig_landscape(ls, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 10_000 and path.endswith("f.png")

@@ -5,7 +5,6 @@ ablation / pair interactions behave (zero for two heads that cannot interact).""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -18,14 +17,13 @@ from analysis.attribution import SaturationFix, atp, qk_fix
 from analysis.gaps import compute_gaps, last_logits
 from analysis.interactions import joint_ablation, pair_interactions
 from analysis.paths import gradient_trace, path_terms, qkv_split
-from analysis.prompts import load_prompts, pad_left, tokenize_set
+from analysis.prompts import load_prompts, tokenize_set
 from spindiff.lm.adapter import get_adapter, last_positions
+from spindiff.lm.tokens import pad_left
 
 
 def _tset(tok, n=6):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tokenize_set(tok, load_prompts("paper"), 128).subset(range(n))
+    return tokenize_set(tok, load_prompts("paper"), 128, warn=False).subset(range(n))
 
 
 def _exact_float64(model):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from analysis.prompts import (PromptFileError, PromptTokenError, from_triples, load_prompts, pad_left,
-                              tokenize_set)
+from analysis.prompts import PromptFileError, PromptTokenError, from_triples, load_prompts, tokenize_set
+from spindiff.lm.tokens import pad_left
 
 
 def test_bundled_sets():
@@ -64,18 +64,19 @@ def test_missing_file():
         load_prompts("no/such/file.jsonl")
 
 
-def test_tokenize_flags_multi_token_and_shared_first(tiny_gpt2):
+def test_tokenize_flags_multi_token_and_shared_first(tiny_gpt2, capsys):
     _, tok = tiny_gpt2
     ps = from_triples([("The capital of France is Paris. The capital of Germany is", "Berlin", "Rome"),
                        ("Lions are carnivores. Cows are", "herbivores", "omnivores"),
-                       ("Count:", "Twelve", "Twenty")])
-    with pytest.warns(UserWarning, match="several tokens") as rec:
-        ts = tokenize_set(tok, ps, 128)
+                       ("Count:", "Twelve", "Twenty")], name="flags")
+    ts = tokenize_set(tok, ps, 128)
+    err = capsys.readouterr().err  # warning lines on stderr (spindiff.runtime.notice)
+    assert "warning: " in err and "of 'flags' are several tokens" in err
     words = {m["word"] for m in ts.multi_token}
     assert "herbivores" in words and "Berlin" not in words
     for m in ts.multi_token:  # the first token of ' ' + word is what gets scored
         assert getattr(ts, f"{m['which']}_first")[m["prompt_id"]] == tok.convert_tokens_to_ids(m["tokens"][0])
-    assert any("share their first token" in str(w.message) for w in rec) == bool(ts.shared_first)
+    assert ("share their first token" in err) == bool(ts.shared_first)
     for i in ts.shared_first:
         assert ts.good_first[i] == ts.bad_first[i]
 
@@ -99,14 +100,11 @@ def test_pad_left():
 
 @pytest.mark.smollm2
 @pytest.mark.slow
-def test_extended_sets_single_token_on_smollm2(smollm2):
+def test_extended_sets_single_token_on_smollm2(smollm2, capsys):
     """Every candidate of the extended and held-out sets is one SmolLM2 token, and no pair shares it."""
-    import warnings
-
     for name in ("extended", "heldout"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a multi-token warning would fail here
-            ts = tokenize_set(smollm2.tokenizer, load_prompts(name), 8192)
+        ts = tokenize_set(smollm2.tokenizer, load_prompts(name), 8192)
         assert ts.multi_token == [] and ts.shared_first == []
+    assert "warning:" not in capsys.readouterr().err  # no multi-token / shared-first warning
     paper = tokenize_set(smollm2.tokenizer, load_prompts("paper"), 8192, warn=False)
     assert {m["word"] for m in paper.multi_token} >= {"meow", "moo", "screwdriver", "NaCl", "omnivores"}
