@@ -161,6 +161,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_workers": (lambda v: _int(v) and v >= 0, ">= 0"),
     "optim.lr": (lambda v: _num(v) and 0 < v < math.inf, "> 0 and finite (e.g. optim.lr=1e-3)"),
     "optim.weight_decay": (lambda v: _num(v) and 0 <= v < math.inf, ">= 0"),
+    "optim.gate_lr": (lambda v: _num(v) and 0 <= v < math.inf, ">= 0 (0 = optim.lr)"),
     "optim.grad_clip": (lambda v: _num(v) and 0 <= v < math.inf, ">= 0 (0 = off)"),
     "optim.warmup_steps": (lambda v: _int(v) and v >= 0, ">= 0"),
     "optim.min_lr_ratio": (lambda v: _num(v) and 0 <= v <= 1, "in [0, 1]"),

@@ -72,7 +72,8 @@ class ScoreNetConfig:
     prior: str = "field"  # field (eta_train N . e_v) | none (network alone) | lm (the LM itself: nothing to train)
     eta_train: float = 20.0  # strength of the field prior (docs/training.md)
     features: str = "field+hidden"  # network input: field | hidden | field+hidden | none (the prior alone)
-    hidden: int = 512  # MLP width of the correction (posterior: 0 = linear read-out only)
+    hidden: int = 0  # MLP width of the correction (posterior: 0 = linear read-out only)
+    prior_weight: bool = True  # posterior: learn a weight c on the prior (starts at 1; c = 0 frees the LM-head path)
     layers: int = 1  # MLP hidden layers (euclid_ddpm: residual blocks)
     time_dim: int = 64  # euclid_ddpm time embedding
 
@@ -120,7 +121,8 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr`` at trainer.max_steps."""
 
     lr: float = 1e-2
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # posterior: on the read-out / MLP matrices only
+    gate_lr: float = 5e-2  # posterior: learning rate of the LM-head path (gate g on h, prior weight c); 0 = lr
     grad_clip: float = 1.0  # passed to Trainer(gradient_clip_val=...); 0 = off
     betas: list = _field(default_factory=lambda: [0.9, 0.999])
     scheduler: str = "cosine"  # cosine | constant

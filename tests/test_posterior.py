@@ -77,16 +77,35 @@ def test_untrained_model_is_the_prior_exactly():
     field, hidden = torch.randn(5, d, generator=g), torch.randn(5, d, generator=g)
     lm = torch.randn(5, V, generator=g)
     for prior in ("field", "none", "lm"):
-        m = PosteriorScoreModel(d, V, "field+hidden", prior, eta_train=7.0, hidden=32, layers=2,
-                                row_norms=torch.rand(V) + 0.5)
-        expect = {"field": 7.0 * (F.normalize(field, dim=-1) @ table.T), "none": torch.zeros(5, V), "lm": lm}[prior]
-        assert torch.equal(m(field, hidden, lm, table), expect)
-    # the read-out represents the LM's logits W_U h exactly (gate g = 1, s_v = |W_U[v]|)
+        for prior_weight in (False, True):
+            m = PosteriorScoreModel(d, V, "field+hidden", prior, eta_train=7.0, hidden=32, layers=2,
+                                    row_norms=torch.rand(V) + 0.5, prior_weight=prior_weight)
+            expect = {"field": 7.0 * (F.normalize(field, dim=-1) @ table.T), "none": torch.zeros(5, V), "lm": lm}[prior]
+            assert torch.equal(m(field, hidden, lm, table), expect)
+    # the read-out represents the LM's logits W_U h exactly (gate g = 1, s_v = |W_U[v]|) -- with the field
+    # prior too, once its learned weight c is 0 (the correction alone cannot cancel eta N . e_v)
     W = torch.randn(V, d, generator=g)
-    m = PosteriorScoreModel(d, V, "field+hidden", "none", hidden=0, row_norms=W.norm(dim=-1))
-    with torch.no_grad():
-        m.gate.fill_(1.0)
-    assert torch.allclose(m(field, hidden, None, F.normalize(W, dim=-1)), hidden @ W.T, atol=1e-5)
+    for prior in ("none", "field"):
+        m = PosteriorScoreModel(d, V, "field+hidden", prior, eta_train=7.0, hidden=0, row_norms=W.norm(dim=-1),
+                                prior_weight=True)
+        with torch.no_grad():
+            m.gate.fill_(1.0)
+            if prior == "field":
+                assert not torch.allclose(m(field, hidden, None, F.normalize(W, dim=-1)), hidden @ W.T, atol=1e-3)
+                m.prior_weight.zero_()
+        assert torch.allclose(m(field, hidden, None, F.normalize(W, dim=-1)), hidden @ W.T, atol=1e-5)
+
+
+def test_param_groups_cover_every_parameter_once():
+    m = PosteriorScoreModel(8, 20, "field+hidden", "field", eta_train=3.0, hidden=16, prior_weight=True)
+    groups = {g["name"]: g for g in m.param_groups(1e-2, gate_lr=5e-2, weight_decay=0.1)}
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())  # each parameter in exactly one group
+    assert {id(p) for p in groups["lm_head_path"]["params"]} == {id(m.gate), id(m.prior_weight)}
+    assert groups["lm_head_path"]["lr"] == 5e-2 and groups["lm_head_path"]["weight_decay"] == 0.0
+    assert groups["matrices"]["weight_decay"] == 0.1 and id(m.readout.weight) in {id(p) for p in groups["matrices"]["params"]}
+    assert {id(m.scale), id(m.bias)} <= {id(p) for p in groups["scales"]["params"]}
+    assert m.param_groups(1e-2)[-1]["lr"] == 1e-2  # gate_lr = 0: one learning rate
 
 
 def _toy_sde(d: int) -> BrownianSphereSDE:

@@ -59,7 +59,7 @@ def test_short_run_writes_checkpoints_logs_and_rebuilds(tmp_path, cache_dir):
     assert m["val_end"]["val/loss"] < m["val_end"]["val/kl_prior"]  # 12 steps already beat the prior alone
     rows = _read_csv(Path(res["paths"]["metrics_csv"]))
     cols = set(rows[0])
-    assert {"train/loss", "val/loss", "lr-AdamW", "val/tv", "val/nll"} <= cols
+    assert {"train/loss", "val/loss", "val/tv", "val/nll"} <= cols and {"lr-AdamW/scales", "lr-AdamW/lm_head_path"} <= cols
 
     # the checkpoint alone rebuilds the module: same loss on the same batch and noise
     store = FeatureStore.open(res["paths"]["features"])
@@ -139,7 +139,8 @@ def test_euclid_ddpm_objective_trains_and_reloads(tmp_path, cache_dir):
     assert res["objective"] == "euclid_ddpm" and res["metrics"]["val_end"]["val/loss"] > 0
     module = load_score_module(res["paths"]["last"])
     spin_run = compose("train", ["experiment=quick"])
-    assert module.hparams.meta["score_net"]["hidden"] == spin_run.score_net.hidden  # same network size
+    # the experiment's noise MLP width (the posterior's default read-out has no MLP: hidden=0)
+    assert module.hparams.meta["score_net"]["hidden"] == compose("train", ["experiment=euclid_ddpm"]).score_net.hidden > 0
     assert module.hparams.meta["context_features"] == spin_run.score_net.features  # same features
     assert module.score_net.tangent is False and type(module.sde).__name__ == "VPSDE"
 

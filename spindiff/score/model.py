@@ -24,7 +24,9 @@ bias b_v; u = g * h + A LN(x) + MLP(LN(x)) with x the context features
 gate on h (only when the features include h), LN a LayerNorm. g, A and the MLP's last layer start
 at zero, so an untrained network gives the prior exactly; g = 1 gives the LM's logits W_U h exactly
 (s_v e_v . h = W_U[v] . h), a point Adam reaches in a few hundred steps, where a d x d map from
-zero needs thousands.
+zero needs thousands. With ``prior_weight`` the prior is multiplied by a learned c (starting at 1):
+the correction's form cannot cancel eta N . e_v, so without c the LM head is out of reach under the
+field prior. :meth:`PosteriorScoreModel.param_groups` gives g and c their own (faster) learning rate.
 """
 from __future__ import annotations
 
@@ -74,11 +76,12 @@ class PosteriorScoreModel(nn.Module):
         row_norms: (V,) initial per-token scales (|W_U[v]|); ones if None.
         learned: False for a prior-only model (no parameters besides nothing: ``prior=lm`` oracle,
             or the field prior alone).
+        prior_weight: learn the weight c of the prior (False in checkpoints written before it existed).
     """
 
     def __init__(self, dim: int, vocab: int, features: str = "field+hidden", prior: str = "field",
                  eta_train: float = 0.0, hidden: int = 512, layers: int = 1, row_norms: Tensor | None = None,
-                 learned: bool = True) -> None:
+                 learned: bool = True, prior_weight: bool = False) -> None:
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"score_net.prior={prior!r}: choose one of {sorted(PRIORS)}")
@@ -87,6 +90,11 @@ class PosteriorScoreModel(nn.Module):
         self.learned = bool(learned) and context_dim(features, dim) > 0
         c = context_dim(features, dim)
         self.hidden, self.layers = int(hidden), int(layers)
+        # a learned weight c on the prior (starts at 1): c = 0 lets g = 1 reach the LM's logits exactly
+        # even with the field prior, which the correction's form s_v (u . e_v) cannot cancel
+        self.has_prior_weight = bool(prior_weight) and self.learned and self.prior != "none"
+        if self.has_prior_weight:
+            self.prior_weight = nn.Parameter(torch.ones(()))
         if self.learned:
             self.gate = nn.Parameter(torch.zeros(dim)) if "hidden" in features.split("+") else None
             self.norm = nn.LayerNorm(c)
@@ -107,10 +115,30 @@ class PosteriorScoreModel(nn.Module):
             self.scale = nn.Parameter(norms)
             self.bias = nn.Parameter(torch.zeros(vocab))
 
+    def param_groups(self, lr: float, gate_lr: float = 0.0, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer groups: the LM-head path (gate g, prior weight c) at ``gate_lr`` (``optim.gate_lr``;
+        0 = ``lr``), the read-out / MLP matrices with ``weight_decay``, scales, biases and norms at
+        ``lr`` without decay. The fast path matters: with one learning rate the read-out and MLP fit
+        the training contexts before g reaches the LM head (measured in docs/training.md)."""
+        fast = [p for p in (getattr(self, "gate", None), getattr(self, "prior_weight", None)) if p is not None]
+        fast_ids = {id(p) for p in fast}
+        decay, plain = [], []
+        for n, p in self.named_parameters():
+            if id(p) in fast_ids:
+                continue
+            is_matrix = n.endswith("weight") and n.split(".")[0] in ("readout", "mlp")
+            (decay if is_matrix else plain).append(p)
+        groups = [{"name": "matrices", "params": decay, "weight_decay": float(weight_decay), "lr": float(lr)},
+                  {"name": "scales", "params": plain, "weight_decay": 0.0, "lr": float(lr)},
+                  {"name": "lm_head_path", "params": fast, "weight_decay": 0.0,
+                   "lr": float(gate_lr) if gate_lr > 0 else float(lr)}]
+        return [g for g in groups if g["params"]]
+
     def hparams(self) -> dict[str, Any]:
         """Constructor arguments (for self-describing checkpoints; ``row_norms`` are in the weights)."""
         return {"dim": self.dim, "vocab": self.vocab, "features": self.features, "prior": self.prior,
-                "eta_train": self.eta_train, "hidden": self.hidden, "layers": self.layers, "learned": self.learned}
+                "eta_train": self.eta_train, "hidden": self.hidden, "layers": self.layers, "learned": self.learned,
+                "prior_weight": self.has_prior_weight}
 
     def context(self, field: Tensor, hidden: Tensor | None) -> Tensor | None:
         """The network's input x (B, c): unit field and/or the raw final hidden state."""
@@ -137,5 +165,7 @@ class PosteriorScoreModel(nn.Module):
         """logits_v(ctx) = prior + correction. field (B, d), hidden (B, d), lm_logits (B, V) | None,
         table (V, d) unit token rows -> (B, V)."""
         logits = self.prior_logits(field, lm_logits, table)
+        if self.has_prior_weight:
+            logits = logits * self.prior_weight.to(logits.dtype)
         r = self.correction(self.context(field, hidden), table)
         return logits if r is None else logits + r

@@ -165,7 +165,7 @@ def score_net_hparams(config: Any, dim: int, vocab: int) -> dict[str, Any]:
     if config.objective == "posterior":
         return {"dim": int(dim), "vocab": int(vocab), "features": str(sn.features), "prior": str(sn.prior),
                 "eta_train": float(sn.eta_train), "hidden": int(sn.hidden), "layers": int(sn.layers),
-                "learned": str(sn.prior) != "lm"}
+                "learned": str(sn.prior) != "lm", "prior_weight": bool(sn.prior_weight)}
     return {"dim": int(dim), "context_dim": context_dim(sn.features, dim), "hidden": int(sn.hidden),
             "layers": int(sn.layers), "time_dim": int(sn.time_dim), "eta_train": 0.0, "tangent": False}
 
@@ -287,7 +287,10 @@ class ScoreModule(L.LightningModule):
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_cfg
-        opt = torch.optim.AdamW(self.score_net.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay),
+        groups_fn = getattr(self.score_net, "param_groups", None)
+        params = groups_fn(float(o.lr), float(o.gate_lr), float(o.weight_decay)) if groups_fn \
+            else self.score_net.parameters()
+        opt = torch.optim.AdamW(params, lr=float(o.lr), weight_decay=float(o.weight_decay),
                                 betas=tuple(float(b) for b in o.betas))
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
             else int(self.trainer.estimated_stepping_batches)
@@ -303,6 +306,8 @@ class ScoreModule(L.LightningModule):
             frac = min(1.0, (step - warm) / max(1, total - warm))
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
+        # one multiplicative factor for every group (the groups' learning rates differ; torch's
+        # CosineAnnealingLR takes one absolute eta_min, which would not keep their ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
