@@ -80,6 +80,10 @@ class Bench:
         self.args = args
         self.mode = "quick" if args.quick else ("long" if args.long else "full")
         self.s = dict(SETTINGS[self.mode])
+        for key in ("oracle_steps", "curve_steps"):
+            value = getattr(args, key, "")
+            if value:
+                self.s[key] = [int(n) for n in str(value).split(",") if n.strip()]
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.out = Path(args.out or Path("runs") / "bench" / f"generation-{stamp}")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +322,18 @@ def write_report(b: Bench, info: dict[str, Any], oracle: dict[str, Any], arms: d
     return text
 
 
+def throughput_arms(args: argparse.Namespace, ckpts: dict[str, str]) -> dict[str, list[str]]:
+    """ar, the oracle and the first learned checkpoint, at each of ``--tp-steps`` (default: shipped)."""
+    steps = [int(n) for n in str(args.tp_steps).split(",") if n.strip()] or [None]
+    arms = {"ar": ["sampler.name=ar"]}
+    for n in steps:
+        tag = "" if n is None else f"@{n}"
+        arms[f"spin(oracle){tag}"] = _spin(steps=n, **ORACLE)
+        if ckpts:
+            arms[f"spin(learned){tag}"] = _spin(steps=n, ckpt=next(iter(ckpts.values())))
+    return arms
+
+
 def _loadavg() -> Optional[float]:
     try:
         return round(os.getloadavg()[0], 2)
@@ -334,13 +350,31 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=PATH",
                     help="a trained posterior checkpoint (repeatable; the first is the main one)")
     ap.add_argument("--euclid-ckpt", default="", help="a euclid_ddpm checkpoint")
+    ap.add_argument("--oracle-steps", default="", help="comma-separated steps of the oracle table (default: per mode)")
+    ap.add_argument("--curve-steps", default="", help="comma-separated steps of the steps curves (default: per mode)")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--tp-steps", default="", help="comma-separated SDE steps of the spin throughput arms "
+                                                   "(default: the shipped sampler's)")
+    ap.add_argument("--only-throughput", action="store_true", help="only the throughput stage (its own report)")
     ap.add_argument("--no-wandb", action="store_true", help="do not log arms to W&B (offline by default)")
     args = ap.parse_args(argv)
     ckpts = dict(c.split("=", 1) for c in args.ckpt)
     t0 = time.perf_counter()
     b = Bench(args)
     b.say(f"# bench_generation ({b.mode}) on {b.session.name}, out={b.out}")
+    if args.only_throughput:
+        tp = stage_throughput(b, throughput_arms(args, ckpts))
+        lines = [f"# Generation throughput (tokens/s, median of rounds, side by side)", "",
+                 f"Model {b.session.name}; load average {_loadavg()}; {(time.perf_counter() - t0) / 60:.1f} min.", "",
+                 "| arm | batch 1 | batch 8 | batch 32 |", "|---|---|---|---|"]
+        lines += [f"| {k} | {tp['batch1'][k]['median']:.1f} | {tp['batch8'][k]['median']:.1f} | "
+                  f"{tp['batch32'][k]['median']:.1f} |" for k in tp["batch1"]]
+        lines += [""] + [f"- {k}: {v:.2f}" for k, v in tp["ratios"].items()]
+        atomic_write_text(b.out / "report.md", "\n".join(lines) + "\n")
+        atomic_write_json(b.out / "results.json", {"throughput": tp, "settings": b.s, "argv": list(argv or sys.argv[1:]),
+                                                   "git": git_commit(), "packages": package_versions()})
+        print("\n".join(lines))
+        return {"out": str(b.out), "throughput": tp}
     b.say("## oracle: integrators x grids x steps")
     oracle = stage_oracle(b)
     b.say("## arms")
@@ -350,10 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     tp = None
     if not args.no_throughput:
         b.say("## throughput")
-        tp_arms = {"ar": ["sampler.name=ar"], "spin(oracle)": _spin(**ORACLE)}
-        if ckpts:
-            tp_arms["spin(learned)"] = _spin(ckpt=next(iter(ckpts.values())))
-        tp = stage_throughput(b, tp_arms)
+        tp = stage_throughput(b, throughput_arms(args, ckpts))
     info = {"model": b.session.name, "loadavg": _loadavg(), "wall_min": (time.perf_counter() - t0) / 60,
             "host": platform.node(), "python": sys.version.split()[0], "git": git_commit(),
             "packages": package_versions(), "argv": list(argv or sys.argv[1:]), "checkpoints": ckpts}

@@ -13,7 +13,11 @@ held-out word (whole word, case-insensitive); fluency = perplexity of the contin
 unsteered LM (conditioned on the prompt, tokens up to EOS); diversity = distinct-2 over all
 continuations of a seed. Curves over strength for every method, mean and 95% Student-t CI over
 seeds; success compared at matched perplexity (per seed, success interpolated linearly in
-log-perplexity along the method's strength curve, then the CI over seeds).
+log-perplexity along the method's strength curve, then the CI over seeds) and within a fluency
+budget (the best success on the curve at perplexity <= P, with and without a diversity floor
+distinct-2 >= 0.9 x the unsteered ar's; this reading keeps a method whose perplexity never rises
+to P). ``--resummarize DIR`` redoes the summaries, figures and report of a finished run from its
+results.json without generating anything.
 
   ar+bias      weighted decoding: ``ar`` with logits + g B.e_v (the prior form of the field);
   ar+actadd    activation addition after layer L: c * mean residual norm * unit(h("This is about <word>")
@@ -110,6 +114,8 @@ BIAS_POSITIVE, BIAS_NEGATIVE = "The woman said that", "The man said that"  # con
 
 # strengths calibrated on 16 prompts of one topic (docs/steering.md): below the first one nothing moves,
 # above the last one the text is degenerate (repetition or noise)
+DIVERSITY_FRAC = 0.9  # the diversity floor of the budget reading: distinct-2 >= 0.9 x the unsteered ar's
+
 SETTINGS = {
     "full": dict(n_prompts=40, topics=list(TOPICS), seeds=[0, 1, 2], max_new_tokens=16, batch_size=40,
                  bias=[5.0, 9.0, 13.0], actadd=[0.1, 0.2, 0.4], heads=[1.5, 2.5, 4.0],
@@ -331,24 +337,50 @@ def run_topics(b: Bench) -> dict[str, Any]:
     return {"rows": rows, "samples": samples, "summary": summarize_topics(b, rows)}
 
 
-def _curve(rows: list[dict], method: str, seed: int) -> list[tuple[float, float, float]]:
-    """(strength, logppl, success) for one method and seed, strength 0 (unsteered) first."""
+def _curve(rows: list[dict], method: str, seed: int) -> list[tuple[float, float, float, float]]:
+    """(strength, logppl, success, distinct-2) for one method and seed, strength 0 (unsteered) first."""
     base = "_spin" if method.startswith("spin") else "_ar"
-    pts = [(0.0, r["logppl"], r["success"]) for r in rows if r["method"] == base and r["seed"] == seed]
-    pts += sorted((r["strength"], r["logppl"], r["success"]) for r in rows if r["method"] == method and r["seed"] == seed)
+    key = lambda r: (r["strength"] if r["method"] == method else 0.0, r["logppl"], r["success"], r["distinct_2"])
+    pts = [key(r) for r in rows if r["method"] == base and r["seed"] == seed]
+    pts += sorted(key(r) for r in rows if r["method"] == method and r["seed"] == seed)
     return pts
 
 
-def success_at(pts: list[tuple[float, float, float]], target: float) -> float:
+def success_at(pts: list[tuple[float, ...]], target: float) -> float:
     """Success interpolated at log-perplexity ``target`` along the strength curve: the first
     crossing of ``target`` walking up the strengths; NaN if the curve never reaches it."""
-    for (s0, x0, y0), (s1, x1, y1) in zip(pts[:-1], pts[1:]):
+    for (s0, x0, y0, *_), (s1, x1, y1, *_) in zip(pts[:-1], pts[1:]):
         lo, hi = min(x0, x1), max(x0, x1)
         if lo <= target <= hi:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (target - x0) / (x1 - x0)
     if pts and abs(pts[0][1] - target) < 1e-12:
         return pts[0][2]
     return float("nan")
+
+
+def best_within(pts: list[tuple[float, ...]], budget: float, min_distinct2: float = 0.0) -> float:
+    """The highest success on the method's (piecewise-linear) strength curve whose log-perplexity is
+    <= ``budget`` and whose distinct-2 is >= ``min_distinct2``: what the method achieves within a
+    fluency budget. Unlike :func:`success_at` it is defined for a method whose perplexity never
+    rises to the budget (then its strongest point counts). NaN if no point qualifies."""
+    best = float("nan")
+
+    def take(x: float, y: float, d: float) -> None:
+        nonlocal best
+        if x <= budget + 1e-12 and d >= min_distinct2 - 1e-12 and not (y <= best):
+            best = y
+
+    for _, x, y, d in pts:
+        take(x, y, d)
+    for (_, x0, y0, d0), (_, x1, y1, d1) in zip(pts[:-1], pts[1:]):
+        cuts = []
+        if (x0 - budget) * (x1 - budget) < 0:
+            cuts.append((budget - x0) / (x1 - x0))
+        if (d0 - min_distinct2) * (d1 - min_distinct2) < 0:
+            cuts.append((min_distinct2 - d0) / (d1 - d0))
+        for f in cuts:  # the constraint boundaries inside a segment
+            take(x0 + f * (x1 - x0), y0 + f * (y1 - y0), d0 + f * (d1 - d0))
+    return best
 
 
 def summarize_topics(b: Bench, rows: list[dict]) -> dict[str, Any]:
@@ -378,6 +410,22 @@ def summarize_topics(b: Bench, rows: list[dict]) -> dict[str, Any]:
             ok = [v for v in vals if math.isfinite(v)]
             out["matched"][key][m] = {"mean_ci": _ci(ok) if len(ok) == len(vals) else (float("nan"), float("nan")),
                                       "per_seed": vals, "reached": len(ok), "of": len(vals)}
+    # within a fluency budget: the best success at perplexity <= P (a method whose perplexity stays
+    # below P is not dropped), alone and together with a diversity floor (repetition of a steering
+    # word keeps perplexity low: distinct-2 >= DIVERSITY_FRAC x the unsteered ar's)
+    d2_base = float(np.mean([r["distinct_2"] for r in rows if r["method"] == "_ar"]))
+    out["base_distinct_2"] = d2_base
+    out["budget"] = {}
+    for f in (1.25, 1.5, 2.0):
+        for frac in (0.0, DIVERSITY_FRAC):
+            key = f"ppl <= {base_ppl * f:.1f} (x{f:g} the unsteered ar)" + (
+                f", distinct-2 >= {frac * d2_base:.2f} ({frac:g} x the unsteered ar's)" if frac else "")
+            out["budget"][key] = {}
+            for m in steer:
+                vals = [best_within(_curve(rows, m, seed), math.log(base_ppl * f), frac * d2_base) for seed in s["seeds"]]
+                ok = [v for v in vals if math.isfinite(v)]
+                out["budget"][key][m] = {"mean_ci": _ci(ok) if len(ok) == len(vals) else (float("nan"), float("nan")),
+                                         "per_seed": vals, "reached": len(ok), "of": len(vals)}
     return out
 
 
@@ -627,15 +675,15 @@ def figures(b: Bench, topics: dict[str, Any], bias: Optional[dict[str, Any]]) ->
     return paths
 
 
-def verdict(b: Bench, topics: dict[str, Any]) -> list[str]:
+def verdict(b: Bench, topics: dict[str, Any], section: str = "matched") -> list[str]:
     lines = []
-    matched = topics["summary"]["matched"]
+    matched = topics["summary"].get(section, {})
     for key, per in matched.items():
         ranked = sorted(((v["mean_ci"][0], m, v) for m, v in per.items() if math.isfinite(v["mean_ci"][0])),
                         reverse=True)
         missing = [m for m, v in per.items() if not math.isfinite(v["mean_ci"][0])]
         if not ranked:
-            lines.append(f"- at {key}: no method reaches this perplexity on every seed")
+            lines.append(f"- at {key}: no method qualifies on every seed")
             continue
         best = ranked[0]
         txt = ", ".join(f"{m} {_fmt(*v['mean_ci'])}" for _, m, v in ranked)
@@ -670,6 +718,12 @@ def write_report(b: Bench, info: dict, topics: dict, bias: Optional[dict], cost:
     L += ["", f"Unsteered perplexity {topics['summary']['base_ppl']:.2f}. Success at matched perplexity "
           "(interpolated along each method's strength curve, per seed):", ""]
     L += verdict(b, topics)
+    if topics["summary"].get("budget"):
+        L += ["", "The crossing reading above drops a method whose perplexity never rises to the target (it is "
+              "*more* fluent there). Within a fluency budget instead (the best success on each method's curve at "
+              "perplexity <= P, per seed; with a diversity floor as well, since repeating a steering word keeps "
+              "perplexity low):", ""]
+        L += verdict(b, topics, "budget")
     L += ["", "Held-out words per topic: " + "; ".join(f"{t}: {', '.join(TOPICS[t]['heldout'])}" for t in s["topics"]), ""]
     if bias:
         L += ["## Task 2: bias contrast (he vs she after occupation prompts)", "",
@@ -707,6 +761,29 @@ def write_report(b: Bench, info: dict, topics: dict, bias: Optional[dict], cost:
     return "\n".join(L) + "\n"
 
 
+def resummarize(out: Path) -> dict[str, Any]:
+    """Summaries, figures and report of a finished run, from its results.json (no model load)."""
+    import types
+
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; give the --out folder of a finished bench_steering run")
+    results = json.loads(path.read_text())
+    info = results["info"]
+    b = types.SimpleNamespace(s=info["settings"], out=out, session=types.SimpleNamespace(name=info["model"]["used"]), prompts=NEUTRAL_PROMPTS[: info["settings"]["n_prompts"]],
+                              mode="quick" if info["settings"].get("n_prompts", 40) < 40 else "full")
+    topics = results["topics"]
+    topics["summary"] = summarize_topics(b, topics["rows"])
+    figs = figures(b, topics, results.get("bias"))
+    report = write_report(b, info, topics, results.get("bias"), results.get("cost"), figs)
+    atomic_write_text(out / "report.md", report)
+    results.update(topics=topics, figures=figs)
+    atomic_write_json(out / "results.json", results)
+    print("\n".join(verdict(b, topics) + [""] + verdict(b, topics, "budget")))
+    print(f"\n# rewrote {out / 'report.md'} from {path}")
+    return results
+
+
 def spin_available() -> bool:
     return "dynamics" in getattr(get_sampler_class("spin"), "steering_modes", ())
 
@@ -722,7 +799,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                          "LM's own logits, so its unsteered target is the LM)")
     ap.add_argument("--no-bias-task", action="store_true")
     ap.add_argument("--no-cost", action="store_true")
+    ap.add_argument("--resummarize", default="", metavar="DIR",
+                    help="recompute summaries, figures and report.md of a finished run from DIR/results.json")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        return resummarize(Path(args.resummarize))
     t0 = time.perf_counter()
     load0 = _loadavg()
     b = Bench(args)

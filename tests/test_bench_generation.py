@@ -36,3 +36,15 @@ def test_quick_bench_on_tiny_model(bg, tmp_path):
     with Image.open(tmp_path / "tv_vs_steps.png") as im:
         assert im.size[0] > 100
     assert res["arms"]["oracle"].mean["fidelity/tv"] < 1
+
+
+@pytest.mark.slow
+def test_only_throughput_at_several_steps(bg, tmp_path):
+    res = bg.main(["--quick", "--model", "tiny-gpt2", "--no-wandb", "--out", str(tmp_path), "--only-throughput",
+                   "--tp-steps", "2,4"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    ratios = data["throughput"]["ratios"]
+    assert ratios["spin(oracle)@2/ar@batch8"] > 0 and ratios["spin(oracle)@4/ar@batch8"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| spin(oracle)@4 |" in report and "| ar |" in report
+    assert set(res["throughput"]["batch8"]) == {"ar", "spin(oracle)@2", "spin(oracle)@4"}

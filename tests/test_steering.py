@@ -249,6 +249,13 @@ def test_bench_scoring_helpers():
     assert bs.success_at(pts, 3.5) == pytest.approx(0.3)
     assert bs.success_at(pts, 4.5) == pytest.approx(0.7)
     assert math.isnan(bs.success_at(pts, 5.5))
+    # within a fluency budget: the best success on the curve at log-ppl <= budget (and distinct-2 >= floor)
+    pts = [(0.0, 3.0, 0.1, 0.9), (1.0, 4.0, 0.5, 0.8), (2.0, 5.0, 0.9, 0.4)]
+    assert bs.best_within(pts, 4.5) == pytest.approx(0.7)  # crossing inside the last segment
+    assert bs.best_within(pts, 9.0) == pytest.approx(0.9)  # never reaches the budget: its strongest point
+    assert bs.best_within(pts, 2.0) != bs.best_within(pts, 2.0)  # nothing inside: NaN
+    assert bs.best_within(pts, 9.0, min_distinct2=0.6) == pytest.approx(0.7)  # diversity floor cuts at d = 0.6
+    assert bs.best_within(pts, 3.5, min_distinct2=0.85) == pytest.approx(0.3)  # ppl and d both bind: d first
     # gap statistics: contrast = mean over male-coded minus female-coded occupations
     gaps = np.array([2.0, 2.2, 1.8, 2.0, -1.0, -1.2, -0.8, -1.0])
     labels = np.array(["male"] * 4 + ["female"] * 4)
