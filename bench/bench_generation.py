@@ -62,7 +62,7 @@ SETTINGS = {
 }
 METHODS = ("geodesic_em", "geodesic_midpoint", "geodesic_heun")
 KEYS = (("fidelity/tv", "TV"), ("fidelity/kl", "KL"), ("fidelity/top1_agreement", "top-1"),
-        ("fidelity/logprob", "draw log p"), ("gen/perplexity", "PPL"), ("gen/distinct_2", "distinct-2"),
+        ("fidelity/logprob", "draw log p"), ("fidelity/logprob_excess", "log p - E log p"), ("gen/perplexity", "PPL"), ("gen/distinct_2", "distinct-2"),
         ("gen/self_bleu", "self-BLEU"))
 
 

@@ -84,6 +84,8 @@ def test_unreadable_checkpoint_is_one_clean_error(tmp_path, trained, kind):
     (["trainer.max_stepz=5"], [r"unknown trainer key 'trainer.max_stepz'", r"Did you mean trainer.max_steps"]),
     (["data.batch_size=0"], [r"data.batch_size=0: must be >= 1"]),
     (["optim.scheduler=cosin"], [r"optim.scheduler='cosin': choose one of cosine, constant"]),
+    (["objective=euclid_ddpm", "score_net.hidden=0"], [r"score_net.hidden=0: the Euclidean DDPM's noise-prediction MLP",
+                                                        r"experiment=euclid_ddpm"]),
 ])
 def test_train_rejects_bad_settings_before_loading_anything(tmp_path, args, patterns):
     r = run(["train.py", *QUICK, f"data.cache_dir={tmp_path / 'cache'}", *args], cwd=tmp_path)

@@ -50,6 +50,11 @@ def test_exact_sampling_has_small_tv_and_kl():
     draws = torch.multinomial(torch.softmax(logits, -1), 20000, replacement=True, generator=g)
     m = ev.fidelity_metrics(draws, logits)
     assert m["fidelity/tv"] < 0.03 and m["fidelity/kl"] < 0.01
+    assert abs(m["fidelity/logprob_excess"]) < 0.03  # exact draws: 0 in expectation
+    # a colder sampler (temperature 0.5) has a positive excess, a hotter one (2) a negative one
+    for temp, sign in ((0.5, 1), (2.0, -1)):
+        d = torch.multinomial(torch.softmax(logits / temp, -1), 20000, replacement=True, generator=g)
+        assert sign * ev.fidelity_metrics(d, logits)["fidelity/logprob_excess"] > 0.1
 
 
 # ----------------------------------------------------------------------------- diversity

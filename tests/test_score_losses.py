@@ -91,7 +91,9 @@ def test_analytic_term_follows_the_noised_field_score(d):
 
 
 def test_euclidean_flag_skips_projection_and_from_config():
-    cfg = ScoreNetConfig()
+    cfg = ScoreNetConfig(hidden=32)  # the shipped default hidden=0 is the posterior model's (read-out only)
+    with pytest.raises(ValueError, match="hidden=0"):
+        ResidualScoreNet.from_config(ScoreNetConfig(), dim=12, context_dim=3, tangent=False)
     net = ResidualScoreNet.from_config(cfg, dim=12, context_dim=3, tangent=False)
     assert net.eta_train == cfg.eta_train and len(net.blocks) == cfg.layers
     assert net.hparams()["hidden"] == cfg.hidden

@@ -6,8 +6,11 @@ Metrics (plain functions of tensors / token lists; no model inside):
   ``n_draws`` independent draws for the same context and the LM's softmax p_LM (temperature 1):
   :func:`total_variation` TV = 1/2 sum |p_hat - p_LM|; :func:`kl_divergence` KL(p_hat || p_LM)
   (finite: p_LM > 0 everywhere); :func:`top1_agreement` = fraction of draws equal to the LM's
-  argmax; :func:`mean_draw_logprob` = mean log p_LM of the drawn tokens. With finite n even exact
-  sampling from p_LM has TV > 0: the ``ar`` sampler at temperature 1 measures that floor.
+  argmax; :func:`mean_draw_logprob` = mean log p_LM of the drawn tokens, and ``logprob_excess`` =
+  that minus its exact expectation E_p[log p] = -H(p_LM) (0 in expectation for exact draws;
+  > 0: the sampler is colder than the LM, < 0: hotter; unlike TV it has no finite-sample floor).
+  With finite n even exact sampling from p_LM has TV > 0: the ``ar`` sampler at temperature 1
+  measures that floor, and TV is lower for a sampler colder than the LM.
 * continuations: :func:`perplexity` under the LM of the generated tokens (each scored by the LM
   given the real prefix, from the same forward that produced it); diversity :func:`distinct_n`
   (corpus-level unique n-grams / n-grams), :func:`self_bleu` (BLEU-4 of each continuation against
@@ -180,6 +183,7 @@ def fidelity_metrics(draws: Tensor, lm_logits: Tensor) -> dict[str, float]:
         "fidelity/kl": float(kl_divergence(emp, probs).mean()),
         "fidelity/top1_agreement": float(top1_agreement(draws.cpu(), probs).mean()),
         "fidelity/logprob": float(mean_draw_logprob(draws.cpu(), logp).mean()),
+        "fidelity/logprob_excess": float((mean_draw_logprob(draws.cpu(), logp) - (probs * logp).sum(-1)).mean()),
         "fidelity/distinct_draws": float(np.mean([len(set(r.tolist())) for r in draws])),
     }
 

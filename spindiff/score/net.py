@@ -82,6 +82,8 @@ class ResidualScoreNet(nn.Module):
                  time_dim: int = 64, eta_train: float = 0.0, tangent: bool = True,
                  manifold: geoopt.Sphere | None = None) -> None:
         super().__init__()
+        if int(hidden) < 1:
+            raise ValueError(f"ResidualScoreNet: hidden={hidden}; the MLP needs a width >= 1 (e.g. 512)")
         self.dim, self.context_dim = int(dim), int(context_dim)
         self.eta_train = float(eta_train)
         self.tangent = bool(tangent)

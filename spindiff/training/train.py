@@ -139,6 +139,10 @@ def _check_train_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in names:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(sorted(names))}")
+    if cfg.objective == "euclid_ddpm" and int(cfg.score_net.hidden) < 1:
+        raise ConfigError(f"score_net.hidden={cfg.score_net.hidden}: the Euclidean DDPM's noise-prediction MLP needs "
+                          "a width >= 1 (0 means 'read-out only' for objective=posterior alone); use "
+                          "experiment=euclid_ddpm (hidden 512) or e.g. score_net.hidden=512")
     resolve_device(cfg.model.device)
     check_trainer(cfg.trainer)
 
