@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     data = None
     rows, limits = [], []
     for spec in args.ckpt:
-        label, _, path = spec.partition("=")
+        label, _, path = spec.rpartition("=")  # the label may contain "=", the path rarely does
         module = session.score_module(path)
         if data is None:
             data = contexts(session, module.meta.get("field", cfg.field), load_eval_prompts("", args.n_prompts), args.new_tokens,
