@@ -28,6 +28,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def bench():
+    """Loader of a benchmark script as a module: ``bench("bench_steering")`` imports bench/bench_steering.py."""
+    from pathlib import Path
+
+    root, cache = Path(__file__).resolve().parents[1] / "bench", {}
+
+    def load(name: str):
+        if name not in cache:
+            spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+            cache[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(cache[name])
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2():
     return build_tiny_model("tiny-gpt2", seed=0, dtype=torch.float64)
 

@@ -2,27 +2,16 @@
 own code path set to the LM head gives the LM's logits: KL 0) and the untrained-prior arm."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_data_scaling", ROOT / "bench" / "bench_data_scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_exact_metrics_against_a_hand_computed_pair():
+def test_exact_metrics_against_a_hand_computed_pair(bench):
     import torch
 
-    bd = _bench()
+    bd = bench("bench_data_scaling")
     p = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]).log()
     q = torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.8, 0.1]]).log()
     m = bd.exact_metrics(q, p, torch.tensor([0, 1]))
@@ -33,14 +22,14 @@ def test_exact_metrics_against_a_hand_computed_pair():
 
 
 @pytest.mark.slow
-def test_data_scaling_bench_on_tiny_model(tmp_path):
+def test_data_scaling_bench_on_tiny_model(tmp_path, bench):
     from spindiff.config import compose
     from spindiff.training.train import train
 
     cfg = compose("train", ["experiment=quick", f"out={tmp_path / 'train'}", f"data.cache_dir={tmp_path / 'cache'}",
                             "trainer.max_steps=20", "trainer.enable_progress_bar=false", "wandb.mode=disabled"])
     ckpt = train(cfg)["paths"]["last"]
-    bd = _bench()
+    bd = bench("bench_data_scaling")
     bd.main(["--model", "tiny-gpt2", "--ckpt", f"tiny={ckpt}", "--new-tokens", "4", "--n-prompts", "3",
              "--out", str(tmp_path / "out")])
     data = json.loads((tmp_path / "out" / "results.json").read_text())

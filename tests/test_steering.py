@@ -228,17 +228,8 @@ def test_cli_bad_steering_input_exits_2_with_one_error_line(tmp_path, args, matc
 
 
 # --------------------------------------------------------------------------- the benchmark's scoring
-def _bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_steering", REPO / "bench" / "bench_steering.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_bench_scoring_helpers():
-    bs = _bench()
+def test_bench_scoring_helpers(bench):
+    bs = bench("bench_steering")
     assert bs.held_out_hit("We watched the Games last night.", ["games"])
     assert not bs.held_out_hit("The gamers were late.", ["game", "games"])  # whole words only
     for t, v in bs.TOPICS.items():  # held-out words are never steering words
@@ -266,11 +257,11 @@ def test_bench_scoring_helpers():
 
 
 @pytest.mark.smollm2
-def test_bench_topic_words_are_single_tokens_for_smollm2():
+def test_bench_topic_words_are_single_tokens_for_smollm2(bench):
     from spindiff.lm.models import load_model
     from spindiff.generation.steering import word_ids
 
-    bs = _bench()
+    bs = bench("bench_steering")
     tok = load_model(ModelConfig(name="smollm2-135m")).tokenizer
     for t, v in bs.TOPICS.items():
         assert len(word_ids(tok, v["steer"], "smollm2-135m")) == len(v["steer"])
