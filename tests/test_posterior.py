@@ -114,6 +114,8 @@ def test_one_pass_forward_equals_prior_plus_correction():
             for p in m.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
         sep = m.prior_logits(field, None, table) * m.prior_weight + m.correction(m.context(field, hidden), table)
+        with torch.no_grad():  # the fused path is the inference path
+            assert torch.allclose(m(field, hidden, None, table), sep, atol=1e-5, rtol=1e-5)
         assert torch.allclose(m(field, hidden, None, table), sep, atol=1e-5, rtol=1e-5)
 
 

@@ -169,9 +169,12 @@ class PosteriorScoreModel(nn.Module):
         """logits_v(ctx) = prior + correction. field (B, d), hidden (B, d), lm_logits (B, V) | None,
         table (V, d) unit token rows -> (B, V)."""
         x = self.context(field, hidden)
-        if self.prior == "field" and self.learned and x is not None and PRIORS["field"] is _field_prior:
-            # both terms are (B, d) @ (d, V) products with the same table: one pass over it (the product
-            # is memory-bound on the 49152 x 576 table, so this halves the per-token cost; tested equal)
+        if (self.prior == "field" and self.learned and x is not None and PRIORS["field"] is _field_prior
+                and not torch.is_grad_enabled()):
+            # sampling: both terms are (B, d) @ (d, V) products with the same table, so one pass over it
+            # (for a few contexts the product is memory-bound on the 49152 x 576 table: this halves the
+            # per-token cost; tested equal). Not in training: there the batch is large (compute-bound)
+            # and autograd would also differentiate the field rows of the stacked product.
             B, u = field.shape[0], self.direction(x).to(table.dtype)
             both = torch.cat([F.normalize(field.to(table.dtype), dim=-1), u]) @ table.T  # (2B, V)
             prior = self.eta_train * both[:B]
