@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from spindiff.config import compose
-from spindiff.evaluation.evaluate import load_eval_prompts, mean_ci
+from spindiff.evaluation.evaluate import kl_divergence, load_eval_prompts, mean_ci, total_variation
+from spindiff.runtime import atomic_write_json, atomic_write_text
 from spindiff.generation.session import GenerationSession
 from spindiff.training.features import sequence_features
 
@@ -45,15 +45,16 @@ def contexts(session: GenerationSession, field_cfg, prompts, new_tokens: int, se
                                 temperature=1.0, max_new_tokens=new_tokens, pad_token_id=session.pad_id)
         seqs = [s + out[i, ids.shape[1]:].tolist() for i, s in enumerate(seqs)]
     provider = session.provider(field_cfg)
+    vocab = session.token_table.shape[0]
     rows = {"field": [], "hidden": [], "logp": [], "group": []}
     for i, s in enumerate(seqs):  # one sequence at a time: no padding to mask out
         ids = torch.tensor([s], device=session.device)
-        mask = torch.ones_like(ids)
-        field, hidden = sequence_features(provider, ids, mask)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+        # one forward: field, hidden state and the LM's next-token log-probabilities (all V of them,
+        # returned sorted with their ids, scattered back to vocabulary order)
+        field, hidden, top_ids, top_logp = sequence_features(provider, ids, torch.ones_like(ids), targets_k=vocab)
         rows["field"].append(field[0])
         rows["hidden"].append(hidden[0])
-        rows["logp"].append(torch.log_softmax(logits[0], -1))
+        rows["logp"].append(torch.empty_like(top_logp[0]).scatter_(-1, top_ids[0], top_logp[0]))
         rows["group"].append(torch.full((len(s),), i))
     return {k: torch.cat(v) for k, v in rows.items()}
 
@@ -81,15 +82,14 @@ def lm_head_limit(net, session: GenerationSession):
 
 
 def exact_metrics(logits: torch.Tensor, logp: torch.Tensor, group: torch.Tensor) -> dict:
-    logq = torch.log_softmax(logits.float(), -1)
-    p = logp.exp()
-    kl = (p * (logp - logq)).sum(-1)
-    tv = 0.5 * (p - logq.exp()).abs().sum(-1)
-    top1 = (logq.argmax(-1) == logp.argmax(-1)).float()
+    """KL(p_LM || q), TV and top-1 agreement of the model's logits against the LM's log-probabilities,
+    per context, averaged per held-out sequence (``group``), with the 95% CI over sequences."""
+    p, q = logp.exp(), torch.softmax(logits.float(), -1)
+    per_ctx = {"kl": kl_divergence(p, q), "tv": total_variation(p, q),
+               "top1": (q.argmax(-1) == p.argmax(-1)).double()}
     out = {}
-    for name, v in (("kl", kl), ("tv", tv), ("top1", top1)):
-        per_seq = [float(v[group == g].mean()) for g in group.unique()]  # CI over held-out sequences
-        m, h = mean_ci(per_seq)
+    for name, v in per_ctx.items():
+        m, h = mean_ci([float(v[group == g].mean()) for g in group.unique()])
         out[name], out[name + "_ci"] = m, h
     return out
 
@@ -127,10 +127,9 @@ def main(argv=None) -> dict:
                         lim(data["field"], data["hidden"], None, table), data["logp"], data["group"])})
                 limits.append({"arm": f"prior:{net.prior} alone (untrained)", **exact_metrics(
                     net.prior_logits(data["field"], None, table), data["logp"], data["group"])})
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        meta, step = module.meta, int(ck.get("global_step", 0))
+        meta = module.meta
         rows.append({"arm": label, "n_pairs": meta.get("n_pairs"), "n_sequences": meta.get("n_sequences"),
-                     "steps": step, **exact_metrics(logits, data["logp"], data["group"])})
+                     "steps": module.step, **exact_metrics(logits, data["logp"], data["group"])})
     rows = limits + rows
     n_ctx = int(data["group"].numel())
     lines = [f"# Data scaling: exact held-out fidelity of the model's vocabulary distribution\n",
@@ -147,8 +146,8 @@ def main(argv=None) -> dict:
     print(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "n_contexts": n_ctx, "args": vars(args)}, indent=1))
+    atomic_write_text(out / "report.md", report)
+    atomic_write_json(out / "results.json", {"rows": rows, "n_contexts": n_ctx, "args": vars(args)})
     return {"rows": rows}
 
 

@@ -304,11 +304,7 @@ def write_report(b: Bench, info: dict[str, Any], oracle: dict[str, Any], arms: d
               "|---|" + "---|" * len(b.s["curve_steps"])]
     lines += [f"| {k} | " + " | ".join(f"{v[n]:.3f}" for n in b.s["curve_steps"]) + " |" for k, v in curves.items()]
     if tp:
-        lines += ["", "## Throughput (tokens/s, median of rounds, side by side)", "", "| arm | batch 1 | batch 8 | batch 32 |",
-                  "|---|---|---|---|"]
-        lines += [f"| {k} | {tp['batch1'][k]['median']:.1f} | {tp['batch8'][k]['median']:.1f} | "
-                  f"{tp['batch32'][k]['median']:.1f} |" for k in tp["batch1"]]
-        lines += [""] + [f"- {k}: {v:.2f}" for k, v in tp["ratios"].items()]
+        lines += ["", "## Throughput (tokens/s, median of rounds, side by side)", ""] + throughput_lines(tp)
     lines += ["", "## Distances from the limits", ""]
     for k, r in arms.items():
         if k in ("ar", "oracle"):
@@ -320,6 +316,14 @@ def write_report(b: Bench, info: dict[str, Any], oracle: dict[str, Any], arms: d
     text = "\n".join(lines) + "\n"
     atomic_write_text(b.out / "report.md", text)
     return text
+
+
+def throughput_lines(tp: dict[str, Any]) -> list[str]:
+    """The throughput table (median tokens/s at batch 1 / 8 / 32) and its ratios, as report lines."""
+    lines = ["| arm | batch 1 | batch 8 | batch 32 |", "|---|---|---|---|"]
+    lines += [f"| {k} | {tp['batch1'][k]['median']:.1f} | {tp['batch8'][k]['median']:.1f} | "
+              f"{tp['batch32'][k]['median']:.1f} |" for k in tp["batch1"]]
+    return lines + [""] + [f"- {k}: {v:.2f}" for k, v in tp["ratios"].items()]
 
 
 def throughput_arms(args: argparse.Namespace, ckpts: dict[str, str]) -> dict[str, list[str]]:
@@ -364,12 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     b.say(f"# bench_generation ({b.mode}) on {b.session.name}, out={b.out}")
     if args.only_throughput:
         tp = stage_throughput(b, throughput_arms(args, ckpts))
-        lines = [f"# Generation throughput (tokens/s, median of rounds, side by side)", "",
-                 f"Model {b.session.name}; load average {_loadavg()}; {(time.perf_counter() - t0) / 60:.1f} min.", "",
-                 "| arm | batch 1 | batch 8 | batch 32 |", "|---|---|---|---|"]
-        lines += [f"| {k} | {tp['batch1'][k]['median']:.1f} | {tp['batch8'][k]['median']:.1f} | "
-                  f"{tp['batch32'][k]['median']:.1f} |" for k in tp["batch1"]]
-        lines += [""] + [f"- {k}: {v:.2f}" for k, v in tp["ratios"].items()]
+        lines = ["# Generation throughput (tokens/s, median of rounds, side by side)", "",
+                 f"Model {b.session.name}; load average {_loadavg()}; {(time.perf_counter() - t0) / 60:.1f} min.", ""]
+        lines += throughput_lines(tp)
         atomic_write_text(b.out / "report.md", "\n".join(lines) + "\n")
         atomic_write_json(b.out / "results.json", {"throughput": tp, "settings": b.s, "argv": list(argv or sys.argv[1:]),
                                                    "git": git_commit(), "packages": package_versions()})

@@ -63,6 +63,7 @@ class ScoreCheckpoint:
     meta: dict[str, Any]
     config: dict[str, Any]
     path: str
+    step: int = 0  # optimizer steps it was trained for (Lightning's global_step)
 
     @property
     def objective(self) -> str:
@@ -91,4 +92,5 @@ def load_score(path: str, expect_model: str | None = None, expect_dim: int | Non
         raise CheckpointError(f"{path}: its weights do not fit the network its hyper_parameters describe ({first}); "
                               "it was edited or written by an incompatible version. Retrain with "
                               "`python train.py out=DIR`.") from None
-    return ScoreCheckpoint(net.eval(), sde, dict(hp["meta"]), dict(hp["config"]), str(path))
+    return ScoreCheckpoint(net.eval(), sde, dict(hp["meta"]), dict(hp["config"]), str(path),
+                           int(ckpt.get("global_step", 0)))
