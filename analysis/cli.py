@@ -1,9 +1,10 @@
 """``python -m analysis <command> [key=value ...]``: a thin CLI over :class:`analysis.pipeline.Analysis`.
 
-Every command composes the ``analysis`` config (``configs/analysis.yaml`` + overrides, checked
-before any model is loaded), calls ``prepare_run`` (config.yaml, run.json with versions and seeds)
-and ``record_model`` (the model actually used), runs its stages and returns a dict of results
-(``main([...])`` in tests). Bad input (a registered user error: config, prompt file, head spec,
+Every command composes the ``analysis`` config (``configs/analysis.yaml`` + overrides; choices,
+ranges, head-spec syntax and prompt files checked before any model is loaded), loads the model,
+checks what needs it (heads inside it, prompts tokenised), and only then calls ``prepare_run``
+(config.yaml, run.json with versions and seeds) and ``record_model`` (the model actually used),
+runs its stages and returns a dict of results (``main([...])`` in tests). Bad input (a registered user error: config, prompt file, head spec,
 model) prints ``error: ...`` and exits 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from analysis.pipeline import Analysis
 from analysis.reproduce import cmd_reproduce
 from spindiff.config import USER_ERRORS, ConfigError, parse_cli
 from spindiff.lm.models import LoadedModel, load_model
-from spindiff.runtime import prepare_run, record_model
+from spindiff.runtime import notice, prepare_run, record_model
 
 USAGE = """\
 python -m analysis <command> [key=value ...]
@@ -87,22 +88,29 @@ COMMANDS: dict[str, Callable[[Analysis], dict[str, Any]]] = {
 
 
 def run(command: str, cfg: DictConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
-    """Run ``command`` with a composed config (raises on bad input). Writes config.yaml/run.json."""
+    """Run ``command`` with a composed config (raises a registered user error on bad input).
+
+    Order: the config (composed and checked: choices, ranges, head-spec syntax, prompt files
+    that exist and parse) -> the model -> what needs the model (:meth:`Analysis.check_inputs`:
+    heads inside it, prompts tokenised) -> only then the run directory (config.yaml, run.json).
+    stdout carries each stage's result line; the model line, notes and timings go to stderr."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown command '{command}'; choose one of {', '.join(COMMANDS)}")
     if command == "reproduce":
         cfg.prompts, cfg.variant, cfg.candidates, cfg.heldout, cfg.also_paper = "paper", "reference", "first_token", "", False
-    out = prepare_run(cfg, "analysis")
     lm = lm or load_model(cfg.model)
+    A = Analysis(cfg, lm)
+    A.check_inputs()
+    out = prepare_run(cfg, "analysis")
+    A.out = out
     record_model(out, lm.info)
     if lm.fallback_reason:
-        print(f"note: model used = {lm.name} ({lm.fallback_reason})")
+        notice(f"model used = {lm.name} ({lm.fallback_reason})", kind="note")
     else:
-        print(f"model: {lm.name} ({lm.info['n_layers']} layers x {lm.info['n_heads']} heads)")
-    A = Analysis(cfg, lm)
+        print(f"model: {lm.name} ({lm.info['n_layers']} layers x {lm.info['n_heads']} heads)", file=sys.stderr)
     res = COMMANDS[command](A)
     if command == "all":
-        print(f"all: done in {A.timings['all']:.0f} s -> {A.out / 'report.md'}")
+        print(f"all: done in {A.timings['all']:.0f} s -> {A.out / 'report.md'}", file=sys.stderr)
     res.update({"command": command, "out": str(out), "model": lm.name, "analysis": A})
     return res
 

@@ -6,6 +6,7 @@ over these defaults and then runs :func:`check_config`. spindiff never imports a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Optional
@@ -13,11 +14,12 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from analysis.gaps import CANDIDATES, PROTOCOLS
-from analysis.prompts import PromptFileError, PromptTokenError
+from analysis.prompts import PromptFileError, PromptTokenError, load_prompts
 from spindiff.config import ConfigError, ModelConfig, register_check, register_entry, register_user_error
 from spindiff.lm.adapter import HeadSpecError
 
 ABLATIONS = ("zero", "mean")
+VARIANTS = ("paper", "reference")
 
 
 @dataclass
@@ -76,18 +78,50 @@ def default(key: str):
 def check_config(cfg: DictConfig) -> None:
     """Choices and ranges of the analysis keys, checked when the config is composed (before any
     model is loaded)."""
-    for key, choices in (("protocol", PROTOCOLS), ("candidates", CANDIDATES), ("ablation", ABLATIONS)):
+    for key, choices in (("protocol", PROTOCOLS), ("candidates", CANDIDATES), ("ablation", ABLATIONS),
+                         ("variant", VARIANTS)):
         if cfg[key] not in choices:
-            raise ConfigError(f"{key}={cfg[key]}: use one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={cfg[key]}: use one of {', '.join(choices)} (e.g. {key}={choices[0]})")
     for key, low in (("top_k", 1), ("n_permutations", 1), ("n_bootstrap", 1), ("n_splits", 1), ("t_steps", 2),
                      ("batch_size", 1), ("scan_prompts", 0), ("pair_top_k", 2), ("landscape_prompt", 0),
                      ("hybrid_layers", 0)):
         if cfg[key] < low:
-            raise ConfigError(f"{key}={cfg[key]}: must be >= {low}")
+            raise ConfigError(f"{key}={cfg[key]}: must be >= {low} (e.g. {key}={default(key)})")
     if not 0 < cfg.alpha < 1:
-        raise ConfigError(f"alpha={cfg.alpha}: must lie in (0, 1)")
+        raise ConfigError(f"alpha={cfg.alpha}: must lie in (0, 1) (e.g. alpha=0.05)")
     if not 0 < cfg.t_min < cfg.t_max:
-        raise ConfigError(f"t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 < t_min < t_max")
+        raise ConfigError(f"t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 < t_min < t_max (e.g. t_min=0.1 t_max=2.5)")
+    check_head_syntax(cfg)
+    check_prompt_files(cfg)
+
+
+_HEAD_ITEM = re.compile(r"L\d+(H\d+)?|all", re.IGNORECASE)
+
+
+def check_head_syntax(cfg: DictConfig) -> None:
+    """The head specs (``heads``, ``head``, ``ablate``, ``scan_heads``) parse -- without the
+    model; whether they lie inside it is checked right after it is loaded
+    (:meth:`analysis.pipeline.Analysis.check_inputs`)."""
+    for key in ("heads", "ablate", "scan_heads", "head"):
+        spec = str(cfg.get(key) or "")
+        if not spec and key in ("scan_heads", "head"):
+            continue  # the defaults: `heads` / the top head
+        items = [s for s in spec.replace(" ", "").split(",") if s]
+        bad = [s for s in items if not _HEAD_ITEM.fullmatch(s)]
+        if not items or bad:
+            raise HeadSpecError(f"{key}={spec}: cannot parse head spec '{bad[0] if bad else spec}'; "
+                                f"write e.g. {key}=L3H5, {key}=L3H5,L0H2 or {key}=L11 (a whole layer)"
+                                + (" or all" if key != "head" else ""))
+        if key == "head" and not (len(items) == 1 and re.fullmatch(r"L\d+H\d+", items[0], re.IGNORECASE)):
+            raise HeadSpecError(f"head={spec} must name exactly one head, e.g. head=L3H5")
+
+
+def check_prompt_files(cfg: DictConfig) -> None:
+    """``prompts`` and ``heldout`` name a bundled set or a file that exists and parses (every
+    row: prompt, good, bad) -- read now, before any model is loaded."""
+    load_prompts(str(cfg.prompts), str(cfg.variant))
+    if cfg.heldout and str(cfg.heldout).lower() != "none":
+        load_prompts(str(cfg.heldout), str(cfg.variant))
 
 
 for _err in (PromptFileError, PromptTokenError, HeadSpecError):

@@ -27,7 +27,7 @@ from spindiff.config import ConfigError
 from spindiff.lm.adapter import HeadList, HeadSpecError, get_adapter
 from spindiff.lm.models import LoadedModel, context_window, load_model
 from spindiff.lm.tokens import pad_left
-from spindiff.runtime import atomic_write_json, atomic_write_text, package_versions
+from spindiff.runtime import atomic_write_json, atomic_write_text, notice, package_versions
 
 
 def _evenly(n_total: int, n: int) -> list[int]:
@@ -66,6 +66,24 @@ class Analysis:
         self.notes: list[str] = []  # what a stage chose for the user (printed and in the report)
         self._scans: dict[str, ScanResult] = {}
         self.cache: dict[str, Any] = {}  # results other stages reuse (analysis.beyond)
+
+    def check_inputs(self) -> None:
+        """What needs the model, checked right after it is loaded and before any run directory
+        exists: the head specs lie inside it, every prompt set tokenises for it, an explicit
+        ``ablate`` fits (the default falls back to the top heads), ``landscape_prompt`` is a row.
+        Raises a registered user error (HeadSpecError, PromptTokenError, ConfigError)."""
+        c = self.cfg
+        self.scan_heads()
+        if c.head:
+            self.one_head(c.head)
+        if c.ablate != default("ablate"):
+            self.ad.parse_heads(c.ablate)
+        ts = self.tset(c.prompts)
+        if c.heldout and str(c.heldout).lower() != "none":
+            self.tset(c.heldout)
+        if not 0 <= c.landscape_prompt < len(ts):
+            raise ConfigError(f"landscape_prompt={c.landscape_prompt} is outside the prompt set '{c.prompts}' "
+                              f"(e.g. landscape_prompt=0; rows 0 .. {len(ts) - 1})")
 
     # ------------------------------------------------------------------ data
     def tset(self, spec: str) -> TokenizedSet:
@@ -225,9 +243,9 @@ class Analysis:
                 "n_top_replicated": int(sum(r["replicated"] for r in top))}
 
     def note(self, text: str) -> None:
-        """Tell the user what a stage chose for them (printed now, listed in the report)."""
+        """Tell the user what a stage chose for them (``note:`` on stderr now, listed in the report)."""
         self.notes.append(text)
-        print(f"note: {text}")
+        notice(text, kind="note", once=False)
 
     def ablate_heads(self) -> HeadList:
         """``ablate``; when it is the default (the paper's GPT-2 Fig. 4 heads) and does not fit this
@@ -353,7 +371,7 @@ class Analysis:
         ts = self.tset(c.prompts)
         if not 0 <= c.landscape_prompt < len(ts):
             raise ConfigError(f"landscape_prompt={c.landscape_prompt} is outside the prompt set '{c.prompts}' "
-                             f"(0 .. {len(ts) - 1})")
+                              f"(e.g. landscape_prompt=0; rows 0 .. {len(ts) - 1})")
         if c.head:
             l, h = self.one_head(c.head)
         else:
