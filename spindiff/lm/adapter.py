@@ -1,4 +1,5 @@
-"""Architecture adapters: one interface to per-head weights and hooks for every family.
+"""The model adapter: one interface to per-head weights, norms and hook points for every family,
+driven by the family's declarative entry (:mod:`spindiff.lm.families`).
 
 Convention (stated once, used everywhere above this module): **row vectors**. For layer l,
 query head h, with x (..., D) the attention block's (normalised) input,
@@ -6,7 +7,10 @@ query head h, with x (..., D) the attention block's (normalised) input,
     q_h = x @ W_Q[h] + b_Q[h]          W_Q: (H, D, d_head)
     k_h = x @ W_K[h] + b_K[h]          W_K: (H, D, d_head)   (GQA: query head h reads KV head
     v_h = x @ W_V[h] + b_V[h]          W_V: (H, D, d_head)    h // (H / H_kv); expanded here)
-    z_h = softmax(q_h k_h^T / sqrt(d_head)) v_h               (with RoPE on q,k for Llama)
+    z_h = softmax(s * q_h k_h^T) v_h                            (s = the module's scaling, usually
+                                                                1/sqrt(d_head); RoPE, q/k norms,
+                                                                soft-capping, sliding windows per
+                                                                family: spindiff.lm.attention)
     attn_out = sum_h z_h @ W_O[h] + b_O                        W_O: (H, d_head, D), b_O: (D,)
 
 so the paper's column-convention W_O^(h) in R^{D x d_head} is ``W_O[h].T`` and the paper's
@@ -17,19 +21,22 @@ GPT-2 (HF ``Conv1D``, weight ``[in, out]``, computes ``x @ W``): the fused ``c_a
 (D, 3D) splits into Q|K|V column blocks, head h = columns h*d_head:(h+1)*d_head of each;
 head h's block of ``c_proj.weight`` (D, D) is ROWS h*d_head:(h+1)*d_head.
 Llama (``nn.Linear``, weight ``[out, in]``, computes ``x @ W.T``): W_Q[h] =
-``q_proj.weight[h*dh:(h+1)*dh].T``; W_O[h] = ``o_proj.weight[:, h*dh:(h+1)*dh].T``.
+``q_proj.weight[h*dh:(h+1)*dh].T``; W_O[h] = ``o_proj.weight[:, h*dh:(h+1)*dh].T``. The fused
+layouts of other families are described in :mod:`spindiff.lm.families`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from spindiff.lm.families import Family, family_for
 
 HeadList = list[tuple[int, int]]
 
@@ -97,42 +104,65 @@ def head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
-class ArchitectureAdapter(ABC):
-    """Per-family access to weights, norms and the per-head hook point."""
+def _get(root: nn.Module, path: str) -> Any:
+    return functools.reduce(getattr, path.split("."), root)
 
-    family: str = ""
 
-    def __init__(self, model: nn.Module, name: str = "model"):
+def _heads_in(W: Tensor, n: int, dh: int) -> Tensor:
+    """``nn.Linear`` rows (n*dh, D), head-major -> (n, D, dh)."""
+    return W.view(n, dh, W.shape[-1]).transpose(1, 2)
+
+
+class ArchitectureAdapter:
+    """Per-family access to weights, norms and hook points, from a :class:`Family` entry."""
+
+    def __init__(self, model: nn.Module, name: str = "model", family: Family | None = None):
         self.model = model
         self.name = name
         c = model.config
+        self.spec: Family = family or family_for(c)
+        self.family: str = self.spec.name
         self.n_layers: int = c.num_hidden_layers
         self.n_heads: int = c.num_attention_heads
         self.n_kv_heads: int = getattr(c, "num_key_value_heads", None) or self.n_heads
         self.d_model: int = c.hidden_size
         self.d_head: int = getattr(c, "head_dim", None) or self.d_model // self.n_heads
-        self._mean_z: dict[int, Tensor] = {}
+        self.parallel: bool = self.spec.is_parallel(c)
         self._frozen: dict[int, tuple[tuple, LayerWeights]] = {}
 
     # ----------------------------------------------------------------- structure
-    @abstractmethod
-    def layers(self) -> Sequence[nn.Module]: ...
+    def layers(self) -> Sequence[nn.Module]:
+        return _get(self.model, self.spec.layers)
 
-    @abstractmethod
-    def attn(self, layer: int) -> nn.Module: ...
+    def attn(self, layer: int) -> nn.Module:
+        return _get(self.layers()[layer], self.spec.attn)
 
-    @abstractmethod
-    def attn_input_norm(self, layer: int) -> nn.Module: ...
+    def _block_part(self, layer: int, path: str | None) -> nn.Module | None:
+        return None if path is None else _get(self.layers()[layer], path)
 
-    @abstractmethod
-    def out_proj(self, layer: int) -> nn.Module: ...
+    def attn_input_norm(self, layer: int) -> nn.Module:
+        """The attention branch's input norm (``nn.Identity`` for families without one: OLMo2)."""
+        return self._block_part(layer, self.spec.ln1) or nn.Identity()
 
-    @abstractmethod
-    def final_norm(self) -> nn.Module: ...
+    def mlp_input_norm(self, layer: int) -> nn.Module:
+        """The MLP branch's input norm (parallel families with one shared norm: the attention's)."""
+        if self.spec.ln2 is None and self.parallel:
+            return self.attn_input_norm(layer)
+        return self._block_part(layer, self.spec.ln2) or nn.Identity()
 
-    @abstractmethod
+    def mlp_modules(self, layer: int) -> list[nn.Module]:
+        """The MLP's modules in call order (one for most families; fc1, act, fc2 for OPT)."""
+        return [_get(self.layers()[layer], p) for p in self.spec.mlp]
+
+    def out_proj(self, layer: int) -> nn.Module:
+        return _get(self.attn(layer), self.spec.o_proj)
+
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.spec.final_norm)
+
     def embedding(self) -> Tensor:
-        """Token embedding W_E (V, D)."""
+        """Token embedding W_E (V, D) (without any embedding scale the model applies)."""
+        return _get(self.model, self.spec.embed).weight
 
     def unembedding(self) -> Tensor:
         """Unembedding rows W_U (V, D): logits = final_norm(h) @ W_U.T (+ bias if any)."""
@@ -142,8 +172,67 @@ class ArchitectureAdapter(ABC):
     def tied(self) -> bool:
         return self.unembedding().data_ptr() == self.embedding().data_ptr()
 
-    @abstractmethod
-    def layer_weights(self, layer: int) -> LayerWeights: ...
+    def role_module(self, layer: int | None, role: str) -> nn.Module | None:
+        """The module behind a hook point role (:mod:`spindiff.lm.hooks`); None where the family
+        has none."""
+        s = self.spec
+        if layer is None:
+            return {"ln_final": self.final_norm(), "unembed": self.model.get_output_embeddings()}[role]
+        blk = self.layers()[layer]
+        part = lambda p: self._block_part(layer, p)  # noqa: E731
+        mlp = self.mlp_modules(layer)
+        shared = s.ln2 is None and self.parallel  # GPT-J: the MLP reads ln_1's output
+        roles = {
+            "block": blk, "attn": self.attn(layer), "o_proj": self.out_proj(layer), "ln1": part(s.ln1),
+            "ln2": part(s.ln2), "mlp_in": mlp[0], "mlp_out": mlp[-1],
+            "post_attn_norm": part(s.post_attn_norm), "post_mlp_norm": part(s.post_mlp_norm),
+            "attn_resid_in": part(s.ln1) or self.attn(layer),
+            "attn_resid_out": part(s.post_attn_norm) or self.out_proj(layer),
+            "mlp_resid_in": None if shared else (part(s.ln2) or mlp[0]),
+            "mlp_resid_out": part(s.post_mlp_norm) or mlp[-1],
+        }
+        if role not in roles:
+            raise KeyError(f"unknown module role '{role}'")
+        return roles[role]
+
+    # ----------------------------------------------------------------- weights
+    def layer_weights(self, layer: int) -> LayerWeights:
+        """W_Q, W_K, W_V (KV heads expanded to query heads), W_O and biases of one layer."""
+        a = self.attn(layer)
+        D, H, Hkv, dh, lay = self.d_model, self.n_heads, self.n_kv_heads, self.d_head, self.spec.qkv
+        fused = [_get(a, n) for n in self.spec.qkv_names]
+        if lay == "separate":
+            lins = fused
+            Ws = [lin.weight for lin in lins]
+            bs = [lin.bias for lin in lins]
+        elif lay == "fused_conv1d":  # Conv1D (D, 3 H dh): column blocks Q | K | V
+            W, b = fused[0].weight, fused[0].bias
+            Ws = [M.T for M in W.split(H * dh, dim=1)]
+            bs = [None] * 3 if b is None else list(b.split(H * dh))
+        elif lay == "fused_blocks":  # Linear rows Q (H dh) | K (Hkv dh) | V (Hkv dh)
+            sizes = [H * dh, Hkv * dh, Hkv * dh]
+            W, b = fused[0].weight, fused[0].bias
+            Ws = list(W.split(sizes, dim=0))
+            bs = [None] * 3 if b is None else list(b.split(sizes))
+        elif lay == "fused_per_head":  # Linear rows (H, 3, dh)
+            W, b = fused[0].weight.view(H, 3, dh, D), fused[0].bias
+            Ws = [W[:, i].reshape(H * dh, D) for i in range(3)]
+            bs = [None] * 3 if b is None else [b.view(H, 3, dh)[:, i].reshape(H * dh) for i in range(3)]
+        else:
+            raise ValueError(f"family {self.family}: unknown qkv layout '{lay}'")
+        n_kv = H if lay in ("fused_conv1d", "fused_per_head") else Hkv
+        group = H // n_kv
+        expand = lambda M: M if group == 1 else M.repeat_interleave(group, dim=0)  # noqa: E731
+        bias = lambda v, n: None if v is None else v.view(n, dh)  # noqa: E731
+        o = self.out_proj(layer)
+        if self.spec.o_layout == "conv1d":
+            W_O = o.weight.reshape(H, dh, D)  # rows h*dh:(h+1)*dh -> head h
+        else:
+            W_O = o.weight.view(D, H, dh).permute(1, 2, 0)  # (H, dh, D)
+        bk, bv = bias(bs[1], n_kv), bias(bs[2], n_kv)
+        return LayerWeights(_heads_in(Ws[0], H, dh), expand(_heads_in(Ws[1], n_kv, dh)),
+                            expand(_heads_in(Ws[2], n_kv, dh)), W_O, bias(bs[0], H),
+                            None if bk is None else expand(bk), None if bv is None else expand(bv), o.bias)
 
     def weights_key(self, layer: int) -> tuple:
         """Changes whenever a parameter of the layer's attention module is replaced or modified in
@@ -173,29 +262,69 @@ class ArchitectureAdapter(ABC):
     def parse_heads(self, spec: str | Sequence[str]) -> HeadList:
         return parse_heads(spec, self.n_layers, self.n_heads, self.name)
 
-    def apply_positional(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Positional transform of queries/keys (B, H, T, dh) inside attention (RoPE for
-        Llama; identity for GPT-2, whose positions are added to the residual stream)."""
-        return q, k
+    # ----------------------------------------------------------------- attention details
+    def scaling(self, layer: int) -> float:
+        return float(getattr(self.attn(layer), "scaling", self.d_head ** -0.5))
 
-    # ----------------------------------------------------------------- hooks
+    def sliding_window(self, layer: int) -> int | None:
+        """Keys j with t - j < window are visible from query t (None: no window)."""
+        src = self.attn(layer) if self.spec.sliding_window == "module" else self.model.config
+        w = getattr(src, "sliding_window", None)
+        return int(w) if w else None
+
+    def softcap(self, layer: int) -> float | None:
+        v = getattr(self.attn(layer), self.spec.softcap, None) if self.spec.softcap else None
+        return float(v) if v else None
+
+    def final_softcap(self) -> float | None:
+        v = getattr(self.model.config, self.spec.final_softcap, None) if self.spec.final_softcap else None
+        return float(v) if v else None
+
+    def uses_rope(self, layer: int) -> bool:
+        if self.spec.rotary is None:
+            return False
+        return bool(getattr(self.attn(layer), self.spec.use_rope_attr, 1)) if self.spec.use_rope_attr else True
+
+    def apply_positional(self, q: Tensor, k: Tensor, positions: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """Positional transform of queries/keys (B, H, T, dh) inside attention: RoPE (rotate-half or
+        interleaved, on the first ``r`` dims for partial rotary) from the model's own rotary
+        module; identity for families with absolute positions and for layers without RoPE."""
+        if not self.uses_rope(0 if layer is None else layer):
+            return q, k
+        pos = positions if positions.dim() == 2 else positions[None]
+        a, b = _get(self.model, self.spec.rotary)(q, pos)
+        cos, sin = (a, b) if self.spec.rotary_order == "cos_sin" else (b, a)
+        if self.spec.rotary_style == "interleaved":
+            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+            turn = lambda x: torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)  # noqa: E731
+        else:
+            turn = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)  # noqa: E731
+        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
+        r = cos.shape[-1]
+
+        def rot(x: Tensor) -> Tensor:
+            xr = x[..., :r] * cos + turn(x[..., :r]) * sin
+            return xr if r == x.shape[-1] else torch.cat((xr, x[..., r:]), -1)
+        return rot(q), rot(k)
+
+    def qk_norms(self, layer: int) -> tuple[nn.Module | None, nn.Module | None]:
+        a = self.attn(layer)
+        return (None if self.spec.q_norm is None else _get(a, self.spec.q_norm),
+                None if self.spec.k_norm is None else _get(a, self.spec.k_norm))
+
+    # ----------------------------------------------------------------- hooks (spindiff.lm.hooks)
     @contextlib.contextmanager
     def capture_z(self, layers: Sequence[int] | None = None, last_only: bool = False) -> Iterator[dict[int, Tensor]]:
         """Record z, the input of each layer's output projection, as (B, T, H, dh)
-        (or (B, H, dh) with ``last_only``). Yields the dict filled during the forward pass."""
+        (or (B, H, dh) with ``last_only``). Yields {layer: z} filled during the forward pass."""
+        from spindiff.lm.hooks import hooks
+
         store: dict[int, Tensor] = {}
-        handles = []
-        for l in (range(self.n_layers) if layers is None else layers):
-            def hook(mod, args, l=l):
-                z = args[0]
-                z = z.view(*z.shape[:-1], self.n_heads, self.d_head)
-                store[l] = (z[:, -1] if last_only else z).detach()
-            handles.append(self.out_proj(l).register_forward_pre_hook(hook))
-        try:
+
+        def grab(z: Tensor, point: Any) -> None:
+            store[point.layer] = (z[:, -1] if last_only else z).detach()
+        with hooks(self, {f"blocks.{l}.attn.z": grab for l in (range(self.n_layers) if layers is None else layers)}):
             yield store
-        finally:
-            for h in handles:
-                h.remove()
 
     @contextlib.contextmanager
     def ablate(self, heads: HeadList, mode: str = "zero", mean_z: dict[int, Tensor] | None = None) -> Iterator[None]:
@@ -203,6 +332,8 @@ class ArchitectureAdapter(ABC):
 
         mode ``zero`` sets z_h = 0; ``mean`` sets z_h to ``mean_z[layer][h]`` (dh,), a mean
         over a reference prompt set (see :meth:`mean_z`)."""
+        from spindiff.lm.hooks import hooks
+
         if mode not in ("zero", "mean"):
             raise ValueError(f"ablation mode '{mode}': use zero or mean")
         if mode == "mean" and mean_z is None:
@@ -210,24 +341,14 @@ class ArchitectureAdapter(ABC):
         by_layer: dict[int, list[int]] = {}
         for l, h in heads:
             by_layer.setdefault(l, []).append(h)
-        handles = []
-        for l, hs in by_layer.items():
-            idx = torch.tensor(hs)
 
-            def hook(mod, args, l=l, idx=idx):
-                z = args[0]
-                zz = z.view(*z.shape[:-1], self.n_heads, self.d_head).clone()
-                if mode == "zero":
-                    zz[..., idx, :] = 0
-                else:
-                    zz[..., idx, :] = mean_z[l][idx].to(zz)
-                return (zz.view_as(z),) + tuple(args[1:])
-            handles.append(self.out_proj(l).register_forward_pre_hook(hook))
-        try:
+        def edit(z: Tensor, point: Any) -> Tensor:
+            idx = torch.tensor(by_layer[point.layer])
+            z = z.clone()
+            z[..., idx, :] = 0 if mode == "zero" else mean_z[point.layer][idx].to(z)
+            return z
+        with hooks(self, {f"blocks.{l}.attn.z": edit for l in by_layer}):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     @torch.no_grad()
     def mean_z(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[int, Tensor]:
@@ -241,137 +362,79 @@ class ArchitectureAdapter(ABC):
         return {l: z[mask].mean(0) for l, z in store.items()}
 
     def head_outputs(self, z: Tensor, layer: int) -> Tensor:
-        """Per-head contributions to the residual stream: z (..., H, dh) -> (..., H, D)."""
+        """Per-head contributions to the output projection: z (..., H, dh) -> (..., H, D)."""
         W_O = self.layer_weights(layer).W_O
         return torch.einsum("...hk,hkd->...hd", z.to(W_O.dtype), W_O)
 
-    # ----------------------------------------------------------------- final norm
-    def final_norm_scale(self, resid: Tensor) -> tuple[Tensor, bool]:
-        """Frozen linearisation of the final norm at residual ``resid`` (..., D).
-
-        Returns (scale (..., D), center): the norm maps a small addition v to
-        ``(v - mean(v) if center else v) * scale``, with the statistics (std or RMS) frozen at
-        ``resid`` (standard direct-logit-attribution practice)."""
-        norm = self.final_norm()
+    # ----------------------------------------------------------------- norms, linearised
+    def norm_scale(self, norm: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+        """Frozen linearisation of ``norm`` at its input x (..., D): it maps a small addition v to
+        ``(v - mean(v) if center else v) * scale`` with the statistics (std or RMS) frozen at x."""
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-        w = norm.weight
+        w = norm.weight + self.spec.norm_offset if self.spec.norm_offset else norm.weight
         if isinstance(norm, nn.LayerNorm):
-            var = resid.var(-1, keepdim=True, unbiased=False)
+            var = x.var(-1, keepdim=True, unbiased=False)
             return w / torch.sqrt(var + eps), True
-        rms = resid.pow(2).mean(-1, keepdim=True)
+        rms = x.pow(2).mean(-1, keepdim=True)
         return w / torch.sqrt(rms + eps), False
 
+    def final_norm_scale(self, resid: Tensor) -> tuple[Tensor, bool]:
+        """:meth:`norm_scale` of the final norm at the residual ``resid`` (..., D) (standard
+        direct-logit-attribution practice)."""
+        return self.norm_scale(self.final_norm(), resid)
 
-class GPT2Adapter(ArchitectureAdapter):
-    family = "gpt2"
+    def post_attn_scale(self, layer: int, attn_out: Tensor) -> Tensor | None:
+        """Sandwich-norm families (Gemma 2, OLMo2): the frozen scale (..., D) of the post-attention
+        RMS norm at the attention output ``attn_out``, so that per-head outputs times it sum to
+        what the branch adds to the residual; None for the others."""
+        norm = self._block_part(layer, self.spec.post_attn_norm)
+        return None if norm is None else self.norm_scale(norm, attn_out)[0]
 
-    def layers(self):
-        return self.model.transformer.h
+    # ----------------------------------------------------------------- layer pieces
+    def mlp_branch(self, layer: int, resid: Tensor) -> Tensor:
+        """What layer ``layer``'s MLP branch adds to a residual ``resid`` (B, T, D) that it reads."""
+        x = self.mlp_input_norm(layer)(resid)
+        for m in self.mlp_modules(layer):
+            x = m(x)
+        x = x[0] if isinstance(x, tuple) else x
+        norm = self._block_part(layer, self.spec.post_mlp_norm)
+        return x if norm is None else norm(x)
 
-    def attn(self, layer):
-        return self.layers()[layer].attn
-
-    def attn_input_norm(self, layer):
-        return self.layers()[layer].ln_1
-
-    def out_proj(self, layer):
-        return self.attn(layer).c_proj
-
-    def final_norm(self):
-        return self.model.transformer.ln_f
-
-    def embedding(self):
-        return self.model.transformer.wte.weight
-
-    def layer_weights(self, layer: int) -> LayerWeights:
-        a = self.attn(layer)
-        D, H, dh = self.d_model, self.n_heads, self.d_head
-        W = a.c_attn.weight  # (D, 3D), Conv1D: x @ W
-        b = a.c_attn.bias  # (3D,)
-        Wq, Wk, Wv = W.split(D, dim=1)
-        bq, bk, bv = b.split(D)
-        per = lambda M: M.reshape(D, H, dh).permute(1, 0, 2)  # (H, D, dh)
-        W_O = a.c_proj.weight.reshape(H, dh, D)  # rows h*dh:(h+1)*dh -> head h
-        return LayerWeights(per(Wq), per(Wk), per(Wv), W_O, bq.view(H, dh), bk.view(H, dh),
-                            bv.view(H, dh), a.c_proj.bias)
-
-
-class LlamaAdapter(ArchitectureAdapter):
-    family = "llama"
-
-    def layers(self):
-        return self.model.model.layers
-
-    def attn(self, layer):
-        return self.layers()[layer].self_attn
-
-    def attn_input_norm(self, layer):
-        return self.layers()[layer].input_layernorm
-
-    def out_proj(self, layer):
-        return self.attn(layer).o_proj
-
-    def final_norm(self):
-        return self.model.model.norm
-
-    def embedding(self):
-        return self.model.model.embed_tokens.weight
-
-    def layer_weights(self, layer: int) -> LayerWeights:
-        a = self.attn(layer)
-        D, H, Hkv, dh = self.d_model, self.n_heads, self.n_kv_heads, self.d_head
-        group = H // Hkv
-        per = lambda lin, n: lin.weight.view(n, dh, D).transpose(1, 2)  # (n, D, dh)
-        expand = lambda M: M.repeat_interleave(group, dim=0)  # KV head -> query heads
-        bias = lambda lin, n: None if lin.bias is None else lin.bias.view(n, dh)
-        bk, bv = bias(a.k_proj, Hkv), bias(a.v_proj, Hkv)
-        W_O = a.o_proj.weight.view(D, H, dh).permute(1, 2, 0)  # (H, dh, D)
-        return LayerWeights(per(a.q_proj, H), expand(per(a.k_proj, Hkv)), expand(per(a.v_proj, Hkv)),
-                            W_O, bias(a.q_proj, H), None if bk is None else expand(bk),
-                            None if bv is None else expand(bv), a.o_proj.bias)
-
-    def apply_positional(self, q, k, positions):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        pos = positions if positions.dim() == 2 else positions[None]
-        cos, sin = self.model.model.rotary_emb(q, pos)
-        return apply_rotary_pos_emb(q, k, cos, sin)
-
-
-ADAPTERS: dict[str, type[ArchitectureAdapter]] = {"gpt2": GPT2Adapter, "llama": LlamaAdapter}
+    def after_attention(self, layer: int, resid_pre: Tensor, attn_out: Tensor, resid_post: Tensor | None = None,
+                        attn_out_ref: Tensor | None = None) -> Tensor:
+        """Layer ``layer``'s output when its output projection gives ``attn_out`` (..., T, D).
+        Parallel-residual families need the unmodified ``resid_post`` and ``attn_out_ref`` (the MLP
+        does not read the attention output there)."""
+        norm = self._block_part(layer, self.spec.post_attn_norm)
+        a = attn_out if norm is None else norm(attn_out)
+        if self.parallel:
+            a_ref = attn_out_ref if norm is None else norm(attn_out_ref)
+            return resid_post + (a - a_ref)
+        mid = resid_pre + a
+        return mid + self.mlp_branch(layer, mid)
 
 
 def get_adapter(model: nn.Module, name: str | None = None) -> ArchitectureAdapter:
-    """The adapter for ``model`` (by ``config.model_type``)."""
-    from spindiff.lm.models import family_of
-
-    fam = family_of(model)
-    return ADAPTERS[fam](model, name or getattr(model.config, "_name_or_path", "") or fam)
+    """The adapter for ``model`` (its family by ``config.model_type``; an unsupported one raises
+    :class:`spindiff.lm.families.UnsupportedFamily` naming it)."""
+    fam = family_for(model.config)
+    return ArchitectureAdapter(model, name or getattr(model.config, "_name_or_path", "") or fam.name, fam)
 
 
 def manual_attention(adapter: ArchitectureAdapter, x: Tensor, layer: int, use_bias: bool = True,
                      positional: bool = True) -> tuple[Tensor, Tensor]:
-    """Recompute one layer's attention from the adapter's weights (causal).
+    """Recompute one layer's causal attention on one unpadded batch (:func:`spindiff.lm.attention.attend`).
 
     Args:
-        x: the attention block's input (B, T, D), after the layer's input norm.
+        x: the attention module's input (B, T, D) (after the layer's input norm).
         use_bias / positional: drop biases / RoPE (the paper protocol uses neither).
     Returns:
         alpha (B, H, T, T) attention weights and z (B, T, H, dh).
     """
-    w = adapter.layer_weights(layer)
-    q = torch.einsum("btd,hdk->bhtk", x, w.W_Q)
-    k = torch.einsum("btd,hdk->bhtk", x, w.W_K)
-    v = torch.einsum("btd,hdk->bhtk", x, w.W_V)
-    if use_bias:
-        for t, b in ((q, w.b_Q), (k, w.b_K), (v, w.b_V)):
-            if b is not None:
-                t += b[None, :, None, :]
-    if positional:
-        q, k = adapter.apply_positional(q, k, torch.arange(x.shape[1], device=x.device)[None])
-    T = x.shape[1]
-    scores = q @ k.transpose(-1, -2) / adapter.d_head**0.5  # (B, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    alpha = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    z = (alpha @ v).transpose(1, 2)  # (B, T, H, dh)
-    return alpha, z
+    from spindiff.lm.attention import attend
+
+    B, T = x.shape[:2]
+    mask = torch.ones(B, T, dtype=torch.long, device=x.device)
+    pos = torch.arange(T, device=x.device)[None].expand(B, T)
+    p = attend(adapter, layer, x, x, x, mask, pos, use_bias=use_bias, positional=positional, frozen=False)
+    return p.alpha, p.z

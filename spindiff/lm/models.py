@@ -65,7 +65,7 @@ class LoadedModel:
     tokenizer: Any
     name: str  # the model actually used (e.g. "smollm2-135m" after a fallback)
     requested: str
-    family: str  # "gpt2" | "llama"
+    family: str  # a spindiff.lm.families entry: "gpt2", "llama", "qwen3", ...
     source: str
     load_seconds: float = 0.0
     fallback_reason: str | None = None
@@ -100,15 +100,14 @@ def context_window(model: Any) -> int:
 
 
 def family_of(model: Any) -> str:
-    mt = getattr(model.config, "model_type", "")
-    if mt == "gpt2":
-        return "gpt2"
-    if mt in ("llama", "mistral", "qwen2", "smollm3"):
-        return "llama"
-    raise ModelLoadError(
-        f"model_type '{mt}' has no architecture adapter yet; supported: gpt2, llama-family "
-        "(see README 'Adding a model family')"
-    )
+    """The model's family name (:mod:`spindiff.lm.families`); an architecture no family entry
+    describes is a :class:`ModelLoadError` naming its model_type (never another family's adapter)."""
+    from spindiff.lm.families import UnsupportedFamily, family_for
+
+    try:
+        return family_for(model.config).name
+    except UnsupportedFamily as e:
+        raise ModelLoadError(str(e)) from None
 
 
 @contextlib.contextmanager
