@@ -139,7 +139,7 @@ class SamplerConfig:
     in embedding space, needs a checkpoint from ``train.py objective=euclid_ddpm``).
     """
 
-    name: str = "spin"  # spin | ar | euclid_ddpm
+    name: str = "spin"  # spin | ar | euclid_ddpm | block
     steps: int = 10  # spin / euclid_ddpm: SDE steps per token (>= 1)
     method: str = "geodesic_midpoint"  # spin: integrator (spindiff.sphere.integrators.INTEGRATORS)
     grid: str = "uniform"  # spin: reverse-time grid (spindiff.sphere.grids.GRIDS)
@@ -155,6 +155,9 @@ class SamplerConfig:
     temperature: float = 1.0  # ar: softmax temperature (0 = greedy)
     top_p: float = 1.0  # ar: nucleus mass in (0, 1]
     batch_size: int = 8  # prompts per batch
+    # -- block sampler (spindiff.generation.block; docs/generation.md 'Blocks')
+    block: int = 4  # block: drafted tokens per LM forward K (>= 1)
+    drafter: str = "heads"  # block: heads (independent draft heads of an objective=block checkpoint)
 
 
 @dataclass

@@ -157,6 +157,8 @@ def batch_records(session: GenerationSession, sampler: Sampler, prompts: Sequenc
         for i, t in enumerate(ids):
             d = {"token_id": int(t), "piece": tok.decode([t]), "steps": gb.sde_steps}
             d.update({k: _nan_to_none(float(gb.diag[k][b, i])) for k in DIAG_KEYS})
+            # a sampler's own diagnostics beyond DIAG_KEYS (block: block_offset, accepted, draft_r, lm_p)
+            d.update({k: _nan_to_none(float(v[b, i])) for k, v in gb.diag.items() if k not in DIAG_KEYS})
             diags.append(d)
         recs.append({"prompt": prompt, "text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids,
                      "n_tokens": len(ids), "stop": gb.stop[b], "sampler": desc["sampler"], "label": desc["label"],

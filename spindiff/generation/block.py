@@ -1,0 +1,323 @@
+"""The ``block`` sampler: K tokens drafted at once and verified by ONE cached LM forward; exactly
+the LM's distribution, fewer LM forwards than tokens.
+
+Per round, for every row (B rows at once):
+
+1. the pending token z (an exact draw from the LM: the prompt's last forward, or the previous
+   round's verification) and the drafter's K drafts x_1 .. x_K (:mod:`spindiff.generation.drafters`;
+   drafted from the last accepted position's hidden state / field and z);
+2. one forward over [z, x_1, .., x_K] through the KV cache gives p(. | prefix, z, x_<k) for
+   k = 1 .. K + 1;
+3. :func:`spindiff.generation.verify.verify` accepts x_1 .. x_n (n per row) and draws the next
+   pending token from the residual max(0, p - r) (or from p when all K were accepted);
+4. KV-cache rollback: the rejected positions are removed. Rows accept different n, so the cache
+   keeps per-row lengths with attention-mask HOLES: a row's rejected positions stay in the cache
+   with mask 0 (never attended again) and every row carries explicit position_ids (its own count
+   of kept tokens), so every round feeds exactly K + 1 tokens to every row, nothing is re-fed,
+   and the positions rejected by every row are cropped off the cache (``DynamicCache.crop``); at
+   batch 1 that is the whole rollback.
+
+Tokens per LM forward = n + 1 per row. Per-token diagnostics (samples.jsonl): ``block_offset``
+(0 = the prompt's free draw; k = 1 .. K drafted position; K + 1 = bonus), ``accepted`` (1 an
+accepted draft, 0 a residual draw after a rejection, NaN otherwise), ``draft_r`` = r_k(x),
+``lm_p`` = p(x) (the sampled distribution), ``lm_logprob`` (log p at T = 1).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field as _field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spindiff.generation.base import Sampler, _fmt, register_sampler
+from spindiff.generation.drafters import DRAFTERS, DraftContext, Drafter
+from spindiff.generation.session import DIAG_KEYS, GenerationBatch, SampleError
+from spindiff.generation.verify import target_probs, verify
+from spindiff.lm.field import FieldOutput
+from spindiff.score import draft as _draft  # noqa: F401  (registers the checkpoint builder)
+
+BLOCK_DIAG = ("block_offset", "accepted", "draft_r", "lm_p")
+
+
+# --------------------------------------------------------------------------- the LM with a rollback cache
+@dataclass
+class BlockState:
+    """The KV cache and per-row bookkeeping of a batch under generation.
+
+    mask: (B, C) attention mask over the C cached positions (0 = left padding or a rejected draft).
+    next_pos: (B,) position id of the next fed token (= kept tokens of the row).
+    """
+
+    cache: Any
+    mask: Tensor
+    next_pos: Tensor
+    forwards: int = 0
+
+
+class BlockLM:
+    """One causal LM, fed blocks through a KV cache with per-row rollback.
+
+    ``provider`` (a :class:`spindiff.lm.field.ContextFieldProvider`) supplies the context field of
+    every fed position when ``with_field`` (drafters that read N)."""
+
+    def __init__(self, model: Any, adapter: Any, provider: Any = None, with_field: bool = False,
+                 window: int = 0) -> None:
+        self.model, self.adapter, self.provider = model, adapter, provider
+        self.with_field = bool(with_field and provider is not None)
+        self.window = int(window)
+
+    def _run(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, last_only: bool):
+        ad, prov = self.adapter, self.provider
+        grab: dict[str, Tensor] = {}
+
+        def hook(m, a, o):  # residual entering the final norm, and its output (the hidden state)
+            grab["x"], grab["h"] = (a[0][:, -1:], o[:, -1:]) if last_only else (a[0], o)
+        handle = ad.final_norm().register_forward_hook(hook)
+        if self.window:
+            pos = pos.clamp(max=self.window - 1)  # only positions past max_new_tokens (discarded) can reach it
+        kw = {"logits_to_keep": 1} if last_only else {}
+        try:
+            if self.with_field:
+                with ad.capture_z(prov.layers) as zs:
+                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                                     use_cache=True, **kw)
+            else:
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, **kw)
+        finally:
+            handle.remove()
+        fld = None
+        if self.with_field:  # the provider's field at every returned position (its in_situ definition)
+            sl = slice(-1, None) if last_only else slice(None)
+            z = torch.cat([zs[l][:, sl] if prov._sel[l] is None else zs[l][:, sl].index_select(2, prov._sel[l])
+                           for l in prov.layers], dim=2).to(prov._W_all.dtype)  # (B, n, Kh, dh)
+            B, n, Kh, dh = z.shape
+            total = z.reshape(B * n, Kh * dh) @ prov._W_all.reshape(Kh * dh, -1)  # (B n, D) summed over heads
+            total = total.view(B, n, -1)
+            if prov.final_norm:
+                scale, center = ad.final_norm_scale(grab["x"])
+                total = (total - total.mean(-1, keepdim=True) if center else total) * scale
+            fld = F.normalize(total, dim=-1) if prov.normalize else total
+        return out.logits, grab["h"], fld, out.cache
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor, mask: Tensor) -> tuple[BlockState, Tensor, Tensor, Tensor | None]:
+        """Forward the (left-padded) prompts: state, last logits (B, V), hidden (B, d), field (B, d) | None."""
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits, h, f, cache = self._run(ids, mask, pos, None, last_only=True)
+        state = BlockState(cache, mask.clone(), mask.long().sum(-1), 1)
+        return state, logits[:, -1], h[:, -1], None if f is None else f[:, -1]
+
+    @torch.no_grad()
+    def extend(self, state: BlockState, new: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Feed ``new`` (B, n) to every row: logits (B, n, V), hidden (B, n, d), field (B, n, d) | None."""
+        B, n = new.shape
+        mask = torch.cat([state.mask, torch.ones((B, n), dtype=state.mask.dtype, device=new.device)], 1)
+        pos = state.next_pos[:, None] + torch.arange(n, device=new.device)
+        logits, h, f, cache = self._run(new, mask, pos, state.cache, last_only=False)
+        state.cache, state.mask = cache, mask
+        state.forwards += 1
+        return logits, h, f
+
+    def rollback(self, state: BlockState, fed: int, keep: Tensor) -> None:
+        """Of the last ``fed`` positions keep the first ``keep[b]`` (B,) of row b: the rest become
+        holes (mask 0), and the positions no row keeps are cropped off the cache."""
+        C = state.mask.shape[1]
+        cols = torch.arange(fed, device=keep.device)
+        state.mask[:, C - fed:] = (cols[None] < keep[:, None]).to(state.mask.dtype)
+        state.next_pos = state.next_pos + keep
+        drop = fed - int(keep.max())
+        if drop > 0:
+            state.cache.crop(-drop)
+            state.mask = state.mask[:, :C - drop]
+
+
+# --------------------------------------------------------------------------- the generation loop
+@dataclass
+class BlockRun:
+    """Raw result of :func:`block_generate`: tokens (B, T), valid (B, T), diagnostics name -> (B, T),
+    and counters (LM forwards, drafted / accepted per offset)."""
+
+    tokens: Tensor
+    valid: Tensor
+    diag: dict[str, Tensor]
+    forwards: int
+    drafted: Tensor  # (K,) drafts verified at offset k
+    accepted: Tensor  # (K,) of them accepted
+    stats: dict[str, float] = _field(default_factory=dict)
+
+
+@torch.no_grad()
+def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: int, max_new_tokens: int,
+                   generator: torch.Generator | None, temperature: float = 1.0, top_p: float = 1.0,
+                   eos_id: int | None = None, pad_id: int = 0, logit_bias: Tensor | None = None,
+                   on_token: Callable[[int, Tensor], None] | None = None) -> BlockRun:
+    """Generate up to ``max_new_tokens`` per row with K = ``k`` drafts per round (module docstring).
+    The LM's distribution is softmax((logits + logit_bias) / temperature) (top-p filtered)."""
+    B = ids.shape[0]
+    dev = ids.device
+    W = max_new_tokens + k + 2
+    tokens = torch.full((B, W), pad_id, dtype=torch.long, device=dev)
+    diag = {key: torch.full((B, W), float("nan"), dtype=torch.float64) for key in (*BLOCK_DIAG, "lm_logprob")}
+    count = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    drafted, accepted_k = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+
+    def probs(logits: Tensor) -> Tensor:
+        logits = logits if logit_bias is None else logits + logit_bias.to(logits.dtype)
+        return target_probs(logits, temperature, top_p)
+
+    def emit(toks: Tensor, n_emit: Tensor, values: dict[str, Tensor]) -> None:
+        """Write toks[:, :n_emit[b]] (B, m) at each row's count (rows not done)."""
+        nonlocal count, done
+        m = toks.shape[1]
+        j = torch.arange(m, device=dev)[None]
+        ok = (j < n_emit[:, None]) & ~done[:, None] & (count[:, None] + j < max_new_tokens)
+        rows, cols = ok.nonzero(as_tuple=True)
+        at = count[rows] + cols
+        tokens[rows, at] = toks[rows, cols]
+        for key, v in values.items():
+            diag[key][rows, at] = v[rows, cols].double().cpu() if v.device != diag[key].device else v[rows, cols].double()
+        if on_token is not None and B == 1:
+            for c in cols.tolist():
+                on_token(int(count[0]) + c, toks[0, c:c + 1])
+        hit_eos = (ok & (toks == eos_id)).any(1) if eos_id is not None else torch.zeros_like(done)
+        count = count + ok.sum(1)
+        done = done | hit_eos | (count >= max_new_tokens)
+
+    state, logits, hidden, fld = lm.prefill(ids, mask)
+    p0 = probs(logits)  # (B, V)
+    z = torch.multinomial(p0, 1, generator=generator).squeeze(1)  # the free first token
+    ones = torch.ones(B, 1, dtype=torch.long, device=dev)
+    emit(z[:, None], ones[:, 0], {"block_offset": torch.zeros(B, 1), "lm_p": p0.gather(1, z[:, None]),
+                                  "lm_logprob": torch.log_softmax(logits.double(), -1).gather(1, z[:, None])})
+    while not bool(done.all()):
+        need = int((max_new_tokens - count[~done]).max())  # tokens still wanted after z by the neediest row
+        kk = max(0, min(k, need - 1))
+        if kk > 0:
+            drafts, r = drafter.draft(DraftContext(hidden, fld, z), kk, generator)  # (B, kk), (B, kk, V)
+        else:
+            drafts, r = z.new_zeros(B, 0), None
+        block = torch.cat([z[:, None], drafts], 1)  # (B, kk + 1)
+        logits, hs, fs = lm.extend(state, block)
+        p = probs(logits)  # (B, kk + 1, V)
+        v = verify(p, r.to(p.dtype) if r is not None else p[:, :0], drafts, generator)
+        n = v.n_accepted
+        live = ~done
+        if kk > 0:
+            seen = (torch.arange(kk)[None] <= n.cpu()[:, None]) & live.cpu()[:, None]  # offset j was verified
+            drafted[:kk] += seen.sum(0)
+            accepted_k[:kk] += (v.accepted.cpu() & live.cpu()[:, None]).sum(0)
+        # emitted this round: the accepted drafts, then the next token at index n
+        rows = torch.arange(B, device=dev)
+        toks = torch.cat([drafts, drafts.new_zeros(B, 1)], 1)
+        toks[rows, n] = v.next_token
+        offs = torch.arange(1, kk + 2, device=dev, dtype=torch.float64)[None].expand(B, -1).clone()
+        acc = torch.full((B, kk + 1), float("nan"), dtype=torch.float64, device=dev)
+        acc[:, :kk] = torch.where(v.accepted, 1.0, float("nan")).double()
+        acc[rows, n] = torch.where(n < kk, 0.0, float("nan")).double()
+        pr = torch.cat([v.p_draft, v.p_draft.new_zeros(B, 1)], 1)
+        pr[rows, n] = v.p_next
+        rr = torch.cat([v.r_draft, v.r_draft.new_zeros(B, 1)], 1)
+        rr[rows, n] = torch.where(n < kk, v.r_next, float("nan"))
+        lp = torch.log_softmax(logits.double(), -1).gather(2, toks[:, :, None]).squeeze(-1)
+        emit(toks, n + 1, {"block_offset": offs, "accepted": acc, "draft_r": rr, "lm_p": pr, "lm_logprob": lp})
+        lm.rollback(state, kk + 1, n + 1)
+        hidden, fld = hs[rows, n], None if fs is None else fs[rows, n]  # the last kept fed position
+        z = v.next_token
+    valid = torch.arange(W, device=dev)[None] < count[:, None]
+    if eos_id is not None:  # up to and including the first EOS
+        is_eos = (tokens == eos_id) & valid
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(count, W))
+        valid = valid & (torch.arange(W, device=dev)[None] <= first[:, None])
+    T = int(count.max())
+    return BlockRun(tokens[:, :T].cpu(), valid[:, :T].cpu(), {key: x[:, :T].float() for key, x in diag.items()},
+                    state.forwards, drafted, accepted_k)
+
+
+# --------------------------------------------------------------------------- the sampler
+@register_sampler("block")
+class BlockSampler(Sampler):
+    """Speculative blocks: ``sampler.block`` = K drafts per LM forward from ``sampler.drafter``
+    (the draft heads of an ``objective=block`` checkpoint), verified exactly (module docstring).
+    ``sampler.temperature`` / ``top_p`` / ``steer.mode=prior`` define the distribution reproduced."""
+
+    needs_checkpoint = "required"
+    objective = "block"
+    steering_modes = ("prior",)
+
+    def __init__(self, session, cfg, field_cfg, module=None, ckpt_path=None, **kw: Any) -> None:
+        super().__init__(session, cfg, field_cfg, module, ckpt_path, **kw)
+        self.k = int(cfg.block)
+        if session.window and self.k + 1 >= session.window:
+            raise SampleError(f"sampler.block={self.k}: K + 1 positions per verification exceed the context window "
+                              f"of {session.name} ({session.window} tokens); use e.g. sampler.block=4")
+        self.heads = module.score_net.to(device=session.device, dtype=session.dtype).eval()
+        self.drafter: Drafter = DRAFTERS[str(cfg.drafter)](heads=self.heads, table=session.token_table,
+                                                          temperature=float(cfg.temperature), session=session)
+        self.lm = BlockLM(session.model, session.adapter, self.provider, self.drafter.needs_field, session.window)
+        self.last: dict[str, Any] = {}
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        k = cfg.get("block", None) if hasattr(cfg, "get") else getattr(cfg, "block", None)
+        if k is None or int(k) < 1:
+            raise SampleError(f"sampler.block={k}: the number of drafted tokens per LM forward must be >= 1; "
+                              "e.g. sampler.block=4")
+        if str(cfg.drafter) not in DRAFTERS:
+            raise SampleError(f"sampler.drafter={cfg.drafter!r}: choose one of {', '.join(sorted(DRAFTERS))}")
+        if cfg.temperature < 0 or not math.isfinite(cfg.temperature):
+            raise SampleError(f"sampler.temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < cfg.top_p <= 1:
+            raise SampleError(f"sampler.top_p={cfg.top_p}: must be in (0, 1]")
+
+    @classmethod
+    def check_module(cls, cfg: Any, module: Any) -> None:
+        net = getattr(module, "score_net", None)
+        if net is None or not hasattr(net, "block"):
+            raise SampleError("sampler.name=block needs a checkpoint with draft heads; train one with "
+                              "`python train.py experiment=block` and pass ckpt=PATH")
+        if int(cfg.block) > int(net.block):
+            raise SampleError(f"sampler.block={cfg.block} but the checkpoint has draft heads for {net.block} offsets; "
+                              f"use sampler.block<={net.block} or train with block.k={cfg.block}")
+
+    @property
+    def label(self) -> str:
+        t = "greedy" if self.cfg.temperature <= 0 else f"T={_fmt(float(self.cfg.temperature))}"
+        return f"block[{self.cfg.drafter}](K={self.k},{t})"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "block": self.k, "drafter": str(self.cfg.drafter),
+                "temperature": float(self.cfg.temperature), "top_p": float(self.cfg.top_p), **self.last}
+
+    def _bias(self) -> Tensor | None:
+        return None if self.steering is None else self.steering.logit_bias(self.session.token_table)
+
+    @torch.no_grad()
+    def draw_from(self, out: FieldOutput, n: int, generator: torch.Generator) -> Tensor:
+        """The first token of a block is a free exact draw from p: n draws per context. (B, n)."""
+        logits = out.logits.float() if self._bias() is None else out.logits.float() + self._bias().float()
+        p = target_probs(logits, float(self.cfg.temperature), float(self.cfg.top_p))
+        return torch.multinomial(p, n, replacement=True, generator=generator)
+
+    @torch.no_grad()
+    def generate(self, ids, mask, max_new_tokens, generator, stop_at_eos=True, on_token=None):
+        sess = self.session
+        t0 = time.perf_counter()
+        run = block_generate(self.lm, self.drafter, ids, mask, self.k, max_new_tokens, generator,
+                             float(self.cfg.temperature), float(self.cfg.top_p),
+                             sess.eos_id if stop_at_eos else None, sess.pad_id, self._bias(), on_token)
+        seconds = time.perf_counter() - t0
+        B, T = run.tokens.shape
+        diag = {key: torch.full((B, T), float("nan")) for key in DIAG_KEYS}
+        diag.update(run.diag)
+        n_tok = int(run.valid.sum())
+        self.last = {"lm_forwards": run.forwards, "tokens_per_forward": round(n_tok / max(run.forwards, 1) / B, 4),
+                     "acceptance_by_offset": [round(float(a) / max(int(d), 1), 4)
+                                              for a, d in zip(run.accepted, run.drafted)]}
+        stop = ["eos" if (stop_at_eos and sess.eos_id is not None and bool((run.tokens[b][run.valid[b]] == sess.eos_id).any()))
+                else "max_tokens" for b in range(B)]
+        return GenerationBatch(run.tokens, run.valid, diag, seconds, stop, 0)

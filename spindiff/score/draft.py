@@ -1,0 +1,100 @@
+"""Draft heads: K independent next-next-token heads that draft a block for speculative sampling.
+
+For a context whose last fed position has final hidden state h (and context field N), and the
+pending token z that follows it (already an exact draw from the LM), head k = 1 .. K gives logits
+for the token k places after z:
+
+    x_k   = LN([features(N, h), e_z])                        (B, c + d)   e_z: unit row of token z
+    u_k   = g_k * h + x_k A_k                                (B, K, d)    A_k: (c + d, d), g_k: (d,)
+    l_k,v = s_v (u_k . e_v) + b_v                            (B, K, V)
+
+with e_v the unit unembedding rows and s_v (initialised to |W_U[v]|) so that u_k = h reads out the
+LM's own logits W_U h. The K read-outs are ONE (B K, d) x (d, V) product against the token table
+(the table is 21% of SmolLM2's weights: reading it once per offset would cost as much as a forward).
+Training (``objective=block``, :mod:`spindiff.training.block`) distils the LM's teacher-forced
+distribution of the token k places after z into head k (soft top-k targets of the feature cache).
+
+A checkpoint describes itself (``meta["score_net"]`` = :meth:`DraftHeads.hparams`); importing this
+module registers the ``block`` builder of :mod:`spindiff.score.build`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spindiff.score.build import register_builder
+from spindiff.score.features import context_dim, context_features
+
+__all__ = ["DraftHeads"]
+
+
+class DraftHeads(nn.Module):
+    """K draft heads (module docstring).
+
+    Args:
+        dim: d. vocab: V. block: K, the number of offsets (a sampler may use the first K' <= K).
+        features: context features besides the pending token (``hidden`` | ``field+hidden`` | ...).
+        rank: coupling rank of the learned low-rank Potts couplings J_kj (0 = none; drafter (b)).
+        row_norms: (V,) initial per-token scales (|W_U[v]|); ones if None.
+    """
+
+    def __init__(self, dim: int, vocab: int, block: int = 8, features: str = "field+hidden", rank: int = 0,
+                 row_norms: Tensor | None = None) -> None:
+        super().__init__()
+        self.dim, self.vocab, self.block, self.features = int(dim), int(vocab), int(block), str(features)
+        self.rank = int(rank)
+        c = context_dim(self.features, self.dim) + self.dim
+        self.norm = nn.LayerNorm(c)
+        self.gate = nn.Parameter(torch.ones(self.block, self.dim))
+        self.readout = nn.Parameter(torch.zeros(self.block, c, self.dim))
+        norms = torch.ones(vocab) if row_norms is None else row_norms.detach().float().clone()
+        self.scale = nn.Parameter(norms)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        if self.rank > 0:  # learned low-rank couplings: J_kj(v, w) = (e_v P_k) . (e_w Q_j), j < k
+            self.couple_p = nn.Parameter(torch.zeros(self.block, self.dim, self.rank))
+            self.couple_q = nn.Parameter(torch.randn(self.block, self.dim, self.rank) / self.dim ** 0.5)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"dim": self.dim, "vocab": self.vocab, "block": self.block, "features": self.features,
+                "rank": self.rank}
+
+    def directions(self, field: Tensor | None, hidden: Tensor, token_vec: Tensor, k: int | None = None) -> Tensor:
+        """u_k for the first ``k`` offsets (default all): field (B, d) or None, hidden (B, d),
+        token_vec (B, d) unit row of the pending token -> (B, k, d)."""
+        k = self.block if k is None else int(k)
+        x = context_features(field if field is not None else hidden, hidden, self.features, raw_hidden=True)
+        x = torch.cat([x, token_vec], -1) if x is not None else token_vec
+        z = self.norm(x.to(self.readout.dtype))  # (B, c + d)
+        return hidden.to(z.dtype)[:, None, :] * self.gate[:k] + torch.einsum("bc,kcd->bkd", z, self.readout[:k])
+
+    def readout_logits(self, u: Tensor, table: Tensor) -> Tensor:
+        """s_v (u . e_v) + b_v for u (..., d): ONE product against the table (V, d) -> (..., V)."""
+        shape = u.shape[:-1]
+        out = (u.reshape(-1, u.shape[-1]).to(table.dtype) @ table.T) * self.scale.to(table.dtype) + self.bias.to(table.dtype)
+        return out.view(*shape, -1)
+
+    def forward(self, field: Tensor | None, hidden: Tensor, token_vec: Tensor, table: Tensor,
+                k: int | None = None) -> Tensor:
+        """Logits of the first ``k`` offsets: (B, k, V)."""
+        return self.readout_logits(self.directions(field, hidden, token_vec, k), table)
+
+    def coupling_factors(self, k: int | None = None) -> tuple[Tensor, Tensor] | None:
+        """(P, Q) (k, d, r) of the learned low-rank coupling, or None."""
+        if self.rank <= 0:
+            return None
+        k = self.block if k is None else int(k)
+        return self.couple_p[:k], self.couple_q[:k]
+
+
+def _block(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+    return DraftHeads(**meta["score_net"]), None
+
+
+register_builder("block", _block)
+
+
+def unit(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)

@@ -1,0 +1,204 @@
+"""The ``block`` sampler's exactness: the acceptance rule on a toy with known p and r, and the joint
+law of 3 generated tokens against the LM's own (float64, a tiny vocabulary, p enumerated exactly),
+for a good and for deliberately bad drafters; the KV-cache rollback against a plain forward."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from spindiff.generation import block as block_mod
+from spindiff.generation.block import BlockLM, block_generate
+from spindiff.generation.drafters import DraftContext, FixedDrafter
+from spindiff.generation.verify import residual, verify
+from spindiff.lm.adapter import get_adapter
+from spindiff.lm.field import ContextFieldProvider
+
+
+# --------------------------------------------------------------------------- the acceptance rule
+def test_residual_is_normalised_positive_part():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0]], dtype=torch.float64)
+    r = torch.tensor([[0.1, 0.6, 0.1, 0.2]], dtype=torch.float64)
+    res = residual(p, r)
+    assert torch.allclose(res, torch.tensor([[0.4, 0.0, 0.1, 0.0]], dtype=torch.float64) / 0.5)
+
+
+def test_acceptance_rule_with_given_uniforms():
+    p = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]], dtype=torch.float64)  # (1, K + 1 = 2, V = 2)
+    r = torch.tensor([[[0.25, 0.75]]], dtype=torch.float64)
+    d = torch.tensor([[1]])  # p/r = 0.5/0.75 = 2/3
+    assert int(verify(p, r, d, uniforms=torch.tensor([[0.66]], dtype=torch.float64)).n_accepted) == 1
+    v = verify(p, r, d, generator=torch.Generator().manual_seed(0), uniforms=torch.tensor([[0.67]], dtype=torch.float64))
+    assert int(v.n_accepted) == 0 and int(v.next_token) == 0  # residual max(0, p - r) = (0.25, 0) -> token 0
+    d0 = torch.tensor([[0]])  # p/r = 2 >= 1: always accepted, then the bonus is drawn from p_2
+    assert int(verify(p, r, d0, uniforms=torch.tensor([[0.999]], dtype=torch.float64)).n_accepted) == 1
+
+
+def test_acceptance_rule_toy_distribution():
+    """One draft from r, verified against p: emitted token ~ p, P(accept) = sum min(p, r)."""
+    g = torch.Generator().manual_seed(1)
+    V, n = 5, 200_000
+    p1 = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0], dtype=torch.float64)
+    r1 = torch.tensor([0.05, 0.05, 0.1, 0.3, 0.5], dtype=torch.float64)  # a bad drafter with mass where p = 0
+    p = torch.stack([p1, torch.full((V,), 1.0 / V, dtype=torch.float64)])[None].expand(n, -1, -1)
+    r = r1[None, None].expand(n, 1, -1)
+    d = torch.multinomial(r1, n, replacement=True, generator=g)[:, None]
+    v = verify(p, r, d, generator=g)
+    first = torch.where(v.n_accepted == 1, d[:, 0], v.next_token)
+    counts = np.bincount(first.numpy(), minlength=V)
+    assert counts[4] == 0  # never emits a token of probability 0
+    assert stats.chisquare(counts[:4], p1[:4].numpy() * n).pvalue > 1e-3
+    acc = float(v.n_accepted.double().mean())
+    assert abs(acc - float(torch.minimum(p1, r1).sum())) < 4 * (0.3 / n) ** 0.5
+
+
+# --------------------------------------------------------------------------- joint law of generated tokens
+def _tiny_lm(vocab: int = 5, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                          tie_word_embeddings=False, initializer_range=0.6)
+        return LlamaForCausalLM(cfg).to(torch.float64).eval()
+
+
+def _exact_joint(model, prompt: list[int], n_new: int, vocab: int) -> np.ndarray:
+    """p(x_1 .. x_n | prompt) for every sequence, from ONE forward over all V^n continuations."""
+    seqs = torch.tensor([prompt + list(c) for c in itertools.product(range(vocab), repeat=n_new)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seqs).logits, -1)  # (V^n, T, V)
+    L = len(prompt)
+    lp = logp[:, L - 1:L - 1 + n_new].gather(2, seqs[:, L:, None]).squeeze(-1).sum(-1)
+    return lp.exp().numpy()
+
+
+class _HiddenDrafter:
+    """A context-dependent drafter: softmax of a fixed random map of the hidden state and the pending
+    token (a 'trained-like' drafter with full support)."""
+
+    name, needs_field = "hidden", False
+
+    def __init__(self, dim: int, vocab: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(4, dim, vocab, generator=g, dtype=torch.float64)
+        self.E = torch.randn(vocab, vocab, generator=g, dtype=torch.float64)
+
+    def draft(self, ctx: DraftContext, k: int, generator):
+        r = torch.softmax(torch.einsum("bd,kdv->bkv", ctx.hidden, self.A[:k]) + self.E[ctx.token][:, None], -1)
+        d = torch.multinomial(r.reshape(-1, r.shape[-1]), 1, generator=generator).view(r.shape[:2])
+        return d, r
+
+
+def _joint_counts(model, drafter, prompt, k, n_rows, vocab, seed, n_new=3):
+    lm = BlockLM(model, get_adapter(model), window=64)
+    ids = torch.tensor([prompt] * n_rows)
+    run = block_generate(lm, drafter, ids, torch.ones_like(ids), k, n_new, torch.Generator().manual_seed(seed))
+    assert run.tokens.shape == (n_rows, n_new) and bool(run.valid.all())
+    code = (run.tokens * torch.tensor([vocab ** (n_new - 1 - i) for i in range(n_new)])).sum(1)
+    return np.bincount(code.numpy(), minlength=vocab ** n_new), run
+
+
+def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    n = counts.sum()
+    keep = probs * n >= 5  # pool the rare cells (chi-square validity)
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(probs[keep] * n, probs[~keep].sum() * n)
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+V = 5
+PROMPT = [1, 3]
+N_ROWS = 100_000
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return _tiny_lm(V)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_lm):
+    return _exact_joint(tiny_lm, PROMPT, 3, V)
+
+
+@pytest.mark.parametrize("k,name", [(2, "hidden"), (3, "bad_peaked"), (1, "bad_zero_mass"), (2, "bad_uniform")])
+def test_joint_law_of_three_tokens_is_the_lm(tiny_lm, exact, k, name, one_thread):
+    if name == "hidden":
+        drafter = _HiddenDrafter(tiny_lm.config.hidden_size, V)
+    elif name == "bad_peaked":  # almost always drafts token 4, the LM's least likely
+        drafter = FixedDrafter(torch.tensor([0.01, 0.01, 0.01, 0.01, 0.96], dtype=torch.float64))
+    elif name == "bad_zero_mass":  # no mass on tokens 0, 1: those can only come from the residual
+        drafter = FixedDrafter(torch.tensor([0.0, 0.0, 0.5, 0.3, 0.2], dtype=torch.float64))
+    else:
+        drafter = FixedDrafter(torch.full((V,), 1.0 / V, dtype=torch.float64))
+    counts, run = _joint_counts(tiny_lm, drafter, PROMPT, k, N_ROWS, V, seed=k)
+    assert counts.sum() == N_ROWS
+    assert _chi2_pvalue(counts, exact) > 1e-3
+    assert run.forwards <= 3  # prefill + at most 2 verifications for 2 more tokens
+    assert int(run.accepted.sum()) > 0
+
+
+def test_joint_law_test_detects_a_wrong_rule(tiny_lm, exact, monkeypatch, one_thread):
+    """The same check rejects speculative sampling with the acceptance rule removed (accept every
+    draft): the chi-square test is not one that cannot fail."""
+    def accept_all(p, r, drafts, generator=None, uniforms=None):
+        return verify(p, r, drafts, generator, uniforms=torch.zeros(drafts.shape, dtype=p.dtype))
+
+    monkeypatch.setattr(block_mod, "verify", accept_all)
+    counts, _ = _joint_counts(tiny_lm, FixedDrafter(torch.full((V,), 1.0 / V, dtype=torch.float64)), PROMPT, 2,
+                              20_000, V, seed=0)
+    assert _chi2_pvalue(counts, exact) < 1e-6
+
+
+# --------------------------------------------------------------------------- rollback and ragged rows
+def test_rollback_with_holes_matches_a_plain_forward(tiny_gpt2, one_thread):
+    """Ragged acceptance over a left-padded batch: every emitted token's log p from the cached,
+    rolled-back forwards equals the one of a plain forward over prompt + continuation; the field
+    of the last accepted position equals the provider's."""
+    model, _ = tiny_gpt2
+    prov = ContextFieldProvider(model, "all")
+    lm = BlockLM(model, get_adapter(model), prov, with_field=True, window=128)
+    Vt = model.config.vocab_size
+    ids = torch.tensor([[3, 5, 6, 7], [0, 0, 8, 9], [0, 4, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    drafter = FixedDrafter(r_fn=lambda j: torch.softmax(torch.randn(Vt, dtype=torch.float64,
+                                                                    generator=torch.Generator().manual_seed(j)), -1))
+    run = block_generate(lm, drafter, ids, mask, 3, 12, torch.Generator().manual_seed(3))
+    assert int(run.accepted.sum()) > 0 and run.forwards < 12
+    seqs = torch.cat([ids, run.tokens], 1)
+    m2 = torch.cat([mask, torch.ones_like(run.tokens)], 1)
+    with torch.no_grad():
+        lg = model(input_ids=seqs, attention_mask=m2, position_ids=(m2.cumsum(-1) - 1).clamp(min=0)).logits
+    lp = torch.log_softmax(lg, -1)[:, ids.shape[1] - 1:-1].gather(2, run.tokens[:, :, None]).squeeze(-1)
+    assert torch.allclose(lp.float(), run.diag["lm_logprob"], atol=1e-5)
+    # the field read at a block position equals the provider's on the same prefix
+    state, _, _, f0 = lm.prefill(ids, mask)
+    logits, _, fs = lm.extend(state, run.tokens[:, :3])
+    ref = prov(torch.cat([ids, run.tokens[:, :2]], 1), torch.cat([mask, torch.ones(3, 2, dtype=mask.dtype)], 1))
+    assert torch.allclose(fs[:, 1], ref.field, atol=1e-8)
+    assert torch.allclose(f0, prov(ids, mask).field, atol=1e-8)
+
+
+def test_eos_and_max_tokens(tiny_gpt2, one_thread):
+    model, tok = tiny_gpt2
+    lm = BlockLM(model, get_adapter(model), window=128)
+    Vt = model.config.vocab_size
+    eos = tok.eos_token_id
+    r = torch.zeros(Vt, dtype=torch.float64)
+    r[eos] = 1.0  # drafts EOS every time: accepted with probability p(EOS)
+    ids = torch.tensor([[3, 5, 6, 7]] * 64)
+    run = block_generate(lm, FixedDrafter(r), ids, torch.ones_like(ids), 4, 9, torch.Generator().manual_seed(0),
+                         eos_id=eos, pad_id=eos)
+    assert run.tokens.shape[1] <= 9
+    for b in range(64):
+        toks = run.tokens[b][run.valid[b]].tolist()
+        assert 1 <= len(toks) <= 9
+        assert eos not in toks[:-1]
+        assert toks[-1] == eos or len(toks) == 9
