@@ -25,6 +25,7 @@ it as one ``error: ...`` line and exit with status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import math
@@ -187,6 +188,12 @@ def _fmt_value(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
+def _defaults(cfg: DictConfig) -> DictConfig:
+    """The dataclass defaults of ``cfg``'s schema (the source of a valid example), else ``cfg``."""
+    t = OmegaConf.get_type(cfg)
+    return OmegaConf.structured(t) if t is not None and dataclasses.is_dataclass(t) else cfg
+
+
 def _builtin_checks(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         v = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -195,7 +202,7 @@ def _builtin_checks(cfg: DictConfig) -> None:
         if v not in choices:
             close = difflib.get_close_matches(str(v), choices, n=1, cutoff=0.6)
             raise ConfigError(f"{key}={_fmt_value(v)}: choose one of {', '.join(choices)}"
-                              + (f" (did you mean {key}={close[0]}?)" if close else ""))
+                              + (f" (did you mean {key}={close[0]}?)" if close else f" (e.g. {key}={choices[0]})"))
     for key, (ok, what) in RANGES.items():
         v = OmegaConf.select(cfg, key, default=_ABSENT)
         if v is _ABSENT:
@@ -205,17 +212,18 @@ def _builtin_checks(cfg: DictConfig) -> None:
         except TypeError:
             good = False
         if not good:
-            raise ConfigError(f"{key}={_fmt_value(v)}: must be {what}")
+            raise ConfigError(f"{key}={_fmt_value(v)}: must be {what}"
+                              + ("" if "e.g." in what else f" (e.g. {_example(_defaults(cfg), key)})"))
     dev = OmegaConf.select(cfg, "model.device", default=_ABSENT)
     if dev is not _ABSENT and not (isinstance(dev, str) and _DEVICE.fullmatch(dev)):
-        raise ConfigError(f"model.device={_fmt_value(dev)}: use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"model.device={_fmt_value(dev)}: use auto, cpu, cuda or cuda:N (e.g. model.device=cpu)")
     sde = cfg.get("sde")
     if isinstance(sde, DictConfig):
         if sde.beta_max < sde.beta_min:
             raise ConfigError(f"sde.beta_max={sde.beta_max} is below sde.beta_min={sde.beta_min}; "
-                              "the schedule must not decrease")
+                              "the schedule must not decrease (e.g. sde.beta_min=0.1 sde.beta_max=20)")
         if not sde.t_eps < sde.T:
-            raise ConfigError(f"sde.t_eps={sde.t_eps} must be below sde.T={sde.T}")
+            raise ConfigError(f"sde.t_eps={sde.t_eps} must be below sde.T={sde.T} (e.g. sde.t_eps=0.001)")
     data = cfg.get("data")
     if isinstance(data, DictConfig) and "source" in data:
         if data.source == "file" and not data.path:
@@ -224,12 +232,13 @@ def _builtin_checks(cfg: DictConfig) -> None:
             raise ConfigError(f"data.path={data.path!r}: no such file (data.source=file reads a UTF-8 text file)")
         if data.source == "lm" and data.n_sequences < 2:
             raise ConfigError(f"data.n_sequences={data.n_sequences}: sample at least 2 sequences "
-                              "(the train/val split is by sequence)")
+                              "(the train/val split is by sequence; e.g. data.n_sequences=256)")
     eval_t = cfg.get("eval_t")
     if eval_t is not None and isinstance(sde, DictConfig):
         bad = [t for t in eval_t if not (_num(t) and 0 < t <= sde.T)]
         if bad:
-            raise ConfigError(f"eval_t={_fmt_value(eval_t)}: every time must lie in (0, sde.T={sde.T}]")
+            raise ConfigError(f"eval_t={_fmt_value(eval_t)}: every time must lie in (0, sde.T={sde.T}] "
+                              "(e.g. eval_t=[0.4,0.5,0.7])")
 
 
 def check(entry: str, cfg: DictConfig) -> DictConfig:
@@ -304,7 +313,49 @@ def _merge_checked(base: DictConfig, other: DictConfig, where: str) -> DictConfi
     except (ConfigKeyError, ConfigAttributeError) as e:  # pragma: no cover - guarded above
         raise ConfigError(f"{e} ({where})") from None
     except ValidationError as e:
-        raise ConfigError(f"invalid value ({where}): {e}".split("\n")[0]) from None
+        raise _value_error(e, base, flat, where) from None
+
+
+# valid examples for keys whose default is empty (the error for a bad value shows one)
+EXAMPLES: dict[str, str] = {
+    "steer.words": "Paris,London", "steer.positive": "'I love this'", "steer.negative": "'I hate this'",
+    "steer.vector": "direction.npy", "steer.head_gains": "L29H1:0.5,L23H4:2", "steer.heads_report": "DIR/heads.csv",
+    "steer.lam": "1.0", "steer.actadd.positive": "'This is about love'", "steer.actadd.negative": "'This is about hate'",
+    "steer.actadd.vector": "direction.npy", "sampler.exit_kappa": "50.0", "sampler.kappa": "10.0",
+    "data.path": "corpus.txt", "data.prompts": "prompts.txt", "data.cache_dir": "/tmp/spindiff-features",
+    "model.cache_dir": "/tmp/spindiff-cache", "model.revision": "main", "field.report": "DIR/report.json",
+    "wandb.entity": "my-team", "wandb.group": "sweep1", "wandb.tags": "[a,b]", "prompts": "prompts.txt",
+    "eval.prompts": "prompts.txt", "out": "runs/mine", "prompt": "'The capital of France is'",
+    "heldout": "heldout", "head": "L3H5", "scan_heads": "L3", "runtime.threads": "2",
+}
+_KIND = (("Integer", "an integer"), ("Float", "a number"), ("bool", "true or false"),
+         ("ListConfig", "a list like [a,b]"), ("'str'", "a string (quote it if it looks like a number)"))
+
+
+def _example(base: DictConfig, key: str) -> str:
+    """``key=<a valid value>``: the key's current (default) value, or one from :data:`EXAMPLES`."""
+    v = OmegaConf.select(base, key, default=None)
+    if key in EXAMPLES and (v in (None, "") or (OmegaConf.is_list(v) and len(v) == 0)):
+        return f"{key}={EXAMPLES[key]}"
+    if v is None or v == "":
+        return f"{key}={EXAMPLES.get(key, 'VALUE')}"
+    return f"{key}={_fmt_value(v).lower() if isinstance(v, bool) else _fmt_value(v)}"
+
+
+def _value_error(e: ValidationError, base: DictConfig, flat: dict[str, Any], where: str) -> ConfigError:
+    """A value OmegaConf cannot store in its field, as one line naming the key, the value, the
+    type it needs and a valid example (``sampler.steps=abc: expected an integer, e.g. sampler.steps=10``)."""
+    key = str(getattr(e, "full_key", "") or "")
+    raw = flat.get(key, getattr(e, "value", None))
+    msg = str(getattr(e, "msg", e)).split("\n")[0]
+    kind = next((k for t, k in _KIND if t in msg), None)
+    if not key:
+        return ConfigError(f"invalid value ({where}): {msg}")
+    need = f"expected {kind}" if kind else msg
+    if raw is None:
+        empty = f" ({key}='' for an empty string)" if kind and kind.startswith("a string") else ""
+        return ConfigError(f"{key}= is empty ({where}): give a value{empty}, e.g. {_example(base, key)}")
+    return ConfigError(f"{key}={_fmt_value(raw)} is not valid ({where}): {need}; e.g. {_example(base, key)}")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -80,7 +80,7 @@ def test_unreadable_checkpoint_is_one_clean_error(tmp_path, trained, kind):
 
 
 @pytest.mark.parametrize("args, patterns", [
-    (["trainer.max_steps=-5"], [r"trainer.max_steps=-5: must be an integer >= 0 \(or -1 = no limit\)"]),
+    (["trainer.max_steps=-5"], [r"trainer.max_steps=-5: must be an integer >= 0 \(or -1 = no limit; e.g. trainer.max_steps=400\)"]),
     (["trainer.max_stepz=5"], [r"unknown trainer key 'trainer.max_stepz'", r"Did you mean trainer.max_steps"]),
     (["data.batch_size=0"], [r"data.batch_size=0: must be >= 1"]),
     (["optim.scheduler=cosin"], [r"optim.scheduler='cosin': choose one of cosine, constant"]),

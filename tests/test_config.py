@@ -47,8 +47,30 @@ def test_unknown_top_level_key():
 
 
 def test_wrong_type_is_clear():
-    with pytest.raises(ConfigError, match="invalid value"):
+    with pytest.raises(ConfigError, match=r"^sampler.steps='many' is not valid .*expected an integer; e.g. sampler.steps=10$"):
         compose("sample", ["sampler.steps=many"])
+
+
+@pytest.mark.parametrize("entry,override,match", [
+    ("sample", "sampler.steps=abc", r"^sampler.steps='abc' .*an integer; e.g. sampler.steps=\d+$"),
+    ("sample", "steer.words=", r"^steer.words= is empty .*steer.words=''.*e.g. steer.words=Paris,London$"),
+    ("sample", "sampler.exit_kappa=abc", r"^sampler.exit_kappa='abc' .*a number; e.g. sampler.exit_kappa=50.0$"),
+    ("sample", "stream=maybe", r"^stream='maybe' .*true or false; e.g. stream=true$"),
+    ("sample", "wandb.tags=5", r"^wandb.tags=5 .*a list.*e.g. wandb.tags=\[a,b\]$"),
+    ("train", "data.batch_size=0", r"^data.batch_size=0: must be >= 1 \(e.g. data.batch_size=256\)$"),
+    ("train", "optim.scheduler=foo", r"^optim.scheduler='foo': choose one of cosine, constant \(e.g. optim.scheduler=cosine\)$"),
+    ("train", "seed=-1", r"^seed=-1: .*\(e.g. seed=0\)$"),
+    ("train", "objective=nope", r"^objective='nope': choose one of .*\(e.g. objective=posterior\)$"),
+    ("train", "trainer.log_every_n_steps=0", r"^trainer.log_every_n_steps=0: .*e.g. trainer.log_every_n_steps=10"),
+    ("sample", "max_new_tokens=0", r"^max_new_tokens=0: must be >= 1 \(e.g. max_new_tokens=16\)$"),
+    ("analysis", "top_k=0", r"^top_k=0: must be >= 1 \(e.g. top_k=10\)$"),
+    ("analysis", "heads=L3X", r"^heads=L3X: cannot parse .*e.g. heads=L3H5"),
+])
+def test_every_value_error_names_the_key_and_a_valid_example(entry, override, match):
+    """Issue 22: a bad value names its key and shows a valid one (never OmegaConf's bare
+    "Value 'abc' of type 'str' could not be converted to Integer")."""
+    with pytest.raises(tuple(USER_ERRORS), match=match):
+        compose(entry, ["model.name=tiny-gpt2", override])
 
 
 def test_not_key_value():
@@ -171,7 +193,7 @@ def test_programmatic_entries_are_checked_before_any_load(tmp_path, monkeypatch)
     ("train", "seed=-1", r"seed=-1: must be an integer in \[0, 2\*\*32\)"),
     ("train", "sde.beta_max=0.01", r"sde.beta_max=0.01 is below sde.beta_min=0.1"),
     ("train", "eval_t=[0.5,2.0]", r"eval_t=\[0.5, 2.0\]: every time must lie in \(0, sde.T=1.0\]"),
-    ("train", "trainer.max_steps=-5", r"trainer.max_steps=-5: must be an integer >= 0 \(or -1 = no limit\)"),
+    ("train", "trainer.max_steps=-5", r"trainer.max_steps=-5: must be an integer >= 0 \(or -1 = no limit; e.g. trainer.max_steps=400\)"),
     ("train", "trainer.max_steps=-1", r"trains forever"),
     ("train", "trainer.max_steps=0", r"trainer.max_steps=0 trains nothing"),
     ("train", "trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0: must be an integer >= 1"),

@@ -115,15 +115,17 @@ def validate_config(cfg: DictConfig) -> None:
     from spindiff.sphere import integrators, schedules
 
     if int(cfg.max_new_tokens) < 1:
-        raise SampleError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
+        raise SampleError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1 (e.g. max_new_tokens=16)")
     if int(cfg.sampler.batch_size) < 1:
-        raise SampleError(f"sampler.batch_size={cfg.sampler.batch_size}: must be >= 1")
+        raise SampleError(f"sampler.batch_size={cfg.sampler.batch_size}: must be >= 1 (e.g. sampler.batch_size=8)")
     get_sampler_class(cfg.sampler.name).validate(cfg.sampler)
     steppers = getattr(integrators, "INTEGRATORS", None) or getattr(integrators, "SAMPLERS", {})
     if "method" in cfg.sampler and steppers and cfg.sampler.method not in steppers:
-        raise SampleError(f"sampler.method={cfg.sampler.method!r}: choose one of {', '.join(sorted(steppers))}")
+        raise SampleError(f"sampler.method={cfg.sampler.method!r}: choose one of {', '.join(sorted(steppers))} "
+                          "(e.g. sampler.method=geodesic_midpoint)")
     if cfg.sde.schedule not in schedules.SCHEDULES:
-        raise SampleError(f"sde.schedule={cfg.sde.schedule!r}: choose one of {', '.join(sorted(schedules.SCHEDULES))}")
+        raise SampleError(f"sde.schedule={cfg.sde.schedule!r}: choose one of {', '.join(sorted(schedules.SCHEDULES))} "
+                          "(e.g. sde.schedule=linear)")
     if cfg.prompts and not Path(cfg.prompts).is_file():
         raise SampleError(f"prompts={cfg.prompts}: no such file; give a text file with one prompt per line "
                           "(or prompt=\"...\" for a single prompt)")

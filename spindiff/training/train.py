@@ -44,7 +44,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from spindiff.config import ConfigError, TrainConfig, register_check, register_user_error
+from spindiff.config import TRAINER_DEFAULTS, ConfigError, TrainConfig, register_check, register_user_error
 from spindiff.lm.adapter import HeadSpecError
 from spindiff.runtime import atomic_write_json, default_out, prepare_run, quiet_third_party, record_model
 from spindiff.training.history import HistoryLogger, ProgressLines, first_values, history, next_segment
@@ -93,7 +93,8 @@ def check_trainer(trainer_cfg: Any) -> dict[str, Any]:
     ms, me = kw.get("max_steps", -1), kw.get("max_epochs", None)
     for key, v, lo in (("max_steps", ms, -1), ("max_epochs", me, -1), ("num_sanity_val_steps", kw.get("num_sanity_val_steps"), -1)):
         if v is not None and not (_is_int(v) and v >= lo):
-            raise ConfigError(f"trainer.{key}={v!r}: must be an integer >= 0 (or -1 = no limit)")
+            raise ConfigError(f"trainer.{key}={v!r}: must be an integer >= 0 (or -1 = no limit; e.g. trainer.{key}="
+                              f"{TRAINER_DEFAULTS.get(key, 0)})")
     if ms in (-1, None) and me == -1:
         raise ConfigError("trainer.max_steps=-1 with trainer.max_epochs=-1 trains forever; set one of them "
                           "(e.g. trainer.max_steps=500)")
@@ -101,7 +102,7 @@ def check_trainer(trainer_cfg: Any) -> dict[str, Any]:
         raise ConfigError("trainer.max_steps=0 trains nothing; give a positive number of steps (e.g. trainer.max_steps=500)")
     lev = kw.get("log_every_n_steps")
     if lev is not None and not (_is_int(lev) and lev >= 1):
-        raise ConfigError(f"trainer.log_every_n_steps={lev!r}: must be an integer >= 1")
+        raise ConfigError(f"trainer.log_every_n_steps={lev!r}: must be an integer >= 1 (e.g. trainer.log_every_n_steps=10)")
     vci = kw.get("val_check_interval")
     if vci is not None and not ((_is_int(vci) and vci >= 1) or (isinstance(vci, float) and 0 < vci <= 1)):
         raise ConfigError(f"trainer.val_check_interval={vci!r}: an integer number of steps >= 1, or a fraction of "
@@ -138,7 +139,8 @@ def _check_train_config(cfg: DictConfig) -> None:
     for key, names in (("objective", OBJECTIVES), ("weighting", WEIGHTINGS), ("sde.schedule", SCHEDULES)):
         value = OmegaConf.select(cfg, key)
         if value not in names:
-            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(sorted(names))}")
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(sorted(names))} "
+                              f"(e.g. {key}={OmegaConf.select(OmegaConf.structured(TrainConfig), key)})")
     if cfg.objective == "euclid_ddpm" and int(cfg.score_net.hidden) < 1:
         raise ConfigError(f"score_net.hidden={cfg.score_net.hidden}: the Euclidean DDPM's noise-prediction MLP needs "
                           "a width >= 1 (0 means 'read-out only' for objective=posterior alone); use "
