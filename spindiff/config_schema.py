@@ -76,6 +76,9 @@ class ScoreNetConfig:
     prior_weight: bool = True  # posterior: learn a weight c on the prior (starts at 1; c = 0 frees the LM-head path)
     layers: int = 1  # MLP hidden layers (euclid_ddpm: residual blocks)
     time_dim: int = 64  # euclid_ddpm time embedding
+    # -- objective=block: draft heads of the block sampler (spindiff.score.draft)
+    block: int = 8  # draft offsets K the heads are trained for (sampler.block <= K)
+    rank: int = 0  # rank of the learned low-rank Potts couplings (0 = none)
 
 
 @dataclass
@@ -146,6 +149,7 @@ class SamplerConfig:
     prior: str = "auto"  # spin: auto (the checkpoint's; field without one) | lm (oracle) | field | none
     eta_train: float = 20.0  # spin without a checkpoint: strength of the field prior eta_train N . e_v
     top_k: int = 512  # spin: candidate tokens per context (0 = the whole vocabulary)
+    tail: str = "direct"  # spin: the other tokens: direct (drawn with their mass, exact) | drop (never drawn)
     decode: str = "posterior"  # spin: posterior (draw from pi(v | S) at the end) | nearest (cosine)
     exit_kappa: Optional[float] = None  # spin: early exit at the first grid point with kappa >= this
     precession: float = 0.0  # spin: marginal-preserving precession strength gamma (0 = off)

@@ -69,6 +69,31 @@ def test_top_k_reports_the_dropped_mass():
     assert float(CandidatePosterior.from_logits(logits, table).dropped_mass) == 0.0
 
 
+def test_mix_tail_turns_exact_top_k_draws_into_exact_draws_of_p():
+    """p = (1 - m) p_top + m p_tail: exact draws of the renormalised top-k, each replaced with
+    probability m by a direct tail draw, have the law p (chi-square over all V, float64)."""
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(3)
+    V, K, n = 12, 4, 200_000
+    logits = torch.randn(2, V, generator=g, dtype=F64) * 1.5
+    table = F.normalize(torch.randn(V, 5, generator=g, dtype=F64), dim=-1)
+    post = CandidatePosterior.from_logits(logits, table, top_k=K)
+    top = post.ids.gather(1, torch.multinomial(torch.softmax(post.logits, -1), n, True, generator=g))  # (2, n)
+    ids, tail = post.mix_tail(top, g)
+    p = torch.softmax(logits, -1)
+    for b in range(2):
+        counts = torch.bincount(ids[b], minlength=V).double()
+        assert stats.chisquare(counts.numpy(), (p[b] * n).numpy()).pvalue > 1e-3
+        share = float(tail[b].double().mean())
+        m = float(post.dropped_mass[b])
+        assert abs(share - m) < 5 * math.sqrt(m * (1 - m) / n)
+        assert not torch.isin(ids[b][tail[b]], post.ids[b]).any()  # tail draws are never candidates
+    dropped = post.mix_tail(top, g)[0]  # without a tail (K = V) nothing changes
+    full = CandidatePosterior.from_logits(logits, table)
+    assert torch.equal(full.mix_tail(top, g)[0], top) and dropped.shape == top.shape
+
+
 def test_untrained_model_is_the_prior_exactly():
     """The zero-initialised correction gives the prior's logits exactly, for every prior."""
     d, V = 16, 40

@@ -7,7 +7,10 @@ logits of the last position):
 1. logits over the vocabulary: the score model's prior + learned correction
    (:class:`spindiff.score.model.PosteriorScoreModel`; ``prior=lm`` is the LM itself: the oracle),
    plus the steering bias when ``steer`` is on; candidates = the top ``sampler.top_k`` tokens
-   (the prior mass left out is reported per token as ``dropped_mass``; ``top_k=0``: all V);
+   (the prior mass left out is reported per token as ``dropped_mass``; ``top_k=0``: all V); with
+   ``sampler.tail=direct`` (default) each token is, with probability ``dropped_mass``, drawn directly
+   from the renormalised rest of the vocabulary instead (no SDE): p = (1 - m) p_top + m p_tail, so the
+   cut costs no exactness (:meth:`spindiff.score.posterior.CandidatePosterior.mix_tail`);
 2. the reverse SDE over tau = T - t on the grid ``sampler.grid`` (:mod:`spindiff.sphere.grids`),
    integrated by ``sampler.method`` (:data:`spindiff.sphere.integrators.INTEGRATORS`; Heun takes
    an Euler last step, as EDM does: its corrector would evaluate the drift at t_eps, where kappa
@@ -50,6 +53,7 @@ from spindiff.sphere.sde import BrownianSphereSDE, llg_field_drift
 from spindiff.score.reverse import PosteriorReverseSDE, coefficients, integrate_posterior
 
 DECODERS = ("posterior", "nearest")
+TAILS = ("direct", "drop")
 
 
 @register_sampler("spin")
@@ -77,6 +81,7 @@ class SpinSampler(StepSampler):
         self.eta, self.lam, self.steps = float(cfg.eta), float(cfg.lam), int(cfg.steps)
         self.precession = float(cfg.precession)
         self.top_k = int(cfg.top_k) or None
+        self.tail = str(cfg.tail)
         self.decode, self.kappa = str(cfg.decode), None if cfg.kappa is None else float(cfg.kappa)
         get_integrator(str(cfg.method))  # validated
         self.grid = reverse_grid(self.sde, self.steps, str(cfg.grid))  # tau_0 = 0 .. tau_n = T - t_eps
@@ -104,7 +109,7 @@ class SpinSampler(StepSampler):
             raise SampleError(f"sampler.exit_kappa={cfg.exit_kappa}: must be > 0 (or null: decode at t_eps)")
         if int(cfg.top_k) < 0:
             raise SampleError(f"sampler.top_k={cfg.top_k}: must be >= 0 (0 = the whole vocabulary)")
-        for key, choices in (("decode", DECODERS), ("grid", tuple(GRIDS)), ("method", tuple(INTEGRATORS)),
+        for key, choices in (("decode", DECODERS), ("tail", TAILS), ("grid", tuple(GRIDS)), ("method", tuple(INTEGRATORS)),
                              ("prior", ("auto", *PRIORS))):
             if str(cfg[key]) not in choices:
                 raise SampleError(f"sampler.{key}={cfg[key]!r}: choose one of {', '.join(choices)}")
@@ -122,6 +127,7 @@ class SpinSampler(StepSampler):
         extra += "" if not self.precession else f",prec={_fmt(self.precession)}"
         extra += "" if self.exit == len(self.grid) - 1 else f",exit@{self.exit}"
         extra += "" if self.decode == "posterior" else ",nearest"
+        extra += "" if self.tail == "direct" or self.top_k is None else ",tail=drop"
         return f"spin[{kind}]({self.cfg.method.replace('geodesic_', '')},{self.cfg.grid},steps={self.steps}{extra})"
 
     @property
@@ -130,7 +136,7 @@ class SpinSampler(StepSampler):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **{k: self.cfg[k] for k in (
-            "eta", "lam", "steps", "method", "grid", "top_k", "decode", "exit_kappa", "precession")},
+            "eta", "lam", "steps", "method", "grid", "top_k", "tail", "decode", "exit_kappa", "precession")},
             "prior": self.model.prior, "eta_train": self.model.eta_train, "learned": self.model.learned,
             "context_features": self.model.features}
 
@@ -173,16 +179,23 @@ class SpinSampler(StepSampler):
             return integrate_posterior(rev, self.grid, str(self.cfg.method), generator, self.exit)
 
     def _decode(self, post: CandidatePosterior, spin: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Tokens (B, n) and diagnostics for final spins (B, n, d)."""
+        """Tokens (B, n) and diagnostics for final spins (B, n, d); with ``tail=direct`` a share
+        ``dropped_mass`` of the tokens is a direct draw from the non-candidates (``post_p`` NaN there)."""
         B, n, d = spin.shape
         if self.decode == "posterior":
             kappa, _ = self.coefficients(self.sde.T - self.grid[self.exit])
             ids, p = post.draw(spin, kappa, generator)  # (B, n)
-            cos = torch.einsum("bnd,bnd->bn", spin, self.session.token_table[ids])
-            return {"token": ids, "post_p": p, "cos": cos}
-        ids, cos, margin = decode_spins(spin.reshape(B * n, d), self.session.token_table, self.kappa, generator,
-                                        coarse=self.session.coarse_table)
-        return {"token": ids.view(B, n), "cos": cos.view(B, n), "margin": margin.view(B, n)}
+            res = {"post_p": p}
+        else:
+            ids, cos, margin = decode_spins(spin.reshape(B * n, d), self.session.token_table, self.kappa, generator,
+                                            coarse=self.session.coarse_table)
+            ids, res = ids.view(B, n), {"margin": margin.view(B, n)}
+        if self.tail == "direct":
+            ids, tail = post.mix_tail(ids, generator)
+            res = {k: v.masked_fill(tail, float("nan")) for k, v in res.items()}
+        res["token"] = ids
+        res["cos"] = torch.einsum("bnd,bnd->bn", spin, self.session.token_table[ids])
+        return res
 
     @torch.no_grad()
     def propose(self, out: FieldOutput, generator: torch.Generator) -> dict[str, Tensor]:

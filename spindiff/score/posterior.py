@@ -16,11 +16,16 @@ exact when its logits are, and drawing v from the final posterior is exact decod
 full logits, or all V) with their unit rows, and gives the posterior weights, the score, the
 log-density, a posterior draw and the marginal-preserving precession (see
 :meth:`CandidatePosterior.preserving_precession`). The mass outside the candidates is reported
-(``dropped_mass``), never silently renormalised away.
+(``dropped_mass``) and, through :meth:`CandidatePosterior.mix_tail`, drawn exactly: the prior is the
+mixture p = (1 - m) p_top + m p_tail (m the dropped mass, p_top and p_tail p renormalised on the
+candidates and on the rest), so drawing "tail" with probability m, then v ~ p_tail directly, and
+otherwise v from the SDE over the renormalised candidates samples p exactly whenever the SDE samples
+p_top exactly. The tail is the low-log-p end of p; leaving it out makes the sampler colder.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,7 @@ class CandidatePosterior:
         contexts (the whole vocabulary).
     ids:    (B, K) token ids of the candidates.
     dropped_mass: (B,) prior mass outside the candidates (0 when K = V).
+    tail_logits: (B, V) the full logits with the candidates set to -inf (None when K = V): p_tail.
 
     Spins come as (B, d) (one per context) or (B, n, d) (n per context, sharing its candidates:
     one batched matmul, no copies of the points).
@@ -60,12 +66,14 @@ class CandidatePosterior:
     points: Tensor
     ids: Tensor
     dropped_mass: Tensor
+    tail_logits: Optional[Tensor] = None
 
     @classmethod
     def from_logits(cls, logits: Tensor, table: Tensor, top_k: int | None = None) -> "CandidatePosterior":
         """Candidates = the top-k tokens of ``logits`` (B, V) (all V when ``top_k`` is None or >= V).
 
-        table: (V, d) unit token rows. ``dropped_mass`` = 1 - sum of softmax(logits) over the kept tokens.
+        table: (V, d) unit token rows. ``dropped_mass`` = the softmax mass of the other tokens,
+        computed as exp(logsumexp(tail) - logsumexp(all)) (no 1 - sum cancellation).
         """
         logits = logits.to(table.dtype)
         B, V = logits.shape
@@ -73,8 +81,28 @@ class CandidatePosterior:
             ids = torch.arange(V, device=logits.device).expand(B, V)
             return cls(logits, table, ids, logits.new_zeros(B))
         vals, ids = logits.topk(int(top_k), dim=-1)  # (B, K)
-        kept = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True)).sum(-1)  # (B,)
-        return cls(vals, table[ids], ids, (1.0 - kept).clamp_min(0.0))
+        tail = logits.scatter(1, ids, float("-inf"))  # (B, V): p_tail up to its normaliser
+        dropped = torch.exp(torch.logsumexp(tail, -1) - torch.logsumexp(logits, -1))  # (B,)
+        return cls(vals, table[ids], ids, dropped, tail)
+
+    def mix_tail(self, ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Replace each draw, independently with probability ``dropped_mass``, by a direct draw from
+        p_tail (the renormalised non-candidates): exact sampling of p from exact draws of p_top.
+
+        ids: (B, [n]) draws over the candidates -> (ids (B, [n]), from_tail (B, [n]) bool).
+        """
+        flat = ids.reshape(ids.shape[0], -1)  # (B, n)
+        if self.tail_logits is None:
+            return ids, torch.zeros_like(ids, dtype=torch.bool)
+        u = torch.rand(flat.shape, dtype=torch.float64, device=flat.device, generator=generator)
+        take = u < self.dropped_mass.to(torch.float64)[:, None]  # (B, n)
+        rows = take.any(1).nonzero().squeeze(1)  # contexts with at least one tail draw
+        if rows.numel():
+            probs = torch.softmax(self.tail_logits[rows].double(), -1)  # (R, V)
+            draws = torch.multinomial(probs, flat.shape[1], replacement=True, generator=generator)  # (R, n)
+            flat = flat.clone()
+            flat[rows] = torch.where(take[rows], draws, flat[rows])
+        return flat.view_as(ids), take.view(ids.shape)
 
     # ------------------------------------------------------------------ contractions with the points
     def cosines(self, spin: Tensor) -> Tensor:
