@@ -282,7 +282,7 @@ class BlockSampler(Sampler):
                               "`python train.py experiment=block` and pass ckpt=PATH")
         if int(cfg.block) > int(net.block):
             raise SampleError(f"sampler.block={cfg.block} but the checkpoint has draft heads for {net.block} offsets; "
-                              f"use sampler.block<={net.block} or train with block.k={cfg.block}")
+                              f"use sampler.block<={net.block} or train with score_net.block={cfg.block}")
 
     @property
     def label(self) -> str:

@@ -46,6 +46,7 @@ class DraftHeads(nn.Module):
         super().__init__()
         self.dim, self.vocab, self.block, self.features = int(dim), int(vocab), int(block), str(features)
         self.rank = int(rank)
+        self.learned = True  # (training.module.build_parts copies |W_U[v]| into ``scale`` for a new run)
         c = context_dim(self.features, self.dim) + self.dim
         self.norm = nn.LayerNorm(c)
         self.gate = nn.Parameter(torch.ones(self.block, self.dim))
@@ -56,6 +57,16 @@ class DraftHeads(nn.Module):
         if self.rank > 0:  # learned low-rank couplings: J_kj(v, w) = (e_v P_k) . (e_w Q_j), j < k
             self.couple_p = nn.Parameter(torch.zeros(self.block, self.dim, self.rank))
             self.couple_q = nn.Parameter(torch.randn(self.block, self.dim, self.rank) / self.dim ** 0.5)
+
+    def param_groups(self, lr: float, gate_lr: float = 0.0, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer groups: read-out / coupling matrices with ``weight_decay``; gates, scales, biases,
+        norms without; the gates at ``gate_lr`` (0 = ``lr``)."""
+        mats = [p for n, p in self.named_parameters() if n in ("readout", "couple_p", "couple_q")]
+        gate = [self.gate]
+        rest = [p for n, p in self.named_parameters() if n not in ("readout", "couple_p", "couple_q", "gate")]
+        return [{"name": "matrices", "params": mats, "weight_decay": float(weight_decay), "lr": float(lr)},
+                {"name": "scales", "params": rest, "weight_decay": 0.0, "lr": float(lr)},
+                {"name": "gates", "params": gate, "weight_decay": 0.0, "lr": float(gate_lr) if gate_lr > 0 else float(lr)}]
 
     def hparams(self) -> dict[str, Any]:
         return {"dim": self.dim, "vocab": self.vocab, "block": self.block, "features": self.features,

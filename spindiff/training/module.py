@@ -15,6 +15,9 @@ chosen by name from :data:`OBJECTIVES`; networks are built by :func:`spindiff.sc
   one "rest" bin (a lower bound on the full KL that is tight when the rest mass is small).
 - ``euclid_ddpm``: the Euclidean Gaussian DDPM baseline in embedding space
   (:mod:`spindiff.score.euclid`) on the same contexts.
+- ``block``: the draft heads of the ``block`` sampler (:class:`spindiff.score.draft.DraftHeads`),
+  distilled from the LM's teacher-forced future-token targets of the same cache
+  (:mod:`spindiff.training.block`; its batches add ``future_ids`` / ``future_logp`` / ``future_valid``).
 
 Batches are dicts from :class:`spindiff.training.data.PairDataset`: ``field``, ``hidden``, ``spin``
 (B, D), ``token`` (B,) and, for ``posterior``, ``target_ids`` / ``target_logp`` (B, k).
@@ -43,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from spindiff.checkpoint import FORMAT, FORMAT_VERSION
+from spindiff.score import draft as _draft  # noqa: F401  (registers the objective=block builder)
 from spindiff.score.build import build_parts as build_networks
 from spindiff.score.features import context_dim, context_features
 from spindiff.sphere.geometry import nearest_token
@@ -156,12 +160,22 @@ class EuclidDDPMObjective:
         return out
 
 
-OBJECTIVES: dict[str, Objective] = {"posterior": PosteriorObjective(), "euclid_ddpm": EuclidDDPMObjective()}
+def _block_objective() -> Objective:
+    from spindiff.training.block import BlockObjective
+
+    return BlockObjective()
+
+
+OBJECTIVES: dict[str, Objective] = {"posterior": PosteriorObjective(), "euclid_ddpm": EuclidDDPMObjective(),
+                                    "block": _block_objective()}
 
 
 def score_net_hparams(config: Any, dim: int, vocab: int) -> dict[str, Any]:
     """Constructor arguments of the score network for ``config`` (stored in checkpoints)."""
     sn = config.score_net
+    if config.objective == "block":
+        return {"dim": int(dim), "vocab": int(vocab), "block": int(sn.block), "features": str(sn.features),
+                "rank": int(sn.rank)}
     if config.objective == "posterior":
         return {"dim": int(dim), "vocab": int(vocab), "features": str(sn.features), "prior": str(sn.prior),
                 "eta_train": float(sn.eta_train), "hidden": int(sn.hidden), "layers": int(sn.layers),
@@ -264,6 +278,13 @@ class ScoreModule(L.LightningModule):
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """Loss of a batch (scalar)."""
         return self.objective.loss(self, batch, generator)
+
+    def setup(self, stage: str) -> None:
+        """Let the objective adapt the data module's batches (``block``: future-token targets)."""
+        prepare = getattr(self.objective, "prepare_datamodule", None)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if prepare is not None and dm is not None:
+            prepare(self, dm)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

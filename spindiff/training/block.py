@@ -1,0 +1,126 @@
+"""``objective=block``: distil the LM's future-token distributions into draft heads.
+
+For the pair at row i of the feature cache (context x_<p, its last position's field N and hidden
+state h, next token x_p = the pending token z of a block), head k is trained towards the LM's own
+distribution of x_{p+k} given the real sequence x_<p+k (teacher forcing): that is the soft target
+(top-k + rest mass) stored at row i + k of the same sequence, so nothing new is computed and the
+shared cache is reused as is. Because the cached sequences are samples from the LM itself, the
+minimiser of E KL(p(. | x_<p+k) || q_k(. | x_<=p)) is the LM's marginal of x_{p+k} given x_<=p, the
+best an independent head can draft. Rows whose sequence ends before p + k are masked out.
+
+The objective widens the data module's batches with the future targets
+(:class:`FuturePairDataset`, installed by :meth:`BlockObjective.prepare_datamodule` when the
+Lightning module is set up) and reports per offset ``val/accept@k`` = 1 - TV(p, q_k) (grouped as
+the KL): the probability that speculative sampling accepts a draft from head k at that context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from spindiff.training.data import (EpochSampler, PairDataset, ResumableDataLoader, collate_batch)
+
+__all__ = ["FuturePairDataset", "BlockObjective", "install_future_targets"]
+
+
+class FuturePairDataset(PairDataset):
+    """:class:`PairDataset` plus the soft targets of the next ``block`` pairs of the same sequence:
+    ``future_ids`` (B, K, k) int, ``future_logp`` (B, K, k) float32, ``future_valid`` (B, K) bool."""
+
+    def __init__(self, store: Any, indices: np.ndarray, block: int) -> None:
+        super().__init__(store, indices)
+        if "target_ids" not in self.keys:
+            raise ValueError("objective=block needs the LM's soft targets in the features (data.targets_k > 0, "
+                             "field.protocol=in_situ)")
+        self.block = int(block)
+        self._seq = None if store.directory is not None else np.asarray(store.arrays["seq"])
+
+    @property
+    def seq(self) -> np.ndarray:
+        if self._seq is None:
+            self._seq = np.load(self.directory / "seq.npy", mmap_mode="r")
+        return self._seq
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if self.directory is not None:
+            state["_seq"] = None
+        return state
+
+    def __getitems__(self, items: Sequence[int]) -> dict[str, Tensor]:
+        out = super().__getitems__(items)
+        rows = self.indices[np.asarray(items, dtype=np.int64)]
+        seq = self.seq
+        n = seq.shape[0]
+        fut = rows[:, None] + np.arange(1, self.block + 1)[None]  # (B, K)
+        inside = fut < n
+        fut = np.minimum(fut, n - 1)
+        valid = inside & (np.asarray(seq[fut.ravel()]).reshape(fut.shape) == np.asarray(seq[rows])[:, None])
+        a = self.arrays
+        flat = fut.ravel()
+        ids = np.asarray(a["target_ids"][flat]).reshape(*fut.shape, -1)
+        logp = np.asarray(a["target_logp"][flat]).reshape(*fut.shape, -1)
+        out.update(future_ids=torch.from_numpy(ids), future_logp=torch.from_numpy(logp),
+                   future_valid=torch.from_numpy(valid))
+        return out
+
+
+def install_future_targets(dm: Any, block: int) -> None:
+    """Make a :class:`spindiff.training.data.PairDataModule` serve :class:`FuturePairDataset`
+    batches (same split, order, resumable sampler)."""
+    def loader(idx: np.ndarray, shuffle: bool) -> DataLoader:
+        world, rank = dm._rank()
+        sampler = EpochSampler(len(idx), dm.seed, shuffle, world, rank)
+        cls = ResumableDataLoader if shuffle else DataLoader
+        return cls(FuturePairDataset(dm.store, idx, block), batch_size=dm.batch_size, sampler=sampler,
+                   collate_fn=collate_batch, num_workers=dm.num_workers, persistent_workers=dm.num_workers > 0)
+
+    dm.train_dataloader = lambda: loader(dm.train_idx, True)
+    dm.val_dataloader = lambda: [] if len(dm.val_idx) == 0 else loader(dm.val_idx, False)
+
+
+@dataclass
+class BlockObjective:
+    """Grouped KL from the LM's future-token targets to each draft head (module docstring)."""
+
+    name: str = "block"
+
+    def prepare_datamodule(self, module: Any, dm: Any) -> None:
+        install_future_targets(dm, int(module.score_net.block))
+
+    @staticmethod
+    def logits(module: Any, batch: dict[str, Tensor]) -> Tensor:
+        net, table = module.score_net, module.token_table.to(batch["hidden"].dtype)
+        return net(batch["field"], batch["hidden"], table[batch["token"].long()], table)  # (B, K, V)
+
+    @staticmethod
+    def _kl(module: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from spindiff.training.module import grouped_kl
+
+        if "future_ids" not in batch:
+            raise ValueError("objective=block needs FuturePairDataset batches (BlockObjective.prepare_datamodule)")
+        logits = BlockObjective.logits(module, batch)
+        B, K, V = logits.shape
+        ids, logp = batch["future_ids"][:, :K], batch["future_logp"][:, :K]
+        kl, tv, _ = grouped_kl(logits.reshape(B * K, V), ids.reshape(B * K, -1), logp.reshape(B * K, -1))
+        top1 = (logits.argmax(-1) == ids[..., 0].long()).float()
+        return kl.view(B, K), tv.view(B, K), top1, batch["future_valid"][:, :K].to(kl.dtype)
+
+    def loss(self, module: Any, batch: dict[str, Tensor], generator: torch.Generator | None) -> Tensor:
+        kl, _, _, w = self._kl(module, batch)
+        return (kl * w).sum() / w.sum().clamp_min(1.0)
+
+    def metrics(self, module: Any, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        kl, tv, top1, w = self._kl(module, batch)
+        den = w.sum(0).clamp_min(1.0)  # (K,)
+        out = {"val/loss": (kl * w).sum() / w.sum().clamp_min(1.0)}
+        for k in range(kl.shape[1]):
+            out[f"val/kl@{k + 1}"] = (kl[:, k] * w[:, k]).sum() / den[k]
+            out[f"val/accept@{k + 1}"] = ((1 - tv[:, k]) * w[:, k]).sum() / den[k]
+            out[f"val/top1@{k + 1}"] = (top1[:, k] * w[:, k]).sum() / den[k]
+        return out

@@ -1,0 +1,93 @@
+"""``objective=block`` training and ``sampler.name=block`` through the entry points on tiny-gpt2: the
+checkpoint describes its draft heads, sampling writes the per-token block diagnostics, and bad input
+(K < 1, K above the heads, a checkpoint without draft heads, a steering mode it does not apply)
+exits with status 2 and one ``error:`` line, writing nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # subprocesses (train.py, sample.py): ~30 s each on a loaded 2-core machine
+QUICK = ["experiment=quick", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def block_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("block")
+    out = root / "train"
+    r = run(["train.py", *QUICK, "objective=block", "score_net.block=3", "trainer.max_steps=4",
+             "trainer.val_check_interval=2", f"out={out}", f"data.cache_dir={root / 'cache'}"], cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert {"val/accept@1", "val/accept@3", "val/kl@2"} <= set(summary["val"])
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_rebuilds_the_draft_heads(block_ckpt):
+    from spindiff.score.build import load_score
+    from spindiff.score.draft import DraftHeads
+
+    sc = load_score(str(block_ckpt))
+    assert sc.objective == "block" and isinstance(sc.score_net, DraftHeads)
+    assert sc.score_net.block == 3 and sc.meta["score_net"]["features"] == "field+hidden"
+
+
+def test_sample_writes_block_diagnostics(block_ckpt, tmp_path):
+    out = tmp_path / "s"
+    r = run(["sample.py", "sampler.name=block", "sampler.block=3", f"ckpt={block_ckpt}", f"out={out}",
+             "max_new_tokens=12", "prompt=The capital of"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert rec["sampler"] == "block" and rec["n_tokens"] == 12
+    d = rec["diagnostics"]
+    assert d[0]["block_offset"] == 0 and all(x["lm_p"] > 0 for x in d)
+    assert all(1 <= x["block_offset"] <= 4 for x in d[1:])
+    for x in d:
+        if x["accepted"] is not None:
+            assert x["draft_r"] is not None and 0 < x["draft_r"] <= 1
+        assert abs(np.log(x["lm_p"]) - x["lm_logprob"]) < 1e-4  # T = 1: p(x) is the LM's
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lm_forwards"] >= 1 and len(summary["acceptance_by_offset"]) == 3
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["sampler.block=0"], r"sampler\.block=0.*>= 1"),
+    (["sampler.block=5"], r"draft heads for 3 offsets"),
+    (["sampler.block=2", "steer.words=cat", "steer.strength=1", "steer.mode=dynamics"], r"steer\.mode=dynamics"),
+    (["sampler.block=2", "sampler.drafter=nope"], r"sampler\.drafter='nope'"),
+])
+def test_bad_input_is_one_error_line(block_ckpt, tmp_path, args, pattern):
+    import re
+
+    out = tmp_path / "bad"
+    r = run(["sample.py", "sampler.name=block", *args, f"ckpt={block_ckpt}", f"out={out}"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1 and re.search(pattern, errs[0]), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_checkpoint_without_draft_heads_is_refused(tmp_path):
+    """A posterior (spin) checkpoint has no draft heads: one error line naming experiment=block."""
+    from spindiff.generation.base import build_sampler
+    from spindiff.generation.block import BlockSampler
+    from spindiff.generation.session import SampleError
+
+    with pytest.raises(SampleError, match="draft heads"):
+        BlockSampler.check_module(type("C", (), {"block": 2})(), type("M", (), {"score_net": torch.nn.Linear(2, 2)})())
+    assert build_sampler  # the objective mismatch itself is build_sampler's (tested for every sampler)
