@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 
 import analysis.config  # noqa: F401  (registers the "analysis" entry and its user errors)
 from analysis import beyond
+from analysis.errors import step_errors  # issue 21
+from analysis.repetition import step_repetition  # issue 21
 from analysis.pipeline import Analysis
 from analysis.reproduce import cmd_reproduce
 from spindiff.config import USER_ERRORS, ConfigError, parse_cli
@@ -50,11 +52,19 @@ beyond the two-body term (on the scan prompts and heads):
   beyond       all three + the exact scans: each predictor's correlation with
                the exact effect, recall, cost; the answer to Sec. IV.4        -> predictors.csv, fig_predictors.png, report.md
 
+failures (issue 21; quick=true: a small grid):
+  repetition   continuations over temperature x top-k, loops, the field as an
+               attractor, heads vs induction scores, onset prediction, head
+               gains vs repetition_penalty / no_repeat_ngram_size             -> loops.csv, repetition.json, fig_*.png
+  errors       dL of right vs wrong prompts split into attention heads / MLPs /
+               rest; antagonist heads, held-out replication                   -> errors.csv, errors.json, fig_errors.png
+
 examples:
   python -m analysis all model.name=smollm2-135m out=runs/analysis-smollm2
   python -m analysis beyond model.name=smollm2-135m out=runs/beyond-smollm2
   python -m analysis stats prompts=paper protocol=paper model.name=smollm2-135m
   python -m analysis ablate ablate=L3H5,L0H0 model.name=smollm2-135m
+  python -m analysis repetition model.name=smollm2-135m out=runs/repetition quick=true
   python -m analysis reproduce model.name=gpt2      (needs hub access; falls back to smollm2-135m offline)
 """
 
@@ -76,7 +86,8 @@ STAGES: dict[str, Callable[[Analysis], Any]] = {
     "gaps": Analysis.step_gaps, "stats": Analysis.step_stats, "ablation": Analysis.step_ablate,
     "scan": Analysis.step_scan, "temperature": Analysis.step_temperature, "landscape": Analysis.step_landscape,
     "paths": beyond.step_paths, "attribution": beyond.step_attribution, "pairs": beyond.step_pairs,
-    "beyond": beyond.step_beyond}
+    "beyond": beyond.step_beyond,
+    "repetition": step_repetition, "errors": step_errors}  # issue 21
 
 COMMANDS: dict[str, Callable[[Analysis], dict[str, Any]]] = {
     "gaps": _stages("gaps"), "stats": _stages("gaps", "stats", markdown=True), "ablate": _stages("ablation"),
@@ -84,7 +95,8 @@ COMMANDS: dict[str, Callable[[Analysis], dict[str, Any]]] = {
     "all": _stages("gaps", "stats", "ablation", "scan", "temperature", "landscape", markdown=True, label="all"),
     "reproduce": cmd_reproduce,
     "paths": _stages("paths", markdown=True), "attribution": _stages("attribution"),
-    "pairs": _stages("pairs", markdown=True), "beyond": _stages("gaps", "beyond", markdown=True, label="beyond")}
+    "pairs": _stages("pairs", markdown=True), "beyond": _stages("gaps", "beyond", markdown=True, label="beyond"),
+    "repetition": _stages("repetition", label="repetition"), "errors": _stages("errors", label="errors")}  # issue 21
 
 
 def run(command: str, cfg: DictConfig, lm: LoadedModel | None = None) -> dict[str, Any]:

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from analysis.gaps import CANDIDATES, PROTOCOLS
+from analysis.loops import RepetitionConfig, check_rep  # issue 21
+from analysis.predictors import BeyondConfig, check_beyond  # issue 20
 from analysis.prompts import PromptFileError, PromptTokenError, load_prompts
 from spindiff.config import ConfigError, ModelConfig, register_check, register_entry, register_user_error
 from spindiff.lm.adapter import HeadSpecError
@@ -68,6 +70,11 @@ class AnalysisConfig:
     progress: bool = True
     seed: int = 0
     out: str = ""
+    # --- issue 21: `repetition` / `errors` commands (analysis/repetition.py, analysis/errors.py)
+    quick: bool = False  # repetition: a small grid (under 2 minutes on 2 cores)
+    repetition: RepetitionConfig = _field(default_factory=RepetitionConfig)
+    # --- issue 20: `beyond` predictors past AtP (analysis/predictors.py, analysis/predictor_table.py)
+    beyond: BeyondConfig = _field(default_factory=BeyondConfig)
 
 
 def default(key: str):
@@ -93,6 +100,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 < t_min < t_max (e.g. t_min=0.1 t_max=2.5)")
     check_head_syntax(cfg)
     check_prompt_files(cfg)
+    if "repetition" in cfg:  # issue 21
+        check_rep(RepetitionConfig(**OmegaConf.to_container(cfg.repetition, resolve=True)))
+    if "beyond" in cfg:  # issue 20
+        check_beyond(BeyondConfig(**OmegaConf.to_container(cfg.beyond, resolve=True)))
 
 
 _HEAD_ITEM = re.compile(r"L\d+(H\d+)?|all", re.IGNORECASE)

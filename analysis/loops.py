@@ -19,16 +19,18 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from spindiff.config import ConfigError
+
 
 @dataclass
 class RepetitionConfig:
     """``repetition.*`` keys of ``python -m analysis repetition`` (``quick=true`` shrinks them)."""
 
     temperatures: list = _field(default_factory=lambda: [0.0, 0.4, 0.7, 1.0, 1.2])  # 0 = greedy
-    top_ks: list = _field(default_factory=lambda: [5, 20, 100, 0])  # effective vocabulary; 0 = all
-    prompts_per_cell: int = 24  # prompts per (T, top_k) cell (half open-ended, half `prompts`)
-    max_new_tokens: int = 48
-    max_period: int = 16  # longest loop period searched
+    top_ks: list = _field(default_factory=lambda: [5, 20, 0])  # effective vocabulary; 0 = all
+    prompts_per_cell: int = 16  # prompts per (T, top_k) cell (half open-ended, half `prompts`)
+    max_new_tokens: int = 80
+    max_period: int = 20  # longest loop period searched
     min_copies: int = 3  # copies of the p-gram that must end the continuation
     min_repeated: int = 8  # repeated tokens (after the first copy) that a loop needs
     window: int = 12  # steps each side of the onset in the time course
@@ -39,21 +41,40 @@ class RepetitionConfig:
     xu_sentences: int = 24
     intervention: bool = True
     int_temperature: float = 0.7
-    int_top_k: int = 0
-    int_prompts: int = 48
+    int_top_k: int = 5  # where loops are common enough to count on a few dozen prompts
+    int_prompts: int = 24
     int_heads: int = 5  # top attractor heads down-weighted
     int_gains: list = _field(default_factory=lambda: [0.5, 0.0])
-    penalties: list = _field(default_factory=lambda: [1.05, 1.1, 1.2, 1.3, 1.5])  # HF repetition_penalty
-    ngram_sizes: list = _field(default_factory=lambda: [2, 3, 4])  # HF no_repeat_ngram_size
+    penalties: list = _field(default_factory=lambda: [1.01, 1.02, 1.05, 1.1, 1.2])  # HF repetition_penalty
+    ngram_sizes: list = _field(default_factory=lambda: [3, 4])  # HF no_repeat_ngram_size
     ppl_budget: float = 0.05  # allowed relative perplexity cost on non-looping text
-    ref_texts: int = 16  # non-looping reference continuations for the perplexity cost
+    ref_texts: int = 8  # non-looping reference continuations for the perplexity cost
     batch_size: int = 64
 
 
-QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "max_new_tokens": 24,
-         "min_repeated": 6, "window": 6, "horizons": [1, 4], "induction_len": 16, "induction_batch": 2,
-         "xu_copies": 3, "xu_sentences": 4, "int_prompts": 6, "int_heads": 2, "int_gains": [0.0],
-         "penalties": [1.2], "ngram_sizes": [3], "ref_texts": 4}
+QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "max_new_tokens": 40,
+         "max_period": 12, "min_repeated": 6, "window": 6, "horizons": [1, 4], "induction_len": 16, "induction_batch": 2,
+         "xu_copies": 3, "xu_sentences": 4, "intervention": False}
+
+
+def check_rep(rc: RepetitionConfig) -> None:
+    """Ranges of the repetition keys (ConfigError names the key and the fix)."""
+    if not rc.temperatures or any(float(t) < 0 for t in rc.temperatures):
+        raise ConfigError(f"repetition.temperatures={rc.temperatures}: give temperatures >= 0 (0 = greedy)")
+    if not rc.top_ks or any(int(k) < 0 for k in rc.top_ks):
+        raise ConfigError(f"repetition.top_ks={rc.top_ks}: give top-k values >= 0 (0 = the whole vocabulary)")
+    for key, low in (("prompts_per_cell", 1), ("max_new_tokens", 8), ("max_period", 1), ("min_copies", 2),
+                     ("min_repeated", 1), ("window", 1), ("induction_len", 2), ("induction_batch", 1),
+                     ("xu_copies", 1), ("xu_sentences", 1), ("int_prompts", 1), ("int_heads", 1), ("ref_texts", 1),
+                     ("batch_size", 1)):
+        if int(getattr(rc, key)) < low:
+            raise ConfigError(f"repetition.{key}={getattr(rc, key)}: must be >= {low}")
+    if not rc.horizons or any(int(k) < 1 for k in rc.horizons):
+        raise ConfigError(f"repetition.horizons={rc.horizons}: give horizons >= 1 (tokens ahead)")
+    if any(float(p) < 1 for p in rc.penalties) or any(int(n) < 1 for n in rc.ngram_sizes):
+        raise ConfigError("repetition.penalties must be >= 1 and repetition.ngram_sizes >= 1")
+    if not 0 < rc.ppl_budget < 1:
+        raise ConfigError(f"repetition.ppl_budget={rc.ppl_budget}: a relative cost in (0, 1), e.g. 0.05")
 
 
 @dataclass

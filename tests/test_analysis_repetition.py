@@ -134,3 +134,63 @@ def test_induction_score_one_on_hand_built_circuit_zero_on_random():
     rnd, tok = build_tiny_model("tiny-gpt2", seed=0, dtype=torch.float64, n_layers=2)
     rs = induction_scores(rnd, get_adapter(rnd), R=30, batch=4, vocab=range(10, len(tok)), bos=None, seed=0)
     assert rs.max() < 0.25 and rs.mean() < 0.1, rs
+
+
+# --------------------------------------------------------------------------- measurements on synthetic records
+def _synthetic(seed=0, n=40, S=30, K=6):
+    """Rows 0..n/2 loop from onset 10 (period 2); head 3 pushes the emitted token only inside loops."""
+    rng = np.random.default_rng(seed)
+    onsets = np.array([10 if i < n // 2 else -1 for i in range(n)])
+    periods = np.where(onsets >= 0, 2, -1)
+    push = rng.normal(0, 0.1, (n, S, K))
+    prob = rng.uniform(0.2, 0.4, (n, S))
+    for i in range(n // 2):
+        push[i, 10:, 3] += 2.0
+        prob[i, 10:] = np.linspace(0.5, 0.99, S - 10)  # p rises with every copy
+    return onsets, periods, push, prob
+
+
+def test_attractor_heads_find_the_loop_head_and_compare_induction():
+    from analysis.attractor_stats import attractor_heads
+
+    onsets, _, push, _ = _synthetic()
+    ind = np.array([0.0, 0.1, 0.05, 0.9, 0.2, 0.0]).reshape(2, 3)
+    res = attractor_heads(push, onsets, ind, n_heads=3, top=1, n_boot=50)
+    assert res["top_attractor"][0]["head"] == "L1H0"  # flat index 3 = layer 1, head 0
+    assert res["score"][3] == pytest.approx(2.0, abs=0.1)
+    assert res["top_overlap"] == 1
+
+
+def test_self_reinforcement_and_time_course_and_prediction():
+    from analysis.attractor_stats import onset_prediction, self_reinforcement, time_course
+
+    onsets, periods, push, prob = _synthetic()
+    sr = self_reinforcement(prob, onsets, periods, 4, n_boot=50)
+    assert sr["copy3_minus_copy1"][0] > 0.05 and sr["copy3_minus_copy1"][1] > 0
+    sig = {"push": push.sum(-1), "self_push": push.sum(-1), "seen_push": np.zeros_like(prob), "cos_prev": prob,
+           "prob": prob, "entropy": -prob, "maxprob": prob}
+    tc = time_course(sig, onsets, 4, n_boot=50)
+    assert tc["n_loops"] == 20 and tc["push"]["after_minus_before"][0] == pytest.approx(2.0, abs=0.1)
+    pred = onset_prediction(sig, onsets, [1, 4], n_boot=20)
+    assert pred["1"]["n_positive"] == 20  # one onset step per loop
+    assert 0 <= pred["4"]["single"]["maxprob"][0] <= 1
+
+
+def test_repetition_cli_small_run_and_bad_input(tmp_path, capsys):
+    from analysis.cli import main
+
+    out = tmp_path / "r"
+    main(["repetition", "model.name=tiny-gpt2", "model.dtype=float64", "quick=true", "progress=false",
+          "n_bootstrap=30", "repetition.prompts_per_cell=3", "repetition.max_new_tokens=12",
+          "repetition.induction_len=8", f"out={out}"])
+    for f in ("loops.csv", "repetition.json", "fig_phase.png", "fig_attractor_time_course.png"):
+        assert (out / f).exists(), f
+    rows = list(csv.DictReader(open(out / "loops.csv")))
+    assert len(rows) == 3 * 3  # greedy + (T=1 x 2 top-k) cells
+    assert {"prompt_id", "temperature", "top_k", "loop", "onset"} <= set(rows[0])
+    rep = json.loads((out / "repetition.json").read_text())
+    assert rep["quick"] and rep["phase"]["n_continuations"] == 9
+    with pytest.raises(SystemExit) as e:
+        main(["repetition", "model.name=tiny-gpt2", "repetition.temperatures=[-1]", f"out={tmp_path / 'bad'}"])
+    assert e.value.code == 2 and "repetition.temperatures" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
