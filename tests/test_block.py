@@ -202,3 +202,29 @@ def test_eos_and_max_tokens(tiny_gpt2, one_thread):
         assert 1 <= len(toks) <= 9
         assert eos not in toks[:-1]
         assert toks[-1] == eos or len(toks) == 9
+
+
+# --------------------------------------------------------------------------- continuation-level excess
+def test_token_excess_is_zero_for_block_sampling_and_positive_when_greedy(tiny_gpt2, one_thread):
+    """spindiff.evaluation's continuation metric: log p(x_t | prefix) + H(p) over every generated token
+    has mean ~0 for block sampling at T = 1 (later block positions included) and > 0 for greedy."""
+    from spindiff.evaluation.evaluate import excess_metrics, token_excess
+
+    model, tok = tiny_gpt2
+    lm = BlockLM(model, get_adapter(model), window=128)
+    Vt = model.config.vocab_size
+    drafter = FixedDrafter(torch.full((Vt,), 1.0 / Vt, dtype=torch.float64))
+    prompt = [3, 5, 6, 7]
+    ids = torch.tensor([prompt] * 300)
+    run = block_generate(lm, drafter, ids, torch.ones_like(ids), 3, 6, torch.Generator().manual_seed(0))
+    conts = [run.tokens[b].tolist() for b in range(300)]
+    per_tok = token_excess(model, [prompt] * 300, conts, pad_id=0, batch_size=100)
+    assert all(len(x) == 6 for x in per_tok)
+    m = excess_metrics(per_tok)
+    assert abs(m["gen/excess"]) < 3 * m["gen/excess_ci"] and m["gen/excess_ci"] < 0.3
+    greedy = block_generate(lm, drafter, ids[:20], torch.ones_like(ids[:20]), 3, 6, None, temperature=0.0)
+    g = excess_metrics(token_excess(model, [prompt] * 20, [r.tolist() for r in greedy.tokens], pad_id=0))
+    assert g["gen/excess"] > 1.0  # the argmax is far above E[log p] in a random model
+    # the rescoring agrees with the sampler's own record of log p
+    lp = torch.tensor([per_tok[b][t] for b in range(5) for t in range(6)])
+    assert torch.isfinite(lp).all()

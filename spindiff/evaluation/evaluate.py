@@ -16,6 +16,12 @@ Metrics (plain functions of tensors / token lists; no model inside):
   (corpus-level unique n-grams / n-grams), :func:`self_bleu` (BLEU-4 of each continuation against
   all others, smoothed; :func:`bleu` is a small self-contained implementation), and
   :func:`repetition_rate` (within-sequence repeated n-grams, Welleck et al.'s seq-rep-n).
+* continuation-level exactness: :func:`token_excess` rescores every generated token under the LM
+  given its real prefix (one teacher-forced forward over prompt + continuation) and returns
+  log p(x_t | prefix) + H(p(. | prefix)) per token; its mean over every generated token
+  (``gen/excess``) is 0 in expectation for exact sampling at temperature 1 at ANY position (a block
+  sampler's later tokens included, which next-token fidelity never sees); > 0: colder than the
+  LM, < 0: hotter. ``gen/excess_ci`` is the 95% half-width over continuations (their mean excess).
 * cost: tokens/s of generation (LM + SDE + decoding, no model loading), SDE steps per token.
 * attractor diagnostics: mean cosine between successive context fields N_t, N_{t+1}; mean cosine
   of the final spin to the chosen token and its margin over the runner-up.
@@ -53,7 +59,7 @@ from spindiff.generation import GenerationSession, Sampler, SampleError, build_s
 __all__ = [
     "total_variation", "kl_divergence", "empirical_distribution", "top1_agreement", "mean_draw_logprob",
     "perplexity", "ngrams", "distinct_n", "bleu", "self_bleu", "repetition_rate", "mean_ci",
-    "fidelity_metrics", "continuation_metrics", "EvalCache", "EvalResult", "evaluate", "evaluate_sampler",
+    "fidelity_metrics", "continuation_metrics", "token_excess", "excess_metrics", "EvalCache", "EvalResult", "evaluate", "evaluate_sampler",
     "default_eval_prompts", "load_eval_prompts", "main",
 ]
 
@@ -213,6 +219,42 @@ def continuation_metrics(records: Sequence[dict[str, Any]], seconds: float, sde_
     }
 
 
+@torch.no_grad()
+def token_excess(model: Any, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                 pad_id: int, batch_size: int = 8) -> list[list[float]]:
+    """log p(x_t | prefix) + H(p(. | prefix)) of every token of every continuation under ``model``
+    at temperature 1 (float64 from the LM's logits), from one teacher-forced forward per batch of
+    prompt + continuation (left padded). Returns one list per continuation (empty ones stay empty)."""
+    from spindiff.lm.tokens import pad_left
+
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for i in range(0, len(continuations), batch_size):
+        ps, cs = prompt_ids[i:i + batch_size], continuations[i:i + batch_size]
+        ids, mask = pad_left([list(p) + list(c) for p, c in zip(ps, cs)], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False).logits
+        T = ids.shape[1]
+        for b, c in enumerate(cs):
+            n = len(c)
+            if n == 0:
+                out.append([])
+                continue
+            logp = torch.log_softmax(logits[b, T - n - 1:T - 1].double(), -1)  # (n, V): predicts each x_t
+            ent = -(logp.exp() * logp).sum(-1)
+            lp = logp.gather(1, ids[b, T - n:, None]).squeeze(1)
+            out.append((lp + ent).cpu().tolist())
+    return out
+
+
+def excess_metrics(per_token: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``gen/excess`` = mean over every token, ``gen/excess_ci`` = 95% half-width over continuations."""
+    flat = [x for seq in per_token for x in seq]
+    _, ci = mean_ci([float(np.mean(s)) for s in per_token if len(s)])
+    return {"gen/excess": float(np.mean(flat)) if flat else float("nan"), "gen/excess_ci": ci}
+
+
 # --------------------------------------------------------------------------- prompts
 def default_eval_prompts() -> list[str]:
     """The packaged held-out prompt set (spindiff/data/eval_prompts.txt)."""
@@ -312,13 +354,16 @@ def evaluate_sampler(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[i
                 seconds += gb.seconds
                 records.extend(batch_records(sess, sampler, prompts[i:i + batch_size], gb, int(seed)))
             row.update(continuation_metrics(records, seconds, sampler.sde_steps))
+            with quiet_third_party():
+                row.update(excess_metrics(token_excess(sess.model, seqs, [r["token_ids"] for r in records],
+                                                       sess.pad_id, batch_size)))
         per_seed.append(row)
         if progress:
             print(f"  seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k in SHORT), flush=True)
     return EvalResult(sampler.describe(), per_seed)
 
 
-SHORT = ("fidelity/tv", "fidelity/top1_agreement", "gen/perplexity", "gen/distinct_2", "cost/tokens_per_s")
+SHORT = ("fidelity/tv", "fidelity/top1_agreement", "gen/perplexity", "gen/excess", "gen/distinct_2", "cost/tokens_per_s")
 
 
 def evaluate(cfg: Any, session: Optional[GenerationSession] = None, cache: Optional[EvalCache] = None,

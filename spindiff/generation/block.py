@@ -317,7 +317,8 @@ class BlockSampler(Sampler):
         n_tok = int(run.valid.sum())
         self.last = {"lm_forwards": run.forwards, "tokens_per_forward": round(n_tok / max(run.forwards, 1) / B, 4),
                      "acceptance_by_offset": [round(float(a) / max(int(d), 1), 4)
-                                              for a, d in zip(run.accepted, run.drafted)]}
+                                              for a, d in zip(run.accepted, run.drafted)],
+                     "drafted": run.drafted.tolist(), "accepted": run.accepted.tolist()}
         stop = ["eos" if (stop_at_eos and sess.eos_id is not None and bool((run.tokens[b][run.valid[b]] == sess.eos_id).any()))
                 else "max_tokens" for b in range(B)]
         return GenerationBatch(run.tokens, run.valid, diag, seconds, stop, 0)
