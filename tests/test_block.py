@@ -228,3 +228,25 @@ def test_token_excess_is_zero_for_block_sampling_and_positive_when_greedy(tiny_g
     # the rescoring agrees with the sampler's own record of log p
     lp = torch.tensor([per_tok[b][t] for b in range(5) for t in range(6)])
     assert torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("coupling", ["lowrank", "qk"])
+def test_joint_law_with_a_coupled_potts_drafter(tiny_lm, exact, coupling, one_thread):
+    """Drafter (b): positions drawn one after another from their Potts conditionals (random heads and
+    couplings): the output is still exactly the LM's."""
+    from types import SimpleNamespace
+
+    from spindiff.generation.drafters import PottsDrafter
+    from spindiff.score.draft import DraftHeads
+
+    d = tiny_lm.config.hidden_size
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        heads = DraftHeads(d, V, block=3, features="hidden", rank=2).double()
+        for prm in heads.parameters():
+            torch.nn.init.normal_(prm, std=0.5)
+    W = tiny_lm.get_output_embeddings().weight.detach()
+    table = W / W.norm(dim=-1, keepdim=True)
+    drafter = PottsDrafter(heads, table, 1.0, coupling, SimpleNamespace(adapter=get_adapter(tiny_lm)), candidates=3)
+    counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=11)
+    assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0

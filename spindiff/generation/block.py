@@ -280,6 +280,9 @@ class BlockSampler(Sampler):
         if net is None or not hasattr(net, "block"):
             raise SampleError("sampler.name=block needs a checkpoint with draft heads; train one with "
                               "`python train.py experiment=block` and pass ckpt=PATH")
+        if str(cfg.drafter) == "potts_lowrank" and int(getattr(net, "rank", 0)) <= 0:
+            raise SampleError("sampler.drafter=potts_lowrank needs a checkpoint with learned couplings; train one with "
+                              "`python train.py experiment=block score_net.rank=64`, or use sampler.drafter=heads")
         if int(cfg.block) > int(net.block):
             raise SampleError(f"sampler.block={cfg.block} but the checkpoint has draft heads for {net.block} offsets; "
                               f"use sampler.block<={net.block} or train with score_net.block={cfg.block}")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from spindiff.generation.verify import target_probs
 
-__all__ = ["DraftContext", "Drafter", "HeadsDrafter", "FixedDrafter", "DRAFTERS", "register_drafter"]
+__all__ = ["DraftContext", "Drafter", "HeadsDrafter", "PottsDrafter", "FixedDrafter", "DRAFTERS", "register_drafter"]
 
 
 @dataclass
@@ -84,9 +84,76 @@ class FixedDrafter:
         return _draw(r, generator), r
 
 
+class PottsDrafter:
+    """Drafter (b): a Potts block over the K positions, drawn position by position from its
+    conditionals r_k(v | x_<k) ∝ exp(h_k(v) + sum_{j<k} J_kj(v, x_j)), with the fields h_k the draft
+    heads' logits (one table product for all K) and the coupling term added on each position's
+    top-``candidates`` tokens of h_k (the rest keep h_k; r_k is exactly what is drawn from, so
+    verification stays exact). Couplings (``coupling``):
+
+    * ``lowrank``: the checkpoint's learned J_kj(v, w) = s_v e_v . P_k Q_j^T e_w (``score_net.rank`` > 0,
+      trained with teacher forcing together with the heads);
+    * ``qk``: derived from the LM's first-layer query-key interaction, J(v, w) = x_v W_eff x_w^T with
+      W_eff = mean over heads of W_Q^h W_K^h^T / sqrt(d_head) (the paper's H = -S_j W_eff S_i at the
+      embedding level; x_v = the normed embedding of v, as the layer sees it, positions left out):
+      the attention logit of a query v on a key w, heads weighted equally.
+    """
+
+    def __init__(self, heads: torch.nn.Module, table: Tensor, temperature: float, coupling: str,
+                 session: object = None, candidates: int = 64) -> None:
+        self.heads, self.table, self.temperature = heads, table, float(temperature)
+        self.coupling, self.candidates = coupling, int(candidates)
+        self.needs_field = "field" in heads.features.split("+")
+        self.name = f"potts_{coupling}"
+        if coupling == "qk":
+            ad = session.adapter  # type: ignore[attr-defined]
+            w = ad.frozen_weights(0)
+            dh = w.W_Q.shape[-1]
+            self.W_eff = (torch.einsum("hdc,hec->de", w.W_Q, w.W_K) / (w.W_Q.shape[0] * dh ** 0.5)).to(table.dtype)
+            g = getattr(ad.attn_input_norm(0), "weight", None)
+            self.x_scale = (table.shape[1] ** 0.5) * (g.detach().to(table.dtype) if g is not None else 1.0)
+
+    def _field(self, prev: Tensor, j: int) -> tuple[Tensor, Tensor | None]:
+        """(c (B, d), per-token weights or None): the coupling term of position j is w_v (e_v . c)."""
+        if self.coupling == "lowrank":
+            return self.heads.coupling_field(prev[:, :j + 1])[:, j], self.heads.scale
+        xs = self.table[prev[:, :j]] * self.x_scale  # (B, j, d) the keys x_w of the earlier drafts
+        return (xs.sum(1) @ self.W_eff.T) * self.x_scale, None  # x_v W_eff x_w^T = e_v . (x_scale * W_eff x_w)
+
+    @torch.no_grad()
+    def draft(self, ctx: DraftContext, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        h = self.heads
+        u = h.directions(ctx.field, ctx.hidden, self.table[ctx.token], k)  # (B, k, d)
+        base = h.readout_logits(u, self.table).to(ctx.hidden.dtype)  # (B, k, V): one table product
+        drafts, rs = [], []
+        prev = torch.zeros(u.shape[0], k, dtype=torch.long, device=u.device)
+        for j in range(k):
+            logit = base[:, j]
+            if j > 0:
+                if self.coupling == "lowrank":
+                    vecs = self.table[prev]  # (B, k, d); only the first j enter c_j
+                    c, wv = self._field(vecs, j)
+                else:
+                    c, wv = self._field(prev, j)
+                top = logit.topk(min(self.candidates, logit.shape[-1]), -1).indices  # (B, M)
+                corr = torch.einsum("bmd,bd->bm", self.table[top], c.to(self.table.dtype)).to(logit.dtype)
+                if wv is not None:
+                    corr = corr * wv[top].to(logit.dtype)
+                logit = logit.scatter_add(1, top, corr)
+            r = target_probs(logit, self.temperature)
+            d = torch.multinomial(r, 1, generator=generator).squeeze(1)
+            prev[:, j] = d
+            drafts.append(d)
+            rs.append(r)
+        return torch.stack(drafts, 1), torch.stack(rs, 1)
+
+
 DrafterFactory = Callable[..., Drafter]
 DRAFTERS: dict[str, DrafterFactory] = {
     "heads": lambda heads, table, temperature, **kw: HeadsDrafter(heads, table, temperature),
+    "potts_qk": lambda heads, table, temperature, session=None, **kw: PottsDrafter(heads, table, temperature, "qk",
+                                                                                  session),
+    "potts_lowrank": lambda heads, table, temperature, **kw: PottsDrafter(heads, table, temperature, "lowrank"),
 }
 
 

@@ -72,14 +72,28 @@ class DraftHeads(nn.Module):
         return {"dim": self.dim, "vocab": self.vocab, "block": self.block, "features": self.features,
                 "rank": self.rank}
 
-    def directions(self, field: Tensor | None, hidden: Tensor, token_vec: Tensor, k: int | None = None) -> Tensor:
+    def directions(self, field: Tensor | None, hidden: Tensor, token_vec: Tensor, k: int | None = None,
+                   prev_vecs: Tensor | None = None) -> Tensor:
         """u_k for the first ``k`` offsets (default all): field (B, d) or None, hidden (B, d),
-        token_vec (B, d) unit row of the pending token -> (B, k, d)."""
+        token_vec (B, d) unit row of the pending token -> (B, k, d). With ``prev_vecs`` (B, k, d),
+        the unit rows of the tokens at offsets 1 .. k (teacher forcing), the learned coupling field
+        c_k = sum_{j<k} e_j Q_j P_k^T is added to u_k (:meth:`coupling_field`)."""
         k = self.block if k is None else int(k)
         x = context_features(field if field is not None else hidden, hidden, self.features, raw_hidden=True)
         x = torch.cat([x, token_vec], -1) if x is not None else token_vec
         z = self.norm(x.to(self.readout.dtype))  # (B, c + d)
-        return hidden.to(z.dtype)[:, None, :] * self.gate[:k] + torch.einsum("bc,kcd->bkd", z, self.readout[:k])
+        u = hidden.to(z.dtype)[:, None, :] * self.gate[:k] + torch.einsum("bc,kcd->bkd", z, self.readout[:k])
+        if prev_vecs is not None and self.rank > 0:
+            u = u + self.coupling_field(prev_vecs[:, :k])
+        return u
+
+    def coupling_field(self, prev_vecs: Tensor) -> Tensor:
+        """c_k = sum_{j<k} (e_j Q_j) P_k^T for every offset k of ``prev_vecs`` (B, k, d) -> (B, k, d):
+        the learned low-rank Potts coupling J_kj(v, w) = s_v e_v . P_k Q_j^T e_w seen by offset k."""
+        k = prev_vecs.shape[1]
+        a = torch.einsum("bjd,jdr->bjr", prev_vecs.to(self.couple_q.dtype), self.couple_q[:k])  # (B, k, r)
+        a = torch.cumsum(a, 1) - a  # sum over j < k only
+        return torch.einsum("bkr,kdr->bkd", a, self.couple_p[:k])
 
     def readout_logits(self, u: Tensor, table: Tensor) -> Tensor:
         """s_v (u . e_v) + b_v for u (..., d): ONE product against the table (V, d) -> (..., V)."""

@@ -68,8 +68,9 @@ class FuturePairDataset(PairDataset):
         flat = fut.ravel()
         ids = np.asarray(a["target_ids"][flat]).reshape(*fut.shape, -1)
         logp = np.asarray(a["target_logp"][flat]).reshape(*fut.shape, -1)
+        toks = np.asarray(a["token"][flat]).reshape(fut.shape)  # x_{p+k}: the teacher-forced drafts
         out.update(future_ids=torch.from_numpy(ids), future_logp=torch.from_numpy(logp),
-                   future_valid=torch.from_numpy(valid))
+                   future_valid=torch.from_numpy(valid), future_tokens=torch.from_numpy(toks))
         return out
 
 
@@ -98,8 +99,15 @@ class BlockObjective:
 
     @staticmethod
     def logits(module: Any, batch: dict[str, Tensor]) -> Tensor:
+        net = module.score_net
+        return net.readout_logits(BlockObjective.directions(module, batch), module.token_table.to(batch["hidden"].dtype))
+
+    @staticmethod
+    def directions(module: Any, batch: dict[str, Tensor]) -> Tensor:
+        """u_k (B, K, d), with the learned coupling fed the real next tokens (teacher forcing)."""
         net, table = module.score_net, module.token_table.to(batch["hidden"].dtype)
-        return net(batch["field"], batch["hidden"], table[batch["token"].long()], table)  # (B, K, V)
+        prev = table[batch["future_tokens"].long()] if net.rank > 0 else None
+        return net.directions(batch["field"], batch["hidden"], table[batch["token"].long()], prev_vecs=prev)
 
     @staticmethod
     def _kl(module: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -131,7 +139,7 @@ class BlockObjective:
         The table product shrinks from V to |C| + m columns (~6x at V = 49152): training cost is
         the table product, and this keeps ``experiment=block`` within minutes on 2 cores."""
         net, table = module.score_net, module.token_table.to(batch["hidden"].dtype)
-        u = net.directions(batch["field"], batch["hidden"], table[batch["token"].long()])  # (B, K, d)
+        u = BlockObjective.directions(module, batch)  # (B, K, d)
         B, K, _ = u.shape
         V = table.shape[0]
         ids = batch["future_ids"][:, :K].long()  # (B, K, k)
