@@ -20,7 +20,7 @@ patching helpers do) is the reference it must equal.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 from analysis.gaps import last_logits
 from analysis.prompts import TokenizedSet
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList
+from spindiff.lm.families import FAMILIES
 from spindiff.lm.field import last_positions
+from spindiff.lm.hooks import layer_values, record
 from spindiff.lm.tokens import pad_left
 
-# per family: the decoder layer's post-attention norm (the MLP branch's input), and from it the
-# second half of the layer (post-attention norm + MLP + residual)
-POST_ATTN_NORM: dict[str, str] = {"gpt2": "ln_2", "llama": "post_attention_layernorm"}
-MLP_BLOCKS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
-    fam: (lambda blk, x, name=name: x + blk.mlp(getattr(blk, name)(x))) for fam, name in POST_ATTN_NORM.items()}
+# DEPRECATED (read by analysis.paths / analysis.predictors until they use the hook points
+# ``blocks.{l}.mlp.resid_in``): the MLP branch's input norm per family, from the family entries
+POST_ATTN_NORM: dict[str, str] = {name: f.ln2 or "" for name, f in FAMILIES.items()}
 
 
 def ablation_check(mode: str, mean_z: dict[int, Tensor] | None) -> None:
@@ -121,36 +121,28 @@ def _expand(x: Any, reps: int, B: int) -> Any:
 @dataclass
 class _Cache:
     calls: dict[int, tuple[tuple, dict]]  # layer -> (args, kwargs) of the decoder-layer call
-    z: dict[int, Tensor]  # (B, T, H*dh) input of the output projection
+    resid_pre: dict[int, Tensor]  # (B, T, D) the residual entering the layer
+    resid_post: dict[int, Tensor]  # (B, T, D) the layer's output (parallel-residual families only)
+    z: dict[int, Tensor]  # (B, T, H, dh) input of the output projection
     attn_out: dict[int, Tensor]  # (B, T, D) its output (incl. bias)
     logits: Tensor  # (B, V) last position
 
 
 @torch.no_grad()
 def _baseline_with_cache(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask: Tensor) -> _Cache:
-    calls, z, attn = {}, {}, {}
-
-    def pre(l: int):
-        def hook(mod, args, kwargs):
-            calls[l] = (args, dict(kwargs))
-        return hook
-
-    def post(l: int):
-        def hook(mod, args, out):
-            z[l], attn[l] = args[0], out
-        return hook
-
-    handles = []
-    for l, blk in enumerate(ad.layers()):
-        handles.append(blk.register_forward_pre_hook(pre(l), with_kwargs=True))
-        handles.append(ad.out_proj(l).register_forward_hook(post(l)))
-    try:
+    names = ["blocks.*.call", "blocks.*.resid_pre", "blocks.*.attn.z", "blocks.*.attn.out"]
+    with record(ad, names + (["blocks.*.resid_post"] if ad.parallel else [])) as acts:
         out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1,
                     use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return _Cache(calls, z, attn, out.logits[:, -1])
+    return _Cache(*(layer_values(acts, k) for k in ("call", "resid_pre", "resid_post", "attn.z", "attn.out")),
+                  out.logits[:, -1])
+
+
+def _call_layer(layer: nn.Module, x: Tensor, positional: bool, rest: tuple, kwargs: dict) -> Tensor:
+    """Rerun a decoder layer on a new residual x with the other arguments of its recorded call
+    (``positional``: the residual was its first positional argument, else ``hidden_states=``)."""
+    out = layer(x, *rest, **kwargs) if positional else layer(**{**kwargs, "hidden_states": x})
+    return out[0] if isinstance(out, tuple) else out
 
 
 class LayerSuffixScanner:
@@ -173,7 +165,18 @@ class LayerSuffixScanner:
         self.de = W_U[good] - W_U[bad]  # (B, D)
         bias = getattr(model.get_output_embeddings(), "bias", None)
         self.db = (bias[good] - bias[bad]) if bias is not None else torch.zeros(self.B, dtype=self.de.dtype)
-        self.mlp_block = MLP_BLOCKS[adapter.family]
+        self.cap = adapter.final_softcap()  # logit soft-capping (Gemma 2): gap from the capped logits
+        if self.cap:
+            self.good_bad = (W_U[good], W_U[bad], *((bias[good], bias[bad]) if bias is not None else (0, 0)))
+
+    def _gap_of(self, hid: Tensor, K: int) -> Tensor:
+        """Gap (K, B) from the final hidden states (K*B, D) of K copies of the batch."""
+        h = hid.view(K, self.B, -1)
+        if not self.cap:
+            return (h * self.de[None]).sum(-1) + self.db[None]
+        wg, wb, bg, bb = self.good_bad
+        cap = lambda x: torch.tanh(x / self.cap) * self.cap  # noqa: E731
+        return cap((h * wg[None]).sum(-1) + bg) - cap((h * wb[None]).sum(-1) + bb)
 
     @torch.no_grad()
     def layer(self, layer: int, heads: list[int]) -> Tensor:
@@ -181,8 +184,8 @@ class LayerSuffixScanner:
         ad, B, cache = self.ad, self.B, self.cache
         layers = ad.layers()
         W_O = ad.layer_weights(layer).W_O  # (H, dh, D)
-        zl = cache.z[layer].view(B, -1, ad.n_heads, ad.d_head)  # (B, T, H, dh)
-        resid_mid = cache.calls[layer][0][0] + cache.attn_out[layer]  # (B, T, D) residual after attention
+        zl = cache.z[layer]  # (B, T, H, dh)
+        a = cache.attn_out[layer]  # (B, T, D)
         out = torch.empty(B, len(heads), dtype=torch.float64)
         per_chunk = max(1, self.max_rows // B)
         for c in range(0, len(heads), per_chunk):
@@ -190,16 +193,13 @@ class LayerSuffixScanner:
             K = len(hs)
             zh = zl[:, :, hs]  # (B, T, K, dh)
             dz = -zh if self.mode == "zero" else self.mean_z[layer][hs].to(zh) - zh
-            delta = torch.einsum("btkc,kcd->kbtd", dz, W_O[hs])  # (K, B, T, D): change of attn output
-            x = (resid_mid[None] + delta).reshape(K * B, *resid_mid.shape[1:])  # (K*B, T, D)
-            x = self.mlp_block(layers[layer], x)
+            delta = torch.einsum("btkc,kcd->kbtd", dz, W_O[hs])  # (K, B, T, D): change of the attention output
+            x = ad.after_attention(layer, cache.resid_pre[layer], a, delta, cache.resid_post.get(layer))  # (K*B, T, D)
             for l2 in range(layer + 1, ad.n_layers):
                 args, kwargs = cache.calls[l2]
-                x = layers[l2](x, *_expand(args[1:], K, B), **_expand(kwargs, K, B))
-                x = x[0] if isinstance(x, tuple) else x
+                x = _call_layer(layers[l2], x, bool(args), _expand(args[1:], K, B), _expand(kwargs, K, B))
             hid = ad.final_norm()(x[:, -1])  # (K*B, D)
-            gap = (hid.view(K, B, -1) * self.de[None]).sum(-1) + self.db[None]  # (K, B)
-            out[:, c:c + K] = gap.T.double()
+            out[:, c:c + K] = self._gap_of(hid, K).T.double()
         return out
 
 
@@ -240,8 +240,6 @@ def ablation_scan(model: nn.Module, adapter: ArchitectureAdapter, tset: Tokenize
                   prompt_ids: list[int] | None = None) -> ScanResult:
     """Ablate each head of ``heads`` alone on each prompt of ``tset`` (layer-suffix fast path)."""
     ablation_check(mode, mean_z)
-    if adapter.family not in MLP_BLOCKS:
-        raise NotImplementedError(f"no MLP block for family '{adapter.family}'; add it to MLP_BLOCKS")
     P = len(tset)
     base = np.empty(P)
     abl = np.empty((P, len(heads)))
@@ -278,7 +276,7 @@ def scan_flops(adapter: ArchitectureAdapter, token_counts: list[int], heads: Hea
     ablated layer plus all later layers; ``full`` counts every layer (one full forward per head)."""
     layers = adapter.layers()
     attn_w = [_weights_numel(adapter.attn(l)) for l in range(adapter.n_layers)]
-    mlp_w = [_weights_numel(layers[l].mlp) for l in range(adapter.n_layers)]
+    mlp_w = [sum(_weights_numel(m) for m in adapter.mlp_modules(l)) for l in range(adapter.n_layers)]
     n_tok = float(sum(token_counts))
     quad = float(sum(t * t for t in token_counts)) * 4 * adapter.n_heads * adapter.d_head
     per_layer = [2 * (a + m) * n_tok + quad for a, m in zip(attn_w, mlp_w)]

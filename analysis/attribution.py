@@ -62,6 +62,9 @@ class SaturationFix:
     @torch.no_grad()
     def __init__(self, tr: GradientTrace, ad: ArchitectureAdapter):
         check_supported(ad)
+        if ad.spec.q_norm or ad.spec.k_norm or any(ad.softcap(l) for l in range(ad.n_layers)):
+            raise NotImplementedError(f"the AtP* QK fix does not linearise the q/k norms or score soft-capping of "
+                                      f"family {ad.family}; run with qk_fix=false")
         need_branches(tr, "SaturationFix")
         self.tr, self.ad = tr, ad
         self.pos = last_positions(tr.mask)
@@ -78,10 +81,10 @@ class SaturationFix:
         n = norm(x)
         p = attend(ad, l2, n, n, n, tr.mask, self.pos)
         w = ad.frozen_weights(l2)
-        scale = ad.d_head ** -0.5
+        scale = ad.scaling(l2)
         pos_T = self.pos[:, -1:].expand(B, T)
-        kappa = transpose_positional(ad, p.k, pos_T) * scale  # R_T^T k_j: (B, H, T, dh)
-        rho = transpose_positional(ad, p.q[:, :, -1:].expand_as(p.q).contiguous(), self.pos) * scale  # R_j^T q_T
+        kappa = transpose_positional(ad, p.k, pos_T, l2) * scale  # R_T^T k_j: (B, H, T, dh)
+        rho = transpose_positional(ad, p.q[:, :, -1:].expand_as(p.q).contiguous(), self.pos, l2) * scale  # R_j^T q_T
         a = torch.einsum("bhjk,hdk->bhjd", kappa, w.W_Q.to(x.dtype))  # d s_Tj / d n_T
         b = torch.einsum("bhjk,hdk->bhjd", rho, w.W_K.to(x.dtype))  # d s_Tj / d n_j
         a = _norm_vjp(norm, x[:, None, None, -1].expand(B, H, T, D), a)  # ... / d resid_T

@@ -32,6 +32,7 @@ from analysis.gaps import last_logits
 from analysis.prompts import TokenizedSet
 from analysis.stats import bh_q
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList, head_name
+from spindiff.lm.hooks import hooks
 from spindiff.lm.tokens import pad_left
 
 
@@ -47,7 +48,7 @@ def joint_ablation(model: nn.Module, ad: ArchitectureAdapter, tset: TokenizedSet
     base = _gap(last_logits(model, ids, mask), g, b).numpy()
     out = np.empty((P, len(specs)))
     per = max(1, max_rows // P)
-    H, dh = ad.n_heads, ad.d_head
+    H = ad.n_heads
     for c in tqdm(range(0, len(specs), per), desc="pairs", disable=not progress, leave=False):
         chunk = specs[c:c + per]
         S = len(chunk)
@@ -55,21 +56,13 @@ def joint_ablation(model: nn.Module, ad: ArchitectureAdapter, tset: TokenizedSet
         for s, spec in enumerate(chunk):
             for l, h in spec:
                 sel[l, s, h] = True
-        handles = []
-        for l in sorted({l for spec in chunk for l, _ in spec}):
-            rows = sel[l].repeat_interleave(P, 0)[:, None, :, None]  # (S*P, 1, H, 1), spec-major rows
+        rows = sel.repeat_interleave(P, 1)[:, :, None, :, None]  # (L, S*P, 1, H, 1), spec-major rows
 
-            def hook(mod, args, l=l, rows=rows):
-                z = args[0]
-                zz = z.view(*z.shape[:-1], H, dh)
-                repl = torch.zeros_like(zz) if mode == "zero" else mean_z[l].to(zz).expand_as(zz)
-                return (torch.where(rows, repl, zz).view_as(z),) + tuple(args[1:])
-            handles.append(ad.out_proj(l).register_forward_pre_hook(hook))
-        try:
+        def edit(z: Tensor, point: Any, rows: Tensor = rows) -> Tensor:
+            repl = torch.zeros_like(z) if mode == "zero" else mean_z[point.layer].to(z).expand_as(z)
+            return torch.where(rows[point.layer], repl, z)
+        with hooks(ad, {f"blocks.{l}.attn.z": edit for l in sorted({l for spec in chunk for l, _ in spec})}):
             lg = last_logits(model, ids.repeat(S, 1), mask.repeat(S, 1))
-        finally:
-            for hd in handles:
-                hd.remove()
         out[:, c:c + S] = _gap(lg, g.repeat(S), b.repeat(S)).numpy().reshape(S, P).T
     return base, out
 

@@ -400,17 +400,20 @@ class ArchitectureAdapter:
         norm = self._block_part(layer, self.spec.post_mlp_norm)
         return x if norm is None else norm(x)
 
-    def after_attention(self, layer: int, resid_pre: Tensor, attn_out: Tensor, resid_post: Tensor | None = None,
-                        attn_out_ref: Tensor | None = None) -> Tensor:
-        """Layer ``layer``'s output when its output projection gives ``attn_out`` (..., T, D).
-        Parallel-residual families need the unmodified ``resid_post`` and ``attn_out_ref`` (the MLP
-        does not read the attention output there)."""
+    def after_attention(self, layer: int, resid_pre: Tensor, attn_out: Tensor, delta: Tensor,
+                        resid_post: Tensor | None = None) -> Tensor:
+        """Layer ``layer``'s output (K*B, T, D), variant-major, when its output projection's output
+        ``attn_out`` (B, T, D) changes by ``delta`` (K, B, T, D) (K variants at once). Parallel-residual families
+        need the layer's unmodified output ``resid_post`` (their MLP does not read the attention)."""
         norm = self._block_part(layer, self.spec.post_attn_norm)
-        a = attn_out if norm is None else norm(attn_out)
         if self.parallel:
-            a_ref = attn_out_ref if norm is None else norm(attn_out_ref)
-            return resid_post + (a - a_ref)
-        mid = resid_pre + a
+            change = delta if norm is None else norm(attn_out[None] + delta) - norm(attn_out)[None]
+            return (resid_post[None] + change).flatten(0, 1)
+        if norm is None:
+            mid = (resid_pre + attn_out)[None] + delta  # the order of the original sums, bit for bit
+        else:
+            mid = resid_pre[None] + norm(attn_out[None] + delta)
+        mid = mid.flatten(0, 1)
         return mid + self.mlp_branch(layer, mid)
 
 

@@ -4,6 +4,8 @@ For a head (l, h) at the last position of a context,
 
     N0   = sum_j alpha_j V_j           (d_head,)   the head's value-space context vector
     N_proj = N0 @ W_O[h]                (D,)        its contribution to the residual stream
+                                                    (times the frozen post-attention norm scale
+                                                    for sandwich-norm families: Gemma 2, OLMo2)
 
 (row-vector convention of :mod:`spindiff.lm.adapter`; the paper writes N_proj = W_O N0).
 
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList, get_adapter, last_positions  # noqa: F401 (re-exported)
+from spindiff.lm.hooks import layer_values, record
 
 
 @dataclass
@@ -78,7 +81,7 @@ class ContextFieldProvider(nn.Module):
     """Computes N_proj (per head and summed) at the last position of a batch of contexts.
 
     Args:
-        model: a causal LM with an adapter family (GPT-2, Llama).
+        model: a causal LM of a supported family (:mod:`spindiff.lm.families`).
         heads: head spec string or list of (layer, head).
         protocol: ``in_situ`` | ``paper`` | ``paper_fixed`` (``paper`` = reference W_O slice).
         normalize: return a unit-norm summed field.
@@ -151,24 +154,24 @@ class ContextFieldProvider(nn.Module):
     def _in_situ(self, ids: Tensor, mask: Tensor, past: Any, use_cache: bool) -> FieldOutput:
         ad = self.adapter
         pos = last_positions(mask)[:, -ids.shape[1]:]
-        resid: dict[str, Tensor] = {}
-
-        def grab(m, a, o):  # residual entering the final norm and its output, last position
-            resid["x"], resid["h"] = a[0][:, -1].detach(), o[:, -1].detach()
-        hook = ad.final_norm().register_forward_hook(grab)
-        try:
-            with ad.capture_z(self.layers, last_only=True) as zs:
-                # transformers >= 5.24 names the KV cache `cache` (in and out); `past_key_values`
-                # is deprecated there and removed in 5.40 (pyproject.toml pins the tested range)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 cache=past, use_cache=use_cache, output_hidden_states=False)
-        finally:
-            hook.remove()
+        post = ad.spec.post_attn_norm is not None  # sandwich norms: heads reach the residual through it
+        names = [f"blocks.{l}.attn.z" for l in self.layers] + ["ln_final.in", "ln_final.out"]
+        names += [f"blocks.{l}.attn.out" for l in self.layers] if post else []
+        with record(ad, names, last_only=True) as acts:
+            # transformers >= 5.24 names the KV cache `cache` (in and out); `past_key_values`
+            # is deprecated there and removed in 5.40 (pyproject.toml pins the tested range)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             cache=past, use_cache=use_cache, output_hidden_states=False)
+        zs = layer_values(acts, "attn.z")  # {layer: (B, H, dh)}
         z = torch.cat([zs[l] if self._sel[l] is None else zs[l].index_select(1, self._sel[l])
                        for l in self.layers], dim=1).to(self._W_all.dtype)  # (B, K, dh)
         per_head = torch.bmm(z.transpose(0, 1), self._W_all).transpose(0, 1)  # (B, K, D)
-        x = resid["x"]  # (B, D) residual stream entering the final norm
-        hidden = resid["h"]
+        if post:
+            scales = [ad.post_attn_scale(l, acts[f"blocks.{l}.attn.out"]) for l in self.layers]  # (B, D) each
+            per_head = per_head * torch.cat([s[:, None].expand(-1, len(self._by_layer[l]), -1)
+                                             for l, s in zip(self.layers, scales)], 1).to(per_head.dtype)
+        x = acts["ln_final.in"]  # (B, D) residual stream entering the final norm
+        hidden = acts["ln_final.out"]
         if self.final_norm:
             scale, center = ad.final_norm_scale(x)
             if center:

@@ -91,13 +91,8 @@ class Point:
 
 def point_names(adapter: Any) -> list[str]:
     """Every point name the adapter's model has (layer 0 shown as ``{l}``)."""
-    out = []
-    for suffix in _BLOCK_POINTS:
-        try:
-            resolve(adapter, f"blocks.0.{suffix}")
-            out.append(f"blocks.{{l}}.{suffix}")
-        except HookPointError:
-            pass
+    out = [f"blocks.{{l}}.{suffix}" for suffix, (role, _) in _BLOCK_POINTS.items()
+           if adapter.role_module(0, role) is not None]
     return out + list(_GLOBAL_POINTS)
 
 

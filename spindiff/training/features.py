@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spindiff.lm.field import ContextFieldProvider, last_positions
+from spindiff.lm.hooks import layer_values, record
 from spindiff.lm.tokens import pad_left
 from spindiff.score.posterior import unit_rows
 
@@ -46,21 +47,22 @@ def sequence_features(provider: ContextFieldProvider, input_ids: Tensor, attenti
     by_layer: dict[int, list[int]] = {}
     for l, h in provider.heads:
         by_layer.setdefault(l, []).append(h)
-    resid: dict[str, Tensor] = {}
-    hook = ad.final_norm().register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0].detach()))
-    try:
-        with ad.capture_z(sorted(by_layer)) as zs:
-            res = model(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=last_positions(attention_mask), use_cache=False,
-                        **({} if targets_k else _no_logits(model)))
-    finally:
-        hook.remove()
+    post = ad.spec.post_attn_norm is not None  # sandwich norms: heads reach the residual through it
+    names = [f"blocks.{l}.attn.z" for l in sorted(by_layer)] + ["ln_final.in"]
+    names += [f"blocks.{l}.attn.out" for l in sorted(by_layer)] if post else []
+    with record(ad, names) as acts:
+        res = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=last_positions(attention_mask), use_cache=False,
+                    **({} if targets_k else _no_logits(model)))
+    zs = layer_values(acts, "attn.z")  # {layer: (B, T, H, dh)}
     total = None
     for l, heads in by_layer.items():
         W_O = ad.layer_weights(l).W_O[heads].detach()  # (K_l, dh, D)
         part = torch.einsum("btkc,kcd->btd", zs[l][:, :, heads].to(W_O.dtype), W_O)  # (B, T, D)
+        if post:
+            part = part * ad.post_attn_scale(l, acts[f"blocks.{l}.attn.out"]).to(part.dtype)
         total = part if total is None else total + part
-    x = resid["x"]  # (B, T, D) residual stream entering the final norm
+    x = acts["ln_final.in"]  # (B, T, D) residual stream entering the final norm
     hidden = ad.final_norm()(x)  # (B, T, D)
     if provider.final_norm:
         scale, center = ad.final_norm_scale(x)  # (B, T, D)
@@ -94,14 +96,10 @@ def prefix_features(provider: ContextFieldProvider, sequences: Sequence[Sequence
     hidden = out.hidden
     if hidden is None and hidden_fallback:
         ad = provider.adapter
-        resid: dict[str, Tensor] = {}
-        hook = ad.final_norm().register_forward_pre_hook(lambda m, a: resid.__setitem__("x", a[0][:, -1].detach()))
-        try:
+        with record(ad, ["ln_final.in"], last_only=True) as acts:
             provider.model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), use_cache=False,
                            **_no_logits(provider.model))
-        finally:
-            hook.remove()
-        hidden = ad.final_norm()(resid["x"])
+        hidden = ad.final_norm()(acts["ln_final.in"])
     return out.field, hidden
 
 
