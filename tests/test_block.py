@@ -250,3 +250,21 @@ def test_joint_law_with_a_coupled_potts_drafter(tiny_lm, exact, coupling, one_th
     drafter = PottsDrafter(heads, table, 1.0, coupling, SimpleNamespace(adapter=get_adapter(tiny_lm)), candidates=3)
     counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=11)
     assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0
+
+
+def test_joint_law_with_the_spin_drafter(tiny_lm, exact, one_thread):
+    """Drafter (c): K spins relaxed jointly by the reverse SDE with the learned coupling in the drift,
+    drafts read from their posteriors at the exit: still exactly the LM's law."""
+    from spindiff.generation.drafters import SpinDrafter
+    from spindiff.score.draft import DraftHeads
+
+    d = tiny_lm.config.hidden_size
+    with torch.random.fork_rng():
+        torch.manual_seed(6)
+        heads = DraftHeads(d, V, block=3, features="hidden", rank=2).double()
+        for prm in heads.parameters():
+            torch.nn.init.normal_(prm, std=0.5)
+    W = tiny_lm.get_output_embeddings().weight.detach()
+    drafter = SpinDrafter(heads, W / W.norm(dim=-1, keepdim=True), 1.0, steps=4, candidates=4)
+    counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=12)
+    assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0

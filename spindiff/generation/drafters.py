@@ -21,7 +21,7 @@ from torch import Tensor
 
 from spindiff.generation.verify import target_probs
 
-__all__ = ["DraftContext", "Drafter", "HeadsDrafter", "PottsDrafter", "FixedDrafter", "DRAFTERS", "register_drafter"]
+__all__ = ["DraftContext", "Drafter", "HeadsDrafter", "PottsDrafter", "SpinDrafter", "FixedDrafter", "DRAFTERS", "register_drafter"]
 
 
 @dataclass
@@ -148,12 +148,80 @@ class PottsDrafter:
         return torch.stack(drafts, 1), torch.stack(rs, 1)
 
 
+class SpinDrafter:
+    """Drafter (c), the spin form of (b): K unit spins on (S^{d-1})^K relaxed JOINTLY by the posterior
+    reverse SDE (:mod:`spindiff.score.reverse`, read-only), spin k under the discrete prior of head k's
+    top-``candidates`` logits, with the learned coupling energy E = sum_{j<k} s S_k . P_k Q_j^T S_j in
+    the drift (beta(t) s P_S grad E, s the mean token scale: the coupling's logit units); every spin
+    stops at the first grid time where kappa >= ``exit_kappa`` and its draft is drawn from its own
+    posterior there, r_k = pi_t(. | S_k) (the path-conditional distribution the verifier needs).
+    Without learned couplings (``score_net.rank`` = 0) the spins relax independently."""
+
+    name = "spin"
+
+    def __init__(self, heads: torch.nn.Module, table: Tensor, temperature: float, steps: int = 8,
+                 exit_kappa: float = 10.0, candidates: int = 64) -> None:
+        from spindiff.config_schema import SDEConfig
+        from spindiff.sphere.grids import reverse_grid
+        from spindiff.sphere.sde import BrownianSphereSDE
+
+        self.heads, self.table, self.temperature = heads, table, float(temperature)
+        self.needs_field = "field" in heads.features.split("+")
+        self.candidates = int(candidates)
+        self.sde = BrownianSphereSDE.from_config(SDEConfig(), table.shape[1])
+        self.grid = reverse_grid(self.sde, int(steps), "uniform", end_kappa=float(exit_kappa))
+        self._coef: dict[float, tuple[float, float]] = {}
+        self.s_mean = float(heads.scale.detach().mean())
+
+    def _coupling_drift(self, B: int, k: int) -> Callable[[Tensor, float], Tensor] | None:
+        if getattr(self.heads, "rank", 0) <= 0 or k < 2:
+            return None
+        from spindiff.score.reverse import coefficients
+
+        P, Q = (x.to(self.table.dtype) for x in self.heads.coupling_factors(k))  # (k, d, r)
+
+        def drift(spin: Tensor, t: float) -> Tensor:
+            S = spin.view(B, k, -1)
+            a = torch.einsum("bjd,jdr->bjr", S, Q)  # S_j Q_j
+            b = torch.einsum("bkd,kdr->bkr", S, P)  # S_k P_k
+            fwd = torch.einsum("bkr,kdr->bkd", torch.cumsum(a, 1) - a, P)  # sum_{j<k} P_k Q_j^T S_j
+            back = torch.flip(torch.cumsum(torch.flip(b, [1]), 1), [1]) - b  # sum_{l>k} S_l P_l
+            grad = (fwd + torch.einsum("bkr,kdr->bkd", back, Q)).reshape(spin.shape)
+            beta = coefficients(self.sde, t, self._coef)[1]
+            return beta * self.s_mean * self.sde.geometry.proju(spin, grad)
+
+        return drift
+
+    @torch.no_grad()
+    def draft(self, ctx: DraftContext, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        from spindiff.score.posterior import CandidatePosterior
+        from spindiff.score.reverse import PosteriorReverseSDE, coefficients, integrate_posterior
+
+        h = self.heads
+        logits = h(ctx.field, ctx.hidden, self.table[ctx.token], self.table, k)  # (B, k, V)
+        B, _, V = logits.shape
+        if self.temperature > 0:
+            logits = logits / self.temperature
+        post = CandidatePosterior.from_logits(logits.reshape(B * k, V).to(self.table.dtype), self.table,
+                                              self.candidates)
+        rev = PosteriorReverseSDE(self.sde, post, 1, 0.0, self._coupling_drift(B, k), cache=self._coef)
+        spin = integrate_posterior(rev, self.grid, "geodesic_midpoint", generator)  # (B k, 1, d)
+        kappa = coefficients(self.sde, self.sde.T - self.grid[-1], self._coef)[0]
+        w = post.weights(spin[:, 0], kappa)  # (B k, M): r_k over the candidates, 0 elsewhere
+        if self.temperature <= 0:
+            w = torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).to(w.dtype)
+        r = torch.zeros(B * k, V, dtype=ctx.hidden.dtype, device=w.device).scatter_(1, post.ids, w.to(ctx.hidden.dtype))
+        d = torch.multinomial(r, 1, generator=generator).squeeze(1)
+        return d.view(B, k), r.view(B, k, V)
+
+
 DrafterFactory = Callable[..., Drafter]
 DRAFTERS: dict[str, DrafterFactory] = {
     "heads": lambda heads, table, temperature, **kw: HeadsDrafter(heads, table, temperature),
     "potts_qk": lambda heads, table, temperature, session=None, **kw: PottsDrafter(heads, table, temperature, "qk",
                                                                                   session),
     "potts_lowrank": lambda heads, table, temperature, **kw: PottsDrafter(heads, table, temperature, "lowrank"),
+    "spin": lambda heads, table, temperature, **kw: SpinDrafter(heads, table, temperature),
 }
 
 
