@@ -17,7 +17,7 @@ from analysis.gaps import CANDIDATES, PROTOCOLS
 from analysis.loops import RepetitionConfig, check_rep  # issue 21
 from analysis.predictors import BeyondConfig, check_beyond  # issue 20
 from analysis.prompts import PromptFileError, PromptTokenError, load_prompts
-from spindiff.config import ConfigError, ModelConfig, register_check, register_entry, register_user_error
+from spindiff.config import ConfigError, ModelConfig, RuntimeConfig, register_check, register_entry, register_user_error
 from spindiff.lm.adapter import HeadSpecError
 
 ABLATIONS = ("zero", "mean")
@@ -35,6 +35,7 @@ class AnalysisConfig:
     """
 
     model: ModelConfig = _field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = _field(default_factory=RuntimeConfig)  # threads (README: Timings)
     protocol: str = "in_situ"  # paper | paper_fixed | in_situ
     prompts: str = "extended"  # paper | extended | heldout | FILE
     variant: str = "paper"  # paper | reference ("twenty" for "twenty-four", as the reference code)

@@ -39,9 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from spindiff.config_schema import (TRAINER_DEFAULTS, ActAddConfig, DataConfig, EvalConfig,  # noqa: F401 - re-exported
-                                    EvaluateConfig, FieldConfig, ModelConfig, OptimConfig, SampleConfig,
-                                    SamplerConfig, ScoreNetConfig, SDEConfig, SteerConfig, TrainConfig,
-                                    WandbConfig)
+                                    EvaluateConfig, FieldConfig, ModelConfig, OptimConfig, RuntimeConfig,
+                                    SampleConfig, SamplerConfig, ScoreNetConfig, SDEConfig, SteerConfig,
+                                    TrainConfig, WandbConfig)
 
 _ABSENT = object()
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -99,7 +99,12 @@ _CHECKS: dict[str, dict[str, Callable[[DictConfig], None]]] = {}
 def register_entry(name: str, schema: type, yamls: Sequence[str] | None = None,
                    checks_module: str | None = None, base: str | None = None) -> None:
     """Make ``schema`` (a dataclass) the config of entry point ``name``: ``compose(name, ...)``
-    merges ``configs/<yaml>`` for each of ``yamls`` (default ``<name>.yaml``) over its defaults."""
+    merges ``configs/<yaml>`` for each of ``yamls`` (default ``<name>.yaml``) over its defaults.
+    A name registered with another schema is refused (ValueError), never overwritten."""
+    old = ENTRIES.get(name)
+    if old is not None and (old.schema.__module__, old.schema.__qualname__) != (schema.__module__, schema.__qualname__):
+        raise ValueError(f"entry point '{name}' is already registered with {old.schema.__module__}."
+                         f"{old.schema.__qualname__}; choose another name for {schema.__qualname__}")
     ENTRIES[name] = Entry(name, schema, tuple(yamls if yamls is not None else (f"{name}.yaml",)),
                           checks_module, base)
     ENTRY_SCHEMAS[name] = schema
@@ -150,6 +155,7 @@ def _int(v: Any) -> bool:
 # numeric keys: (predicate, what it must be)
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: _int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "runtime.threads": (lambda v: _int(v) and v >= 0, ">= 0 (0 = $OMP_NUM_THREADS or one per core; e.g. runtime.threads=1)"),
     "model.hub_timeout": (lambda v: _num(v) and v > 0, "> 0 seconds"),
     "data.n_sequences": (lambda v: _int(v) and v >= 0, ">= 0"),
     "data.seq_len": (lambda v: _int(v) and v >= 2, ">= 2"),

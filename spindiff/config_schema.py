@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 __all__ = ["ModelConfig", "WandbConfig", "SDEConfig", "ScoreNetConfig", "FieldConfig", "DataConfig", "OptimConfig",
            "SamplerConfig", "EvalConfig", "ActAddConfig", "SteerConfig", "TRAINER_DEFAULTS", "TrainConfig",
-           "SampleConfig", "EvaluateConfig"]
+           "SampleConfig", "EvaluateConfig", "RuntimeConfig"]
 
 
 # --------------------------------------------------------------------------- sections
@@ -212,6 +212,19 @@ class SteerConfig:
     actadd: ActAddConfig = _field(default_factory=ActAddConfig)
 
 
+@dataclass
+class RuntimeConfig:
+    """Process settings of a run.
+
+    threads: torch's intra-op CPU threads (0 = ``$OMP_NUM_THREADS`` when set, else torch's default,
+    one per core). On a machine shared with other jobs, fewer threads than cores avoid the
+    oversubscription collapse measured in README (Timings). The training data's LM sampling and
+    feature pass always run on one thread, so the cached data is the same for any value.
+    """
+
+    threads: int = 0
+
+
 # --------------------------------------------------------------------------- entry points
 # lightning.Trainer arguments of the shipped `python train.py` (configs/train.yaml states the same)
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -232,6 +245,7 @@ class TrainConfig:
     data: DataConfig = _field(default_factory=DataConfig)
     optim: OptimConfig = _field(default_factory=OptimConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
+    runtime: RuntimeConfig = _field(default_factory=RuntimeConfig)
     objective: str = "posterior"  # posterior (the spin sampler's score model) | euclid_ddpm (Euclidean baseline)
     weighting: str = "normalized"  # spin DSM loss weighting (spindiff.score.losses.WEIGHTINGS)
     eval_t: list = _field(default_factory=lambda: [0.4, 0.5, 0.7])  # val/acc@t times (default schedule: E[S_t.S_0] = 0.2, 0.08, 0.007)
@@ -259,6 +273,7 @@ class SampleConfig:
     field: FieldConfig = _field(default_factory=FieldConfig)
     sde: SDEConfig = _field(default_factory=SDEConfig)
     wandb: WandbConfig = _field(default_factory=WandbConfig)
+    runtime: RuntimeConfig = _field(default_factory=RuntimeConfig)
     steer: SteerConfig = _field(default_factory=SteerConfig)
     prompt: Optional[str] = "The capital of France is Paris. The capital of Germany is"
     prompts: str = ""  # FILE with one prompt a line (overrides prompt)

@@ -110,7 +110,10 @@ _QUIET_WARNINGS = (
     (r".*does not have many workers which may be a bottleneck", UserWarning),  # in-memory memmap batches
     (r"The number of training batches .* is smaller than the logging interval", UserWarning),
 )
-_QUIET_LOG_PREFIXES = ("💡 Tip:",)  # Lightning's litlogger / litmodels advertisement
+_QUIET_LOG_PREFIXES = ("💡 Tip:",  # Lightning's litlogger / litmodels advertisement
+                       # hardware inventory and fit bookkeeping: not the user's business (run.json records the host)
+                       "GPU available:", "TPU available:", "HPU available:", "IPU available:",
+                       "`Trainer.fit` stopped:", "Restoring states from the checkpoint", "Restored all states from")
 
 
 class _DropPrefixes(logging.Filter):
@@ -137,6 +140,70 @@ def quiet_third_party() -> Iterator[None]:
         finally:
             for lg in loggers:
                 lg.removeFilter(flt)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """The one progress switch: with ``enabled=False`` every tqdm bar started inside the block is
+    silent -- ours and the libraries' (transformers' GGUF conversion, its loading bars, Lightning's
+    validation bar) -- by making ``disable=True`` the rule for ``tqdm`` for the block's duration.
+    With ``enabled=True`` nothing changes."""
+    if enabled:
+        yield
+        return
+    import tqdm.std
+    from transformers.utils import logging as hf_logging
+
+    init = tqdm.std.tqdm.__init__
+
+    def silent_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    tqdm.std.tqdm.__init__ = silent_init
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = init
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- threads
+def thread_count(requested: int = 0) -> int:
+    """The intra-op thread count a run uses: ``requested`` (``runtime.threads``) when > 0, else
+    ``$OMP_NUM_THREADS`` when set, else torch's default (the physical cores)."""
+    if requested and requested > 0:
+        return int(requested)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return torch.get_num_threads()
+
+
+def apply_threads(cfg: Any) -> int:
+    """Set torch's intra-op threads for this process from ``cfg.runtime.threads``
+    (:func:`thread_count`); returns the count. Every entry point calls it before any work."""
+    rt = cfg.get("runtime") if hasattr(cfg, "get") else getattr(cfg, "runtime", None)
+    n = thread_count(int(getattr(rt, "threads", 0) or 0) if rt is not None else 0)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block (restored after; ``n <= 0``: unchanged)."""
+    old = torch.get_num_threads()
+    if n > 0 and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------- atomic output
@@ -273,7 +340,8 @@ def prepare_run(cfg: DictConfig, kind: str) -> Path:
         "seed": int(cfg.get("seed", 0)),
         "versions": package_versions(),
         "git_commit": git_commit(),
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                 "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                  "cuda": torch.cuda.is_available(),
                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }

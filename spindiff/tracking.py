@@ -55,19 +55,37 @@ def _plain(cfg: Any) -> Any:
 
 
 def start_run(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None,
-              job_type: Optional[str] = None, group: Optional[str] = None):
+              job_type: Optional[str] = None, group: Optional[str] = None, run_id: Optional[str] = None):
     """Start a W&B run in the resolved mode under ``<out>/wandb``; ``None`` when disabled. Never
-    touches the network offline; W&B prints nothing to the console (``silent``)."""
+    touches the network offline; W&B prints nothing to the console (``silent``). ``run_id``
+    continues that run (``resume="allow"``)."""
     mode = resolve_mode(wcfg.mode)
     if mode == "disabled":
         return None
     import wandb
 
     Path(out).mkdir(parents=True, exist_ok=True)
+    extra = {"id": run_id, "resume": "allow"} if run_id else {}
     return wandb.init(project=wcfg.project, entity=wcfg.entity, group=group or wcfg.group,
                       tags=list(wcfg.tags or []), config=_plain(config), dir=str(out), mode=mode,
                       name=name, job_type=job_type, reinit="finish_previous",
-                      settings=wandb.Settings(silent=True, console="off", init_timeout=30))
+                      settings=wandb.Settings(silent=True, console="off", init_timeout=30), **extra)
+
+
+def run_id_for(out: str | os.PathLike, resume: bool) -> str:
+    """One W&B run per training run: the id kept in ``<out>/wandb/run_id``, reused when
+    ``resume`` (an offline resume adds an ``offline-run-*-<same id>`` folder, which ``wandb sync``
+    merges into the same run), else a new one written there."""
+    import secrets
+
+    from spindiff.runtime import atomic_write_text
+
+    path = Path(out) / "wandb" / "run_id"
+    if resume and path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    rid = secrets.token_hex(4)
+    atomic_write_text(path, rid + "\n")
+    return rid
 
 
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -100,12 +118,14 @@ def log_once(wcfg: Any, out: str | os.PathLike, config: Any, metrics: Mapping[st
         finish_run(run)
 
 
-def make_lightning_logger(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None):
-    """A Lightning ``WandbLogger`` around a run from :func:`start_run`, or ``None`` when disabled
-    (the CSV logger still records the metrics). Finish it with ``finish_run(logger.experiment)``."""
-    run = start_run(wcfg, out, config, name=name, job_type="train")
-    if run is None:
+def make_lightning_logger(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None,
+                          resume: bool = False):
+    """A Lightning ``WandbLogger`` around a run from :func:`start_run` (the same run id across
+    resumes, :func:`run_id_for`), or ``None`` when disabled (the CSV logger still records the
+    metrics). Finish it with ``finish_run(logger.experiment)``."""
+    if resolve_mode(wcfg.mode) == "disabled":
         return None
+    run = start_run(wcfg, out, config, name=name, job_type="train", run_id=run_id_for(out, resume))
     from lightning.pytorch.loggers import WandbLogger
 
     run.define_metric("trainer/global_step")

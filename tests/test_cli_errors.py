@@ -9,9 +9,11 @@ import csv
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,13 +25,23 @@ NOISE = re.compile(r"Traceback|Warning|warnings\.warn|deprecated|LeafSpec|anonym
                    r"past_key_values|tb<=t1")
 
 
-def run(args: list[str], cwd: Path, wandb: str = "disabled", timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python <REPO>/<args[0]> args[1:]`` (or ``python -m`` for a dotted module) under umask 022."""
+def run(args: list[str], cwd: Path, wandb: str = "disabled", timeout: int = 600, **env_extra: str
+        ) -> subprocess.CompletedProcess:
+    """``python <REPO>/<args[0]> args[1:]`` (or ``python -m`` for a dotted module) under umask 022,
+    with a fresh empty $HOME that must still be empty afterwards (tests never write under $HOME;
+    the caches point at the session folder, tests/conftest.py)."""
+    home = Path(tempfile.mkdtemp(prefix="home-"))
     env = {**os.environ, "WANDB_MODE": wandb, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_SILENT": "false"}
+           "WANDB_SILENT": "false", "HOME": str(home), **env_extra}
     head = ["-m", args[0]] if "." in args[0] and not args[0].endswith(".py") else [str(REPO / args[0])]
-    return subprocess.run([sys.executable, *head, *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=lambda: os.umask(0o022))
+    try:
+        r = subprocess.run([sys.executable, *head, *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
+                           timeout=timeout, preexec_fn=lambda: os.umask(0o022))
+        written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+        assert not written, f"{args[0]} wrote under $HOME: {written[:10]}"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return r
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -57,7 +69,7 @@ def trained(tmp_path_factory) -> dict:
              f"data.cache_dir={root / 'cache'}"], cwd=root, wandb="offline")
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "out": out, "ckpt": out / "checkpoints" / "last.ckpt", "proc": r,
-            "summary": json.loads(r.stdout[r.stdout.index("{\n"):])}
+            "summary": json.loads(r.stdout)}  # stdout is the JSON summary and nothing else
 
 
 # ----------------------------------------------------------------------------- bad input: exit 2, nothing written
@@ -132,7 +144,10 @@ def test_bad_sweep_file_writes_nothing(tmp_path):
 def test_training_output_is_quiet_shows_progress_and_accuracy(trained):
     r = trained["proc"]
     assert not NOISE.search(r.stderr), r.stderr  # W&B anonymous, LeafSpec, litlogger tip, UserWarnings: silent
-    assert re.search(r"^step 2/6: train/loss \d", r.stdout, flags=re.M) and re.search(r"^step 6/6", r.stdout, flags=re.M)
+    assert re.search(r"^step 2/6: train/loss \d", r.stderr, flags=re.M) and re.search(r"^step 6/6", r.stderr, flags=re.M)
+    # one switch (trainer.enable_progress_bar=false): no bar, no hardware inventory, no summary table
+    assert not re.search(r"sampling sequences|context features|GPU available|TPU available|Total FLOPs|it/s\]",
+                         r.stderr), r.stderr
     s = trained["summary"]
     assert s["steps"] == 6 and None not in s["val_loss"] and s["metrics_csv"].endswith("metrics.csv")
     assert "val/loss" in s["val"] and len(s["val"]) >= 2  # README: the validation accuracies at the end, not only losses
@@ -160,11 +175,12 @@ def test_streamed_sample_text_is_clean_and_uses_the_checkpoints_model(trained, t
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not NOISE.search(r.stdout) and "note:" not in r.stdout and "warning:" not in r.stdout, r.stdout
-    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
-    assert lines[0].startswith("# spin") and lines[0].endswith("on tiny-gpt2") and lines[1].startswith(">>> ")
-    assert lines[-1].startswith("# 6 tokens in") and (tmp_path / "s" / "samples.jsonl").exists()
+    rec = json.loads((tmp_path / "s" / "samples.jsonl").read_text())
+    assert r.stdout == rec["prompt"] + rec["text"] + "\n"  # the text, exactly: header and timing on stderr
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert err and all(ln.startswith("note: ") for ln in err) and "using tiny-gpt2" in err[0], r.stderr
+    assert err[0].startswith("note: ") and "using tiny-gpt2" in err[0], r.stderr
+    assert re.fullmatch(r"# spin.* on tiny-gpt2", err[1]) and err[-1].startswith("# 6 tokens in"), r.stderr
+    assert all(ln.startswith(("note: ", "# ")) for ln in err), r.stderr
     r = run(["sample.py", "sampler.name=ar", "model.name=tiny-gpt2", f"out={tmp_path / 'ar'}", "max_new_tokens=6"],
             cwd=tmp_path)
     assert r.returncode == 0 and not NOISE.search(r.stdout + r.stderr), r.stdout + r.stderr
@@ -186,12 +202,22 @@ def test_ckpt_auto_finds_the_quick_start_checkpoint_and_says_which(trained, tmp_
 def test_a_resumed_run_has_one_metric_history(trained):
     first = trained["summary"]
     hist0 = list(csv.DictReader((trained["out"] / "metrics.csv").open()))
-    r = run(["train.py", *QUICK, "trainer.max_steps=9", "ckpt_every_n_steps=3", "trainer.val_check_interval=3",
+    quick_bar = [a for a in QUICK if "enable_progress_bar" not in a]  # this time with the progress bar
+    r = run(["train.py", *quick_bar, "trainer.max_steps=9", "ckpt_every_n_steps=3", "trainer.val_check_interval=3",
              "trainer.log_every_n_steps=1", f"out={trained['out']}", f"data.cache_dir={trained['root'] / 'cache'}"],
-            cwd=trained["root"])
+            cwd=trained["root"], wandb="offline")
     assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout[r.stdout.index("{\n"):])
+    s = json.loads(r.stdout)  # the bar is on stderr; stdout is the JSON summary only
     assert s["steps"] == 9 and s["resumed_from"]
+    assert "/-2" not in r.stderr and "Epoch 1/-" not in r.stderr, r.stderr[-2000:]  # rich's "Epoch 3/-2"
+    assert "note: resuming from" in r.stderr and "Restored all states" not in r.stderr
+    # one W&B run across the resume: both offline folders carry the same run id
+    ids = {d.name.rsplit("-", 1)[-1] for d in (trained["out"] / "wandb").glob("offline-run-*")}
+    assert len(list((trained["out"] / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
+    # the final weights are validated once: no second row with the same validation
+    val_rows = [r_ for r_ in csv.DictReader((trained["out"] / "metrics.csv").open()) if r_.get("val/loss")]
+    assert len({r_["val/loss"] for r_ in val_rows}) == len(val_rows), [(r_["step"], r_["val/loss"]) for r_ in val_rows]
+    assert s["val_loss"][1] == pytest.approx(float(val_rows[-1]["val/loss"]), rel=1e-3)
     assert s["val_loss"][0] == first["val_loss"][0] and None not in s["val_loss"]  # was [null, 13.05]
     rows = list(csv.DictReader((trained["out"] / "metrics.csv").open()))
     assert {r_["segment"] for r_ in rows} == {"0", "1"} and len(rows) > len(hist0)
@@ -212,3 +238,68 @@ def test_hub_fallback_warns_once_in_one_style(tmp_path):
     assert len(warns) == 1 and warns[0].startswith("warning: "), r.stderr
     assert "UserWarning" not in r.stderr and "falling back" not in r.stdout
     assert "Loading weights" not in r.stderr  # transformers' bar for a sub-second local load
+
+
+# ----------------------------------------------------------------------------- stdout is the text (issue 22)
+def test_sample_stdout_is_exactly_the_text_through_a_pipe(trained, tmp_path):
+    """Two prompts, streamed one by one and batched: what reaches a pipe is each prompt and its
+    continuation, one blank line between prompts -- no header, no '>>> ', no timing line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\nA cat says\n")
+    for bs in (1, 2):
+        out = tmp_path / f"s{bs}"
+        cmd = (f"{sys.executable} {REPO / 'sample.py'} ckpt={trained['ckpt']} prompts={prompts} out={out} "
+               f"max_new_tokens=4 sampler.steps=2 sampler.batch_size={bs} | cat > {tmp_path / f'piped{bs}.txt'}")
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        recs = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+        expect = "\n".join(rec["prompt"] + rec["text"] + "\n" for rec in recs)
+        assert (tmp_path / f"piped{bs}.txt").read_text() == expect
+        assert re.search(r"^# \d+ tokens in", r.stderr, flags=re.M)
+
+
+def test_train_stdout_is_the_json_summary_rounded(trained):
+    s = trained["summary"]  # json.loads(stdout) of the whole stdout succeeded in the fixture
+    for pair in [s["train_loss"], s["val_loss"], *s["val"].values()]:
+        for v in pair:
+            assert v == float(f"{v:.4g}"), pair  # 4 significant digits; results.json keeps all of them
+    res = json.loads((trained["out"] / "results.json").read_text())
+    assert res["metrics"]["val_end"]["val/loss"] == pytest.approx(s["val_loss"][1], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- analysis: say no before loading
+@pytest.mark.parametrize("arg,pattern", [
+    ("heads=L9x", r"heads=L9x: cannot parse head spec"),
+    ("head=L1", r"head=L1 must name exactly one head"),
+    ("prompts=missing.jsonl", r"'missing.jsonl' is neither a bundled set .* nor an existing file"),
+    ("prompts=bad.jsonl", r"bad.jsonl, line 2: not valid JSON"),
+])
+def test_analysis_checks_syntax_and_prompt_files_before_loading(tmp_path, arg, pattern):
+    """On the default model.name=gpt2 (offline: it would fall back to SmolLM2 with a warning) the
+    error is the only line: nothing was loaded, no run directory exists."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Up is", "good": "up", "bad": "down"}\n{bad\n')
+    before = files(tmp_path)
+    r = run(["analysis", "gaps", arg], cwd=tmp_path)
+    assert_clean_error(r, pattern)
+    assert files(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arg,pattern", [
+    ("heads=L99H3", r"outside the model: tiny-gpt2 has 2 layers x 4 heads"),
+    ("scan_heads=L5", r"outside the model"),
+    ("ablate=L0H9", r"outside the model"),
+    ("landscape_prompt=99", r"landscape_prompt=99 is outside the prompt set"),
+])
+def test_analysis_checks_the_model_dependent_input_before_any_run_directory(tmp_path, arg, pattern):
+    r = run(["analysis", "gaps", "model.name=tiny-gpt2", "prompts=paper", arg], cwd=tmp_path)
+    assert_clean_error(r, pattern)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_analysis_stdout_carries_results_only(tmp_path):
+    r = run(["analysis", "gaps", "model.name=tiny-gpt2", "prompts=paper", "progress=false", f"out={tmp_path / 'a'}"],
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [ln for ln in r.stdout.splitlines() if ln.startswith("gaps: ")] and r.stdout
+    assert "model: tiny-gpt2" in r.stderr and "note:" not in r.stdout

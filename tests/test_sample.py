@@ -272,3 +272,24 @@ def test_coarse_bfloat16_search_gives_the_exact_argmax():
     fast = decode_spins(spins, table, coarse=table.to(torch.bfloat16))
     assert torch.equal(exact[0], fast[0])
     assert torch.allclose(exact[1], fast[1], atol=1e-6) and torch.allclose(exact[2], fast[2], atol=1e-6)
+
+
+def test_registries_refuse_a_duplicate_name():
+    """Issue 19: registering another class under a taken sampler name (or another schema under a
+    taken entry name) is an error naming both, never a silent overwrite."""
+    from spindiff.config import ENTRIES, register_entry
+    from spindiff.generation.base import SAMPLERS, Sampler, register_sampler
+
+    before = SAMPLERS["ar"]
+    with pytest.raises(ValueError, match=r"sampler name 'ar' is already registered by .*ARSampler|already registered"):
+        @register_sampler("ar")
+        class Impostor(Sampler):  # noqa: F841
+            pass
+    assert SAMPLERS["ar"] is before
+    register_sampler("ar")(before)  # the same class again (a module re-imported) is fine
+
+    class OtherSchema:
+        pass
+    with pytest.raises(ValueError, match="entry point 'train' is already registered"):
+        register_entry("train", OtherSchema)
+    assert ENTRIES["train"].schema.__name__ == "TrainConfig"

@@ -200,3 +200,31 @@ def test_resume_with_different_settings_is_refused(tmp_path, cache_dir):
         train(quick(tmp_path / "r", cache_dir, "trainer.max_steps=4", "score_net.hidden=32"))
     res = train(quick(tmp_path / "r", cache_dir, "trainer.max_steps=4", "validate_at_start=false"))  # trainer.* may change
     assert res["resumed_from"] and res["global_step"] == 4
+
+
+def test_runtime_threads_applies_and_the_data_build_runs_on_one_thread(tmp_path, monkeypatch):
+    """runtime.threads sets torch's intra-op threads for the run (recorded in run.json), while the
+    training data (LM sampling + feature pass) is always built on one thread: reductions differ
+    with the thread count, and a flipped draw changes a whole sampled sequence (README:
+    Reproducibility)."""
+    import json
+
+    import spindiff.training.cache as cache_mod
+
+    seen = []
+    real = cache_mod.load_or_build_features
+
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cache_mod, "load_or_build_features", spy)
+    old = torch.get_num_threads()
+    try:
+        res = train(quick(tmp_path / "run", tmp_path / "cache", "trainer.max_steps=2", "runtime.threads=2"))
+        assert seen == [1]
+        assert json.loads((Path(res["paths"]["out"]) / "run.json").read_text())["host"]["threads"] == 2
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ConfigError, match=r"runtime.threads=-1: must be >= 0 .*e.g. runtime.threads=1"):
+        quick(tmp_path / "bad", tmp_path / "cache", "runtime.threads=-1")

@@ -90,11 +90,16 @@ SAMPLERS: dict[str, type[Sampler]] = {}
 
 
 def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
-    """Class decorator: make a :class:`Sampler` available as ``sampler.name=<name>``."""
+    """Class decorator: make a :class:`Sampler` available as ``sampler.name=<name>``. A name taken
+    by another class is refused (ValueError naming both), never silently overwritten."""
 
     def deco(cls: type[Sampler]) -> type[Sampler]:
+        old = SAMPLERS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"sampler name '{name}' is already registered by {old.__module__}.{old.__qualname__}; "
+                             f"give {cls.__module__}.{cls.__qualname__} another name")
         cls.name = name
-        SAMPLERS[name] = cls
+        SAMPLERS[name] = cls  # the same class again (its module re-imported) replaces itself
         return cls
 
     return deco

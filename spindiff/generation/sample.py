@@ -11,7 +11,9 @@ Writes to ``cfg.out`` (default ``runs/sample/<timestamp>``): ``config.yaml``, ``
 ``summary.json``; logs the summary to W&B (offline unless a key is configured). The run
 directory is created only after the config, the prompts, the model and the checkpoint passed
 their checks. ``model.name=auto`` (the default) takes the model a ``ckpt=PATH`` was trained on.
-Streamed text goes to stdout; notices (``note:`` / ``warning:``) to stderr.
+With ``stream=true`` stdout carries exactly the text -- each prompt followed by its continuation,
+one blank line between prompts -- so ``python sample.py | ...`` gets nothing else; the header
+(sampler, model), the timing line and notices (``note:`` / ``warning:``) go to stderr.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from spindiff.config import check, register_check, register_user_error
-from spindiff.runtime import (atomic_write_json, atomic_write_text, notice, prepare_run, quiet_third_party,
+from spindiff.runtime import (apply_threads, atomic_write_json, atomic_write_text, notice, prepare_run, quiet_third_party,
                               record_model, resolve_device)
 from spindiff.generation import (DIAG_KEYS, GenerationBatch, GenerationSession, Sampler, SampleError,
                                build_sampler, get_sampler_class)
@@ -214,6 +216,7 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
     """
     cfg = as_config(cfg)
     check("sample", cfg)  # a programmatic call is checked exactly like the CLI
+    apply_threads(cfg)  # runtime.threads
     resolve_model(cfg)
     prompts = load_prompt_list(cfg.prompts) if cfg.prompts else [str(cfg.prompt or "")]
     for i, p in enumerate(prompts):
@@ -231,15 +234,15 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
     bs = int(cfg.sampler.batch_size)
     records: list[dict[str, Any]] = []
     seconds = 0.0
-    if cfg.stream:
+    if cfg.stream:  # stdout carries the text only: the header goes to stderr
         tag = " [FIELD-ONLY: no learned residual]" if sampler.field_only else ""
-        print(f"# {sampler.label}{tag} on {session.name}", flush=True)
+        print(f"# {sampler.label}{tag} on {session.name}", file=sys.stderr, flush=True)
     for start in range(0, len(seqs), bs):
         chunk, texts = seqs[start:start + bs], prompts[start:start + bs]
         ids, mask = session.batch(chunk)
         streamer = _Streamer(session.tokenizer) if (cfg.stream and len(chunk) == 1) else None
         if streamer is not None:
-            sys.stdout.write(f"\n>>> {texts[0]}")
+            sys.stdout.write(("\n" if start else "") + texts[0])
             sys.stdout.flush()
         with interventions, quiet_third_party():
             gb = sampler.generate(ids, mask, int(cfg.max_new_tokens), gen, stop_at_eos=bool(cfg.stop_at_eos),
@@ -250,9 +253,9 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
         if cfg.stream:
             if streamer is not None:
                 print(flush=True)
-            else:
-                for r in recs:
-                    print(f"\n>>> {r['prompt']}{r['text']}", flush=True)
+            else:  # prompt and continuation, one blank line between prompts
+                for j, r in enumerate(recs):
+                    print(("\n" if start + j else "") + r["prompt"] + r["text"], flush=True)
     summary = summarize(records, seconds, sampler)
     summary["model"] = session.name
     if interventions:
@@ -261,8 +264,8 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
     atomic_write_json(out / "summary.json", summary)
     _log_wandb(cfg, out, summary)
     if cfg.stream:
-        print(f"\n# {summary['n_tokens']} tokens in {summary['seconds']:.2f} s ({summary['tokens_per_s']} tok/s); "
-              f"wrote {out / 'samples.jsonl'}", flush=True)
+        print(f"# {summary['n_tokens']} tokens in {summary['seconds']:.2f} s ({summary['tokens_per_s']} tok/s); "
+              f"wrote {out / 'samples.jsonl'}", file=sys.stderr, flush=True)
     return SampleResult(records, summary, out, sampler.describe())
 
 

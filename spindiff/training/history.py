@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,7 +106,7 @@ def next_segment(path: Path) -> int:
 
 class ProgressLines(Callback):
     """With the progress bar off: one line per ``every`` optimizer steps (and one per validation)
-    on stdout, so a log shows the fit advancing."""
+    on stderr, so a log shows the fit advancing (stdout carries only train.py's JSON summary)."""
 
     def __init__(self, every: int, max_steps: int) -> None:
         self.every, self.max_steps, self.t0, self.last, self.last_val = every, max_steps, time.perf_counter(), -1, -1
@@ -117,7 +118,7 @@ class ProgressLines(Callback):
             loss = trainer.callback_metrics.get("train/loss")
             total = f"/{self.max_steps}" if self.max_steps > 0 else ""
             shown = f": train/loss {float(loss):.4g}" if loss is not None else ""
-            print(f"step {step}{total}{shown} ({time.perf_counter() - self.t0:.0f} s)", flush=True)
+            print(f"step {step}{total}{shown} ({time.perf_counter() - self.t0:.0f} s)", file=sys.stderr, flush=True)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking and trainer.global_step != self.last_val:
@@ -125,7 +126,7 @@ class ProgressLines(Callback):
             vals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if "noisy" not in k)
             if shown:
-                print(f"step {trainer.global_step}: {shown}", flush=True)
+                print(f"step {trainer.global_step}: {shown}", file=sys.stderr, flush=True)
 
 
 def first_values(hist: dict[str, list[tuple[int, float]]], prefix: str) -> dict[str, float]:

@@ -42,12 +42,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from spindiff.config import TRAINER_DEFAULTS, ConfigError, TrainConfig, register_check, register_user_error
 from spindiff.lm.adapter import HeadSpecError
-from spindiff.runtime import atomic_write_json, default_out, prepare_run, quiet_third_party, record_model
+from spindiff.runtime import (apply_threads, atomic_write_json, default_out, notice, prepare_run, progress_bars,
+                              quiet_third_party, record_model, threads)
 from spindiff.training.history import HistoryLogger, ProgressLines, first_values, history, next_segment
+
+DATA_THREADS = 1  # intra-op threads of the training-data build (LM sampling + feature pass): fixed, reproducible
 
 MANAGED_TRAINER_KEYS = {
     "logger": "set by train.py (metrics.csv + W&B; configure W&B with wandb.*)",
@@ -165,6 +169,19 @@ def _check_heads(cfg: DictConfig, lm: Any) -> Any:
     return lm
 
 
+class LastValidation(Callback):
+    """Remembers the global step and the ``val/*`` metrics of the latest validation, so the final
+    weights are not validated (and logged) a second time when the fit's last step validated them."""
+
+    def __init__(self) -> None:
+        self.step, self.values = -1, {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+            self.values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
 # --------------------------------------------------------------------------- resume
 RESUME_MUST_MATCH = ("model", "field", "data", "score_net", "sde", "objective", "weighting", "optim", "seed")
 RESUME_MAY_CHANGE = {"data.num_workers", "data.cache_dir", "data.cache", "data.feature_batch_size", "model.device",
@@ -224,6 +241,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     t_start = time.perf_counter()
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     check("train", cfg)  # a programmatic call is checked exactly like the CLI
+    apply_threads(cfg)  # runtime.threads
     tkw = trainer_kwargs(cfg.trainer)
     rank = _rank()
     out = Path(cfg.out) if cfg.out else default_out("train")
@@ -239,11 +257,17 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
 
     # a cache miss needs the LM: load it (and check the head spec against it) before any cache
     # folder or lock file is created, so a bad head spec leaves nothing behind
+    progress = bool(tkw.get("enable_progress_bar", True))  # THE switch for every bar of the run
     cached = bool(cfg.data.cache) and (feature_cache_dir(cfg) / "meta.json").exists()
-    lm = None if cached else _check_heads(cfg, load_model(cfg.model))
-    with quiet_third_party():
-        store, cache_hit = load_or_build_features(
-            cfg, lambda: lm if lm is not None else _check_heads(cfg, load_model(cfg.model)), progress=rank == 0)
+    # the training data (LM-sampled text, teacher-forced features) is built on ONE thread: float
+    # reductions differ with the thread count, and one flipped draw changes a whole sampled sequence,
+    # so the data, and with it the run, would differ between machines (README: Reproducibility)
+    with progress_bars(progress), threads(DATA_THREADS):
+        lm = None if cached else _check_heads(cfg, load_model(cfg.model))
+        with quiet_third_party():
+            store, cache_hit = load_or_build_features(
+                cfg, lambda: lm if lm is not None else _check_heads(cfg, load_model(cfg.model)),
+                progress=progress and rank == 0)
     del lm
     meta = make_meta(cfg, store.meta)
     net, sde, objective = build_parts(cfg, meta, token_norms=store.arrays.get("token_norms"))
@@ -269,17 +293,24 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=max(1, every),
                         save_on_train_epoch_end=True, enable_version_counter=False),
     ]
-    all_callbacks = [*checkpoints, LearningRateMonitor(logging_interval="step")]
-    if not tkw.get("enable_progress_bar", True) and int(cfg.get("print_every_n_steps", 0) or 0) > 0:
+    last_val = LastValidation()
+    all_callbacks = [*checkpoints, LearningRateMonitor(logging_interval="step"), last_val]
+    if progress:  # tqdm on stderr (Lightning's default rich bar writes to stdout and shows "Epoch 3/-2")
+        all_callbacks.append(TQDMProgressBar())
+    elif int(cfg.get("print_every_n_steps", 0) or 0) > 0:
         all_callbacks.append(ProgressLines(int(cfg.print_every_n_steps), max_steps))
+    tkw.setdefault("enable_model_summary", False)  # its table ends in "Total FLOPs: 0"; results.json has the size
     all_callbacks.extend(callbacks)
     segment = next_segment(out / "metrics.csv") if resume_from else 0
     loggers: list[Any] = [HistoryLogger(out / "metrics.csv", resume_step, segment)]
-    wandb_logger = make_lightning_logger(cfg.wandb, out, plain, name=out.name) if rank == 0 else None
+    wandb_logger = make_lightning_logger(cfg.wandb, out, plain, name=out.name, resume=resume_from is not None) \
+        if rank == 0 else None
     if wandb_logger:
         loggers.append(wandb_logger)
     grad_clip = float(cfg.optim.grad_clip)
-    with quiet_third_party():
+    if resume_from is not None and rank == 0:
+        notice(f"resuming from {resume_from} (step {resume_step})", kind="note")
+    with quiet_third_party(), progress_bars(progress):
         trainer = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=all_callbacks,
                             gradient_clip_val=grad_clip if grad_clip > 0 else None,
                             use_distributed_sampler=False, **tkw)
@@ -291,7 +322,9 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
         fit_s = time.perf_counter() - t_fit
         val_end: dict[str, float] = {}
-        if len(dm.val_idx):
+        if last_val.step == trainer.global_step:  # the fit's last validation saw the final weights:
+            val_end = dict(last_val.values)        # validating again would log the same row twice
+        elif len(dm.val_idx):
             res = trainer.validate(module, datamodule=dm, verbose=False)
             val_end = {k: float(v) for k, v in (res[0] if res else {}).items()}
 
@@ -334,17 +367,22 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
-    """What ``python train.py`` prints at the end: paths, steps, and [start, end] of the losses and
-    of every validation metric (accuracies of the denoised / sampled spin, fidelity to the LM)."""
+    """What ``python train.py`` prints at the end (its only stdout): paths, steps, and [start, end]
+    of the losses and of every validation metric (fidelity to the LM), to 4 significant digits."""
     m = results["metrics"]
     start, end = m["val_start"], m["val_end"]
-    val = {k: [start.get(k), end.get(k)] for k in sorted(set(start) | set(end))
+    val = {k: [_sig(start.get(k)), _sig(end.get(k))] for k in sorted(set(start) | set(end))
            if k.startswith("val/") and "noisy" not in k}
     return {"out": results["paths"]["out"], "checkpoint": results["paths"]["best"] or results["paths"]["last"],
             "metrics_csv": results["paths"]["metrics_csv"], "steps": results["global_step"],
             "resumed_from": results["resumed_from"], "wall_s": results["wall_s"],
-            "train_loss": [m["train_loss_start"], m["train_loss_end"]],
-            "val_loss": [start.get("val/loss"), end.get("val/loss")], "val": val}
+            "train_loss": [_sig(m["train_loss_start"]), _sig(m["train_loss_end"])],
+            "val_loss": [_sig(start.get("val/loss")), _sig(end.get("val/loss"))], "val": val}
+
+
+def _sig(x: float | None, digits: int = 4) -> float | None:
+    """``x`` to ``digits`` significant digits for the printed summary (results.json keeps all)."""
+    return None if x is None or not math.isfinite(x) else float(f"{x:.{digits}g}")
 
 
 def cli_run(cfg: DictConfig) -> dict[str, Any]:
