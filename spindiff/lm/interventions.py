@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from spindiff.config import ConfigError, finite_number
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList, HeadSpecError, head_name, last_positions, parse_heads
+from spindiff.lm.hooks import hooks, record
 
 __all__ = ["InterventionError", "Intervention", "HeadGains", "ActivationAddition", "Interventions",
            "parse_head_gains", "heads_from_report", "residual_at", "contrast_vector", "load_vector",
@@ -54,24 +55,27 @@ class Intervention:
     """A hook-based edit of the model forward. Install/remove explicitly or use ``with``."""
 
     def __init__(self) -> None:
-        self._handles: list[Any] = []
+        self._stack: contextlib.ExitStack | None = None
 
-    def _register(self) -> list[Any]:  # pragma: no cover - abstract
+    def _hooks(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        """{hook point name: fn} (:mod:`spindiff.lm.hooks`)."""
         raise NotImplementedError
 
     @property
     def installed(self) -> bool:
-        return bool(self._handles)
+        return self._stack is not None
 
     def install(self) -> "Intervention":
-        if not self._handles:
-            self._handles = self._register()
+        if self._stack is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(hooks(self.adapter, self._hooks()))
+            self._stack = stack
         return self
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = None
 
     def __enter__(self) -> "Intervention":
         return self.install()
@@ -168,22 +172,16 @@ class HeadGains(Intervention):
             v = self._vec.setdefault(l, torch.ones(adapter.n_heads, 1, dtype=torch.float64))
             v[h, 0] = g
 
-    def _register(self) -> list[Any]:
-        ad = self.adapter
-        handles = []
-        for l, vec in self._vec.items():
-            cache: dict[tuple, Tensor] = {}
+    def _hooks(self) -> dict[str, Any]:
+        cache: dict[tuple, Tensor] = {}
 
-            def hook(mod: nn.Module, args: tuple, vec: Tensor = vec, cache: dict = cache) -> tuple:
-                z = args[0]
-                key = (z.dtype, z.device)
-                g = cache.get(key)
-                if g is None:
-                    g = cache[key] = vec.to(dtype=z.dtype, device=z.device)
-                zz = z.view(*z.shape[:-1], ad.n_heads, ad.d_head) * g  # (..., H, dh) * (H, 1)
-                return (zz.view_as(z),) + tuple(args[1:])
-            handles.append(ad.out_proj(l).register_forward_pre_hook(hook))
-        return handles
+        def gain(z: Tensor, point: Any) -> Tensor:  # z (..., H, dh) * (H, 1)
+            key = (point.layer, z.dtype, z.device)
+            g = cache.get(key)
+            if g is None:
+                g = cache[key] = self._vec[point.layer].to(dtype=z.dtype, device=z.device)
+            return z * g
+        return {f"blocks.{l}.attn.z": gain for l in self._vec}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "head_gains", "gains": {head_name(l, h): g for (l, h), g in self.gains.items()}}
@@ -200,10 +198,6 @@ def _check_layer(adapter: ArchitectureAdapter, layer: int, model_name: str = "")
     return layer
 
 
-def _layer_out(o: Any) -> Tensor:
-    return o[0] if isinstance(o, tuple) else o
-
-
 @torch.no_grad()
 def residual_at(model: nn.Module, adapter: ArchitectureAdapter, tokenizer: Any, texts: Sequence[str],
                 layer: int, batch_size: int = 32) -> Tensor:
@@ -218,9 +212,7 @@ def residual_at(model: nn.Module, adapter: ArchitectureAdapter, tokenizer: Any, 
         seqs.append(ids)
     device = next(model.parameters()).device
     out: list[Tensor] = []
-    grab: dict[str, Tensor] = {}
-    h = adapter.layers()[layer].register_forward_hook(lambda m, a, o: grab.__setitem__("h", _layer_out(o)[:, -1]))
-    try:
+    with record(adapter, [f"blocks.{layer}.resid_post"], last_only=True) as acts:
         for i in range(0, len(seqs), batch_size):
             part = seqs[i:i + batch_size]
             T = max(len(s) for s in part)
@@ -231,9 +223,7 @@ def residual_at(model: nn.Module, adapter: ArchitectureAdapter, tokenizer: Any, 
                 mask[j, T - len(s):] = 1
             ids, mask = ids.to(device), mask.to(device)
             model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1)
-            out.append(grab["h"].detach())
-    finally:
-        h.remove()
+            out.append(acts[f"blocks.{layer}.resid_post"])
     return torch.cat(out)
 
 
@@ -317,18 +307,16 @@ class ActivationAddition(Intervention):
         self.vector = vector.detach()
         self.info = dict(info or {})
 
-    def _register(self) -> list[Any]:
+    def _hooks(self) -> dict[str, Any]:
         cache: dict[tuple, Tensor] = {}
 
-        def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
-            h = _layer_out(out)
+        def add(h: Tensor, point: Any) -> Tensor:
             key = (h.dtype, h.device)
             v = cache.get(key)
             if v is None:
                 v = cache[key] = self.vector.to(dtype=h.dtype, device=h.device)
-            h = h + v
-            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
-        return [self.adapter.layers()[self.layer].register_forward_hook(hook)]
+            return h + v
+        return {f"blocks.{self.layer}.resid_post": add}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "activation_addition", "layer": self.layer, "norm": float(self.vector.norm()), **self.info}
