@@ -51,7 +51,7 @@ def _check_hook_ablation_equals_weight_edit(model, tok, layer, head):
     with torch.no_grad():
         op = ad2.out_proj(layer)
         dh = ad2.d_head
-        if ad2.family == "gpt2":
+        if ad2.spec.o_layout == "conv1d":
             op.weight[head * dh:(head + 1) * dh, :] = 0  # Conv1D: rows are the head's block
         else:
             op.weight[:, head * dh:(head + 1) * dh] = 0  # Linear: columns are the head's block

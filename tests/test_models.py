@@ -154,3 +154,23 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "p.png").size[0] > 10
+
+
+def test_saved_folder_of_another_family_loads_as_that_family(tmp_path):
+    """A save_pretrained folder is `model.name=FOLDER` for any family entry (here Qwen3, q/k norms),
+    and an architecture without an entry is refused naming its model_type."""
+    import transformers
+
+    tok = build_tiny_tokenizer()
+    cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   pad_token_id=tok.pad_token_id)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")
+    lm = load_model(ModelConfig(name=str(tmp_path / "qwen3"), dtype="float64"))
+    assert lm.family == "qwen3" and lm.info["family"] == "qwen3"
+    bloom = transformers.BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=len(tok))
+    transformers.AutoModelForCausalLM.from_config(bloom).save_pretrained(tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    with pytest.raises(ModelLoadError, match="model_type 'bloom' has no model family"):
+        load_model(ModelConfig(name=str(tmp_path / "bloom"), dtype="float64"))
