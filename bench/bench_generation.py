@@ -56,6 +56,9 @@ SETTINGS = {
                  grids=["uniform", "speciation"], oracle_steps=[5, 10, 20, 50, 100], curve_steps=[5, 10, 20, 50, 100],
                  eta_train=[5.0, 10.0, 20.0, 40.0], precession=[5.0, 20.0], llg=[(2.0, 1.0), (8.0, 1.0), (8.0, math.inf)],
                  tp_tokens=24, tp_reps=3, tp_b1_tokens=12, tp_b32_tokens=12),
+    "cold": dict(fid_prompts=40, n_draws=64, seeds=[0, 1, 2, 3, 4, 5], gen_prompts=8, max_new_tokens=8, batch_size=8,
+                 grids=["uniform"], oracle_steps=[10], curve_steps=[10], eta_train=[20.0], precession=[], llg=[],
+                 tp_tokens=16, tp_reps=3, tp_b1_tokens=8, tp_b32_tokens=8),
     "quick": dict(fid_prompts=8, n_draws=16, seeds=[0, 1], gen_prompts=8, max_new_tokens=6, batch_size=8,
                   grids=["uniform", "speciation"], oracle_steps=[5, 10], curve_steps=[5, 10], eta_train=[10.0, 20.0], precession=[20.0],
                   llg=[(8.0, 1.0)], tp_tokens=8, tp_reps=2, tp_b1_tokens=4, tp_b32_tokens=4),
@@ -78,7 +81,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.mode = "quick" if args.quick else ("long" if args.long else "full")
+        self.mode = "quick" if args.quick else ("long" if args.long else ("cold" if args.cold_bias else "full"))
         self.s = dict(SETTINGS[self.mode])
         for key in ("oracle_steps", "curve_steps"):
             value = getattr(args, key, "")
@@ -218,7 +221,12 @@ def stage_throughput(b: Bench, arms: dict[str, list[str]]) -> dict[str, Any]:
     s = b.s
     prompts = load_eval_prompts("", 40)
     seqs = b.session.encode(prompts, reserve=s["tp_tokens"])
-    samplers = {k: b.sampler(v) for k, v in arms.items()}
+    samplers = {}
+    for k, v in arms.items():  # "+brownian=interval": the spin sampler's noise from a torchsde BrownianInterval
+        samplers[k] = b.sampler([o for o in v if not o.startswith("+brownian=")])
+        for o in v:
+            if o.startswith("+brownian="):
+                samplers[k].brownian = o.split("=", 1)[1]
     plan = [(1, s["tp_b1_tokens"]), (8, s["tp_tokens"]), (32, s["tp_b32_tokens"])]
     for smp in samplers.values():  # warm-up
         _tps(smp, b.session, seqs[:2], 2, 0)
@@ -241,6 +249,49 @@ def stage_throughput(b: Bench, arms: dict[str, list[str]]) -> dict[str, Any]:
     for k, v in res["ratios"].items():
         b.say(f"  ratio {k} = {v:.2f}")
     return res
+
+
+COLD_BEFORE = {"tail": "drop", "grid": "uniform", "exit_kappa": "null"}  # the spin defaults before the cold-bias fix
+COLD_ARMS = {  # name -> sampler overrides (midpoint, top_k = 512 throughout; steps 10 unless named)
+    "before: uniform grid, to t_eps, tail dropped": dict(COLD_BEFORE),
+    "+ tail drawn directly": {"tail": "direct", "grid": "uniform", "exit_kappa": "null"},
+    "+ speciation grid, exit at kappa = 1000": {"tail": "direct", "grid": "speciation", "exit_kappa": 1000},
+    "+ speciation grid, exit at kappa = 300": {"tail": "direct", "grid": "speciation", "exit_kappa": 300},
+    "+ speciation grid, exit at kappa = 100": {"tail": "direct", "grid": "speciation", "exit_kappa": 100},
+    "+ speciation grid, exit at kappa = 1000, 5 steps": {"tail": "direct", "grid": "speciation", "exit_kappa": 1000,
+                                                         "steps": 5},
+}
+SHIPPED_COLD = "+ speciation grid, exit at kappa = 100"  # = the defaults (configs/sample.yaml)
+
+
+def stage_cold_bias(b: Bench, ckpts: dict[str, str]) -> dict[str, Any]:
+    """logprob_excess (draw log p minus the exact E_p[log p]: 0 exact, > 0 colder) and TV of the spin
+    sampler's settings, oracle prior and the main checkpoint, next to ``ar``; then tokens/s of
+    ``ar``, the settings before the fix and the shipped ones, side by side."""
+    rows: dict[str, EvalResult] = {"ar": b.evaluate("cold/ar", ["sampler.name=ar"], generation=False)}
+    priors = {"oracle": dict(ORACLE)} | {f"learned:{k}": {"ckpt": v} for k, v in list(ckpts.items())[:1]}
+    for pname, pkw in priors.items():
+        for name, kw in COLD_ARMS.items():
+            rows[f"{pname}: {name}" + (" (shipped)" if name == SHIPPED_COLD else "")] = b.evaluate(f"cold/{pname}/{name}", _spin(**pkw, **kw), generation=False)
+    tp_arms = {"ar": ["sampler.name=ar"]}
+    for pname, pkw in priors.items():
+        tp_arms[f"{pname} before"] = _spin(**pkw, **COLD_BEFORE)
+        tp_arms[f"{pname} shipped"] = _spin(**pkw)
+    if b.args.brownian_interval:  # the torchsde BrownianInterval in the per-token loop, side by side
+        tp_arms["oracle shipped, BrownianInterval"] = _spin(**ORACLE) + ["+brownian=interval"]
+    tp = None if b.args.no_throughput else stage_throughput(b, tp_arms)
+    return {"rows": rows, "throughput": tp}
+
+
+def cold_bias_lines(res: dict[str, Any]) -> list[str]:
+    lines = ["| arm | draw log p - E_p[log p] | TV | top-1 |", "|---|---|---|---|"]
+    for k, r in res["rows"].items():
+        lines.append(f"| {k} | {_fmt(r.mean['fidelity/logprob_excess'], r.ci['fidelity/logprob_excess'])} | "
+                     f"{_fmt(r.mean['fidelity/tv'], r.ci['fidelity/tv'])} | "
+                     f"{_fmt(r.mean['fidelity/top1_agreement'], r.ci['fidelity/top1_agreement'])} |")
+    if res["throughput"]:
+        lines += ["", "Throughput (tokens/s, median of rounds, side by side):", ""] + throughput_lines(res["throughput"])
+    return lines
 
 
 # --------------------------------------------------------------------------- report
@@ -361,11 +412,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                                    "(default: the shipped sampler's)")
     ap.add_argument("--only-throughput", action="store_true", help="only the throughput stage (its own report)")
     ap.add_argument("--no-wandb", action="store_true", help="do not log arms to W&B (offline by default)")
+    ap.add_argument("--cold-bias", action="store_true", help="only the cold-bias table: logprob_excess and TV of the "
+                    "spin settings (oracle, first --ckpt) next to ar, and their tokens/s (its own report)")
+    ap.add_argument("--brownian-interval", action="store_true", help="with --cold-bias: also time the shipped "
+                    "oracle arm with torchsde's BrownianInterval noise instead of GaussianIncrements")
     args = ap.parse_args(argv)
     ckpts = dict(c.split("=", 1) for c in args.ckpt)
     t0 = time.perf_counter()
     b = Bench(args)
     b.say(f"# bench_generation ({b.mode}) on {b.session.name}, out={b.out}")
+    if args.cold_bias:
+        res = stage_cold_bias(b, ckpts)
+        lines = ["# Cold bias of the spin sampler (logprob_excess: 0 = exact, > 0 = colder than the LM)", "",
+                 f"Model {b.session.name}; {len(b.fid_prompts)} held-out prompts x {b.s['n_draws']} draws x seeds "
+                 f"{b.s['seeds']}; mean ± 95% CI over seeds; load average {_loadavg()}; "
+                 f"{(time.perf_counter() - t0) / 60:.1f} min.", ""] + cold_bias_lines(res)
+        atomic_write_text(b.out / "report.md", "\n".join(lines) + "\n")
+        atomic_write_json(b.out / "results.json", {
+            "cold_bias": {k: r.to_json() for k, r in res["rows"].items()}, "throughput": res["throughput"],
+            "settings": b.s, "argv": list(argv or sys.argv[1:]), "git": git_commit(), "packages": package_versions()})
+        print("\n".join(lines))
+        return {"out": str(b.out), **res}
     if args.only_throughput:
         tp = stage_throughput(b, throughput_arms(args, ckpts))
         lines = ["# Generation throughput (tokens/s, median of rounds, side by side)", "",

@@ -148,13 +148,13 @@ class SamplerConfig:
     name: str = "spin"  # spin | ar | euclid_ddpm | block
     steps: int = 10  # spin / euclid_ddpm: SDE steps per token (>= 1)
     method: str = "geodesic_midpoint"  # spin: integrator (spindiff.sphere.integrators.INTEGRATORS)
-    grid: str = "uniform"  # spin: reverse-time grid (spindiff.sphere.grids.GRIDS)
+    grid: str = "speciation"  # spin: reverse-time grid (spindiff.sphere.grids.GRIDS)
     prior: str = "auto"  # spin: auto (the checkpoint's; field without one) | lm (oracle) | field | none
     eta_train: float = 20.0  # spin without a checkpoint: strength of the field prior eta_train N . e_v
     top_k: int = 512  # spin: candidate tokens per context (0 = the whole vocabulary)
     tail: str = "direct"  # spin: the other tokens: direct (drawn with their mass, exact) | drop (never drawn)
     decode: str = "posterior"  # spin: posterior (draw from pi(v | S) at the end) | nearest (cosine)
-    exit_kappa: Optional[float] = None  # spin: early exit at the first grid point with kappa >= this
+    exit_kappa: Optional[float] = 100.0  # spin: the grid ends where kappa(t) = this; posterior draw there (null: t_eps)
     precession: float = 0.0  # spin: marginal-preserving precession strength gamma (0 = off)
     eta: float = 0.0  # spin: the paper's LLG field drift eta P_S N (changes the target; 0 = off)
     lam: float = math.inf  # spin: Gilbert damping lambda > 0 of that drift; precession (eta/lam) Prec(S, N)

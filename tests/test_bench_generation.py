@@ -48,3 +48,20 @@ def test_only_throughput_at_several_steps(bg, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| spin(oracle)@4 |" in report and "| ar |" in report
     assert set(res["throughput"]["batch8"]) == {"ar", "spin(oracle)@2", "spin(oracle)@4"}
+
+
+@pytest.mark.slow
+def test_cold_bias_table(bg, tmp_path):
+    """--cold-bias: logprob_excess and TV of every setting next to ar, and tokens/s side by side
+    (with the BrownianInterval arm)."""
+    res = bg.main(["--quick", "--cold-bias", "--brownian-interval", "--model", "tiny-gpt2", "--no-wandb",
+                   "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "| ar |" in report and "(shipped)" in report and "tail dropped" in report
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["cold_bias"]) == 1 + len(bg.COLD_ARMS)  # ar + every setting on the oracle
+    for row in data["cold_bias"].values():
+        assert abs(row["mean"]["fidelity/logprob_excess"]) < 50 and 0 <= row["mean"]["fidelity/tv"] <= 1
+    ratios = data["throughput"]["ratios"]
+    assert ratios["oracle shipped/ar@batch8"] > 0 and ratios["oracle shipped, BrownianInterval/ar@batch8"] > 0
+    assert set(res["throughput"]["batch8"]) == {"ar", "oracle before", "oracle shipped", "oracle shipped, BrownianInterval"}

@@ -47,7 +47,7 @@ def test_proju_is_tangent_projection(geo):
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_fused_expmap_agrees_with_geoopt(geo, dtype):
+def test_expmap_is_geoopts_renormalised(geo, dtype):
     gen = torch.Generator().manual_seed(9)
     s = geo.random_uniform(64, 576, dtype=F64, generator=gen)
     u = geo.proju(s, torch.randn(64, 576, dtype=F64, generator=gen))
@@ -100,9 +100,30 @@ def test_atan2_dist_and_log_float32_accurate_to_rounding(geo, theta):
 
 
 def test_geoopt_float32_dist_is_clamped_which_is_why_we_use_atan2(geo):
-    s, y, _ = _pair_at_angle(1e-3, 576, torch.float32)
+    s, y, e = _pair_at_angle(1e-3, 576, torch.float32)
     assert geo.manifold.dist(s, y).min() > 0.013  # geoopt: acos(1 - 1e-4) ~ 0.0141
     assert (geo.dist(s, y) - 1e-3).abs().max() < 1e-6  # ours
+    # the log map inherits the clamp: geoopt's |log_S y| reads 0.014 rad (14x too long) at 1e-3 rad
+    assert (geo.manifold.logmap(s, y).norm(dim=-1) - 1e-3).abs().min() > 0.01
+    assert (geo.logmap(s, y) - 1e-3 * e).norm(dim=-1).max() < 1e-6
+    # float64: geoopt's clamp at 1 - 1e-7 fixes every angle below ~4.5e-4 rad at 4.5e-4
+    s64, y64, e64 = _pair_at_angle(1e-5, 576, F64)
+    assert (geo.manifold.dist(s64, y64) - 1e-5).abs().min() > 1e-4
+    assert (geo.dist(s64, y64) - 1e-5).abs().max() < 1e-15
+
+
+def test_random_uniform_is_geoopts_seeded_from_the_generator(geo):
+    torch.manual_seed(123)
+    ref = geo.manifold.random_uniform(5, 7, dtype=F64)  # geoopt's own, global RNG seeded with 123
+    before = torch.random.get_rng_state()
+    gen = torch.Generator().manual_seed(0)
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(0)))
+    a = geo.random_uniform(5, 7, dtype=F64, generator=gen)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's global RNG untouched
+    torch.manual_seed(seed)
+    assert torch.equal(a, geo.manifold.random_uniform(5, 7, dtype=F64))  # geoopt's draw, bit for bit
+    b = geo.random_uniform(5, 7, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and type(a) is torch.Tensor and ref.shape == a.shape
 
 
 def test_logmap_at_antipode_is_finite(geo):

@@ -138,3 +138,17 @@ def test_field_only_reverse_concentrates_on_field_direction():
     rev = sde.reverse(None, field=n, eta=30.0, lam=math.inf)
     s = sample(rev, 200, steps=200, dtype=F64, seed=4)
     assert float((s @ n).mean()) > 0.5
+
+
+def test_gaussian_increments_is_a_torchsde_brownian_for_one_pass():
+    import torchsde
+
+    bm = GaussianIncrements(5, 3, F64, seed=1)
+    assert isinstance(bm, torchsde.BaseBrownian) and bm.shape == (5, 3) and bm.levy_area_approximation == "none"
+    a = bm(0.0, 0.25)
+    assert a.shape == (5, 3) and a.dtype == F64
+    with pytest.raises(ValueError, match="increasing"):
+        bm(0.0, 0.1)  # a replay: only make_brownian gives consistent paths
+    g = torch.Generator().manual_seed(2)
+    same = GaussianIncrements(5, 3, F64, generator=g)(0.0, 0.25)
+    assert torch.equal(same, torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(2)) * 0.5)

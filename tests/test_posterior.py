@@ -258,3 +258,52 @@ def test_grids_are_increasing_and_span_the_reverse_time(kind):
         assert all(b > a for a, b in zip(tau, tau[1:]))
     with pytest.raises(ValueError, match="unknown grid"):
         reverse_grid(sde, 5, "nope")
+
+
+@pytest.mark.parametrize("brownian", ["increments", "interval"])
+def test_posterior_reverse_sde_is_a_torchsde_sde_and_both_brownians_sample_p(brownian):
+    """PosteriorReverseSDE is a torchsde SDE (Ito, general noise, f = a - (d-1)/2 beta S,
+    g_prod = sqrt(beta) P_S v; sdeint runs it), and the per-token loop samples p with either
+    torchsde Brownian object."""
+    import torchsde
+
+    from spindiff.sphere.integrators import GaussianIncrements
+
+    d, n = 16, 4000
+    g = torch.Generator().manual_seed(5)
+    table, p, post, sde = _three_tokens(d, g)
+    rev = PosteriorReverseSDE(sde, post, n)
+    assert (rev.noise_type, rev.sde_type) == ("general", "ito") and rev.geometry is sde.geometry
+    S = sde.prior_sampling(n, dtype=F64, generator=g)
+    tau = 0.3
+    beta = float(sde.beta(torch.tensor([sde.T - tau], dtype=F64))[0])
+    assert torch.allclose(rev.f(torch.tensor(tau, dtype=F64), S),
+                          rev.tangent_drift(tau, S) - 0.5 * (d - 1) * beta * S, atol=1e-12)
+    v = torch.randn(n, d, dtype=F64, generator=g)
+    assert torch.allclose(rev.g_prod(torch.tensor(tau), S, v), math.sqrt(beta) * sde.geometry.proju(S, v), atol=1e-12)
+    ys = torchsde.sdeint(PosteriorReverseSDE(sde, post, 8), S[:8], torch.tensor([0.0, 0.05], dtype=F64),
+                         bm=GaussianIncrements(8, d, F64, seed=0), method="euler", dt=0.005)  # a torchsde Brownian
+    assert ys.shape == (2, 8, d) and torch.isfinite(ys).all()
+    from spindiff.score.reverse import integrate_posterior
+
+    grid = reverse_grid(sde, 40, "uniform")
+    spin = integrate_posterior(rev, grid, "geodesic_midpoint", g, brownian=brownian)
+    kappa, _ = rev.coefficients(sde.T - grid[-1])
+    w = _weights(post.draw(spin, kappa, g)[0], 3)
+    assert ((w - p[0]).abs() <= 4 * (p[0] * (1 - p[0]) / n).sqrt() + 1e-3).all(), (w, p)
+    with pytest.raises(ValueError, match="brownian"):
+        integrate_posterior(rev, grid, "geodesic_midpoint", g, brownian="nope")
+
+
+def test_exit_grid_spends_every_step_before_kappa_exit():
+    """reverse_grid(end_kappa=k): n steps ending exactly where kappa(t) = k."""
+    from spindiff.sphere.grids import exit_time
+
+    sde = _toy_sde(576)
+    tau = reverse_grid(sde, 10, "speciation", end_kappa=100.0)
+    assert len(tau) == 11 and tau[0] == 0.0
+    k_end = float(sde.kappa(torch.tensor([sde.T - tau[-1]], dtype=F64))[0])
+    assert abs(k_end / 100.0 - 1) < 1e-3
+    assert exit_time(sde, 1e12) == pytest.approx(sde.t_eps)  # beyond kappa(t_eps): t_eps (no exit)
+    with pytest.raises(ValueError, match="end_kappa"):
+        reverse_grid(sde, 10, "speciation", end_kappa=1e-6)  # below kappa(T): nothing to integrate

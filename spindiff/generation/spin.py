@@ -27,8 +27,9 @@ logits of the last position):
    (exact decoding; at t_eps the posterior is one-hot for all practical purposes, its mean
    probability of the drawn token is logged as ``post_p``); ``nearest`` takes the token of largest
    cosine over the whole vocabulary (or a draw from softmax(kappa cos) with ``sampler.kappa``).
-   ``sampler.exit_kappa`` stops the path early, at the first grid point with kappa >= exit_kappa,
-   and draws from the posterior there (an early exit: exact by construction, reported separately).
+   ``sampler.exit_kappa`` ends the grid early, where kappa(t) = exit_kappa (all ``sampler.steps``
+   are spent before it), and draws from the posterior there: exact whenever the spin's law there
+   is p_t, and the steps past it (the collapse onto the chosen token) are saved.
 
 Without a checkpoint (``ckpt=none``) the logits are ``sampler.prior`` alone: ``lm`` (oracle),
 ``field`` (eta_train N . e_v with ``sampler.eta_train``) or ``none`` (uniform over the vocabulary).
@@ -64,6 +65,7 @@ class SpinSampler(StepSampler):
     needs_checkpoint = "optional"
     objective = "posterior"
     steering_modes = ("prior", "dynamics", "both")
+    brownian = "increments"  # the per-token loop's torchsde Brownian object (spindiff.score.reverse.BROWNIAN)
 
     def __init__(self, session, cfg, field_cfg, module=None, ckpt_path=None, sde_cfg: Any = None, **kw: Any) -> None:
         super().__init__(session, cfg, field_cfg, module, ckpt_path, **kw)
@@ -84,12 +86,13 @@ class SpinSampler(StepSampler):
         self.tail = str(cfg.tail)
         self.decode, self.kappa = str(cfg.decode), None if cfg.kappa is None else float(cfg.kappa)
         get_integrator(str(cfg.method))  # validated
-        self.grid = reverse_grid(self.sde, self.steps, str(cfg.grid))  # tau_0 = 0 .. tau_n = T - t_eps
+        self.exit_kappa = None if cfg.exit_kappa is None else float(cfg.exit_kappa)
+        try:  # tau_0 = 0 .. tau_n = T - t_end: every step before the exit (t_end = t_eps without one)
+            self.grid = reverse_grid(self.sde, self.steps, str(cfg.grid), end_kappa=self.exit_kappa)
+        except ValueError as e:
+            raise SampleError(f"sampler.exit_kappa={cfg.exit_kappa}: {e}; use a larger exit_kappa (or null)") from None
         self._coef: dict[float, tuple[float, float]] = {}
         self.exit = len(self.grid) - 1
-        if cfg.exit_kappa is not None:  # first grid point whose kappa reaches exit_kappa
-            ks = [self.coefficients(self.sde.T - tau)[0] for tau in self.grid]
-            self.exit = next((i for i, k in enumerate(ks) if i > 0 and k >= float(cfg.exit_kappa)), self.exit)
 
     # ------------------------------------------------------------------ description
     @classmethod
@@ -125,7 +128,7 @@ class SpinSampler(StepSampler):
             kind += f"@{_fmt(self.model.eta_train)}"
         extra = "" if self.eta == 0 else f",eta={_fmt(self.eta)},lam={_fmt(self.lam)}"
         extra += "" if not self.precession else f",prec={_fmt(self.precession)}"
-        extra += "" if self.exit == len(self.grid) - 1 else f",exit@{self.exit}"
+        extra += "" if self.exit_kappa is None else f",exit@kappa={_fmt(self.exit_kappa)}"
         extra += "" if self.decode == "posterior" else ",nearest"
         extra += "" if self.tail == "direct" or self.top_k is None else ",tail=drop"
         return f"spin[{kind}]({self.cfg.method.replace('geodesic_', '')},{self.cfg.grid},steps={self.steps}{extra})"
@@ -176,7 +179,7 @@ class SpinSampler(StepSampler):
         """n spins per context from uniform noise to the exit point of the grid. (B, n, d)."""
         rev = PosteriorReverseSDE(self.sde, post, n, self.precession, self.extra_drift(field, n), cache=self._coef)
         with small_op_threads(field.shape[0] * n):
-            return integrate_posterior(rev, self.grid, str(self.cfg.method), generator, self.exit)
+            return integrate_posterior(rev, self.grid, str(self.cfg.method), generator, self.exit, self.brownian)
 
     def _decode(self, post: CandidatePosterior, spin: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Tokens (B, n) and diagnostics for final spins (B, n, d); with ``tail=direct`` a share

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
+import geoopt
 import torch
 from torch import Tensor
 
@@ -123,7 +124,7 @@ class ReverseVPSDE:
         return self.diffusion(tau, y)[:, None].expand_as(y)
 
     # the interface of spindiff.sphere.integrators (one integration path for every sampler)
-    geometry = None  # set below: flat space
+    geometry: geoopt.Euclidean  # set below: flat space
 
     def tangent_drift(self, tau: float | Tensor, y: Tensor) -> Tensor:
         return self.f(tau, y)
@@ -136,20 +137,9 @@ class ReverseVPSDE:
         return torch.sqrt(self.forward.beta(t))
 
 
-class FlatGeometry:
-    """R^d for :mod:`spindiff.sphere.integrators`: no projection, exp_x(u) = x + u, so the
-    ``geodesic_em`` step is the plain Euler-Maruyama step x + f h + g dW."""
-
-    @staticmethod
-    def proju(x: Tensor, u: Tensor) -> Tensor:
-        return u
-
-    @staticmethod
-    def expmap(x: Tensor, u: Tensor) -> Tensor:
-        return x + u
-
-
-ReverseVPSDE.geometry = FlatGeometry()
+# flat space for the integrators: geoopt's Euclidean manifold, proju(x, u) = u and exp_x(u) = x + u,
+# so the ``geodesic_em`` step is the plain Euler-Maruyama step x + f h + g dW
+ReverseVPSDE.geometry = geoopt.Euclidean(ndim=1)
 
 
 def make_eps_fn(net: torch.nn.Module, context: Tensor | None = None) -> EpsFn:
@@ -193,8 +183,7 @@ def sample_ddpm(sde: VPSDE, eps_fn: EpsFn, n: int, dim: int, steps: int = 100, d
     x_T = sde.prior_sampling(n, dim, dtype=dtype, device=device, generator=gen)
     rev = sde.reverse(eps_fn, probability_flow)
     ts = torch.linspace(0.0, rev.tau_end, steps + 1, dtype=torch.float64)
-    bm = GaussianIncrements(n, dim, dtype, device)
-    bm.generator = gen
+    bm = GaussianIncrements(n, dim, dtype, device, generator=gen)
     return integrate(rev, x_T, ts, method="geodesic_em", bm=bm)
 
 

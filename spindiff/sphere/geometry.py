@@ -7,16 +7,19 @@ the caller passes ``None``).
 
 What comes from geoopt and what does not:
 
-* ``proju`` (tangent projection P_S = I - S S^T), ``projx`` (normalisation), ``retr`` and
-  ``transp`` are geoopt's own. ``expmap`` is a fused, renormalised version of geoopt's formula
-  (same values to rounding, ~2.6x cheaper: see its docstring).
+* ``proju`` (tangent projection P_S = I - S S^T), ``projx`` (normalisation), ``expmap``,
+  ``retr``, ``transp`` and ``random_uniform`` are the injected manifold's own. ``expmap`` is
+  geoopt's followed by geoopt's ``projx`` (the renormalisation is the identity in exact
+  arithmetic and stops the O(eps) rounding of cos/sin accumulating over many steps).
+  ``random_uniform`` with a ``torch.Generator`` calls geoopt's ``random_uniform`` (which has no
+  generator argument) inside ``torch.random.fork_rng`` seeded from the generator: reproducible,
+  and the caller's global RNG is untouched.
 * ``logmap`` and ``dist`` are ours: geoopt computes ``dist = acos(clamp(S.y, -1+eps, 1-eps))``
   with eps = 1e-4 in float32 (1e-7 in float64), so in float32 every angle below
   acos(1 - 1e-4) ~ 0.014 rad reads as 0.014 rad (and antipodal angles as pi - 0.014), and acos
   itself loses half the digits near 0 and pi. We use theta = atan2(|P_S y|, S.y), which is
-  accurate to rounding at every angle in [0, pi] in both precisions.
-* ``random_uniform`` normalises Gaussians through ``manifold.projx`` so that a
-  ``torch.Generator`` can be passed (geoopt's ``random_uniform`` has no generator argument).
+  accurate to rounding at every angle in [0, pi] in both precisions (measured against geoopt's in
+  tests/test_geometry.py).
 * :func:`nearest_token` decodes with one matmul (argmax of cosine), never a loop or ``dist``.
 * :func:`precession` is the LLG precession direction: the exact cross product for d = 3 and the
   complex-structure generalisation for d > 3 (see its docstring and docs/diffusion.md).
@@ -62,22 +65,9 @@ class SphereGeometry:
         return self.manifold.projx(x)
 
     def expmap(self, spin: Tensor, u: Tensor) -> Tensor:
-        """Exponential map exp_S(u) = S cos|u| + u sin|u|/|u| for tangent u, renormalised.
-        (..., d) -> (..., d).
-
-        Ours, for speed: geoopt's ``Sphere.expmap`` is correct but evaluates both the exponential
-        and the retraction ``projx(S + u)`` on the whole batch and selects with ``where`` (three
-        extra full-size passes); at (256, 576) it costs ~2.6x this fused version, which would
-        break the integrators' budget (a geodesic step <= 1.5x a torchsde Euler step). sin|u|/|u|
-        uses its series 1 - |u|^2/6 below |u| = 1e-3 (error < 1e-13). The final division by the
-        norm is the identity in exact arithmetic and stops the O(eps) rounding of cos/sin from
-        accumulating over many steps. Agrees with geoopt's to rounding (tests/test_geometry.py).
-        """
-        norm = u.norm(dim=-1, keepdim=True)  # (..., 1)
-        sq = norm * norm
-        sinc = torch.where(norm > 1e-3, torch.sin(norm) / norm.clamp_min(1e-3), 1.0 - sq / 6.0)  # (..., 1)
-        out = torch.addcmul(spin * torch.cos(norm), u, sinc)  # (..., d)
-        return out / out.norm(dim=-1, keepdim=True)
+        """Exponential map exp_S(u) = S cos|u| + u sin|u|/|u| for tangent u (geoopt's), renormalised
+        by geoopt's ``projx``. (..., d) -> (..., d)."""
+        return self.manifold.projx(self.manifold.expmap(spin, u))
 
     def retr(self, spin: Tensor, u: Tensor) -> Tensor:
         """Retraction projx(S + u). (..., d) -> (..., d)."""
@@ -129,9 +119,15 @@ class SphereGeometry:
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Uniform samples on the sphere, shape ``size`` (last entry = d): normalised Gaussians."""
-        g = torch.randn(*size, dtype=dtype, device=device, generator=generator)
-        return self.projx(g)
+        """Uniform samples on the sphere, shape ``size`` (last entry = d): geoopt's
+        ``random_uniform`` (normalised Gaussians), seeded from ``generator`` when one is given."""
+        if generator is None:
+            return self.manifold.random_uniform(*size, dtype=dtype, device=device).as_subclass(Tensor)
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
+            torch.manual_seed(seed)
+            return self.manifold.random_uniform(*size, dtype=dtype, device=device).as_subclass(Tensor)
 
     def tangent_normal(
         self, spin: Tensor, generator: torch.Generator | None = None

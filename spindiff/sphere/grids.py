@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["GRIDS", "register_grid", "reverse_grid"]
+__all__ = ["GRIDS", "register_grid", "reverse_grid", "exit_time"]
 
 Coordinate = Callable[[Any, np.ndarray], np.ndarray]  # (forward sde, t (n,)) -> c(t) (n,), monotone
 
@@ -53,25 +53,39 @@ def register_grid(name: str, coordinate: Coordinate) -> None:
     GRIDS[name] = coordinate
 
 
-def reverse_grid(sde: Any, steps: int, kind: str = "speciation", table: int = 4097) -> list[float]:
-    """steps + 1 increasing reverse times tau_0 = 0 < ... < tau_n = T - t_eps. (n + 1,) floats.
+def exit_time(sde: Any, kappa: float, table: int = 4097) -> float:
+    """The forward time t in [t_eps, T] with kappa(t) = ``kappa`` (t_eps when kappa(t_eps) < kappa,
+    T when kappa(T) > kappa): log kappa interpolated on a geometric table of times."""
+    T, eps = float(sde.T), float(sde.t_eps)
+    t = np.unique(np.concatenate([np.geomspace(eps, T, table), np.linspace(eps, T, table)]))
+    log_k = np.log(_kappa(sde, t))  # decreasing in t
+    return float(np.interp(math.log(float(kappa)), log_k[::-1], t[::-1]))
+
+
+def reverse_grid(sde: Any, steps: int, kind: str = "speciation", table: int = 4097,
+                 end_kappa: float | None = None) -> list[float]:
+    """steps + 1 increasing reverse times tau_0 = 0 < ... < tau_n = T - t_end. (n + 1,) floats.
 
     sde: the forward :class:`spindiff.sphere.sde.BrownianSphereSDE` (T, t_eps, schedule, kappa).
-    The points are uniform in the coordinate ``GRIDS[kind]``, inverted by interpolation on a table
-    of ``table`` forward times (geometric near t_eps, where every coordinate but ``uniform`` varies
-    fastest).
+    t_end = t_eps, or with ``end_kappa`` the time where kappa(t) = end_kappa (:func:`exit_time`):
+    an early exit that spends every step before it. The points are uniform in the coordinate
+    ``GRIDS[kind]``, inverted by interpolation on a table of ``table`` forward times (geometric
+    near t_eps, where every coordinate but ``uniform`` varies fastest).
     """
     if kind not in GRIDS:
         raise ValueError(f"unknown grid '{kind}'; choose one of {sorted(GRIDS)}")
     if int(steps) < 1:
         raise ValueError(f"need at least 1 step, got {steps}")
-    T, eps = float(sde.T), float(sde.t_eps)
+    T = float(sde.T)
+    eps = float(sde.t_eps) if end_kappa is None else max(float(sde.t_eps), exit_time(sde, end_kappa, table))
+    if not eps < T:
+        raise ValueError(f"end_kappa={end_kappa} is reached at t = T: nothing to integrate")
     t = np.unique(np.concatenate([np.geomspace(eps, T, table), np.linspace(eps, T, table)]))
     c = GRIDS[kind](sde, t)
     if not (np.all(np.diff(c) > 0) or np.all(np.diff(c) < 0)):
         raise ValueError(f"grid '{kind}' is not monotone in t for this schedule")
     order = np.argsort(c)
-    targets = np.linspace(c[-1], c[0], int(steps) + 1)  # from t = T (tau = 0) to t = t_eps
+    targets = np.linspace(c[-1], c[0], int(steps) + 1)  # from t = T (tau = 0) to t = t_end
     ts = np.interp(targets, c[order], t[order])
     ts[0], ts[-1] = T, eps
     tau = [T - float(x) for x in ts]

@@ -62,7 +62,6 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-import geoopt
 import numpy as np
 import torch
 from scipy import special
@@ -160,11 +159,11 @@ class SphereSDE(ABC):
 
     noise_type: str = "general"
 
-    def __init__(self, dim: int, manifold: geoopt.Sphere | None = None, sde_type: str = "ito") -> None:
+    def __init__(self, dim: int, sde_type: str = "ito", geometry: SphereGeometry | None = None) -> None:
         if sde_type not in ("ito", "stratonovich"):
             raise ValueError("sde_type must be 'ito' or 'stratonovich'")
         self.dim = int(dim)
-        self.geometry = SphereGeometry(manifold)
+        self.geometry = SphereGeometry() if geometry is None else geometry  # reverse SDEs share the forward's
         self.sde_type = sde_type
 
     @abstractmethod
@@ -217,22 +216,20 @@ class BrownianSphereSDE(SphereSDE):
 
     Args:
         schedule: beta(t); its ``dim`` is the ambient dimension d.
-        manifold: injected ``geoopt.Sphere``.
         sde_type: 'ito' (drift -(d-1)/2 beta S) or 'stratonovich' (no drift).
         t_eps: smallest time used by the loss and the end point of reverse integration.
     """
 
-    def __init__(self, schedule: NoiseSchedule, manifold: geoopt.Sphere | None = None,
-                 sde_type: str = "ito", t_eps: float = 1e-3) -> None:
-        super().__init__(schedule.dim, manifold, sde_type)
+    def __init__(self, schedule: NoiseSchedule, sde_type: str = "ito", t_eps: float = 1e-3) -> None:
+        super().__init__(schedule.dim, sde_type)
         self.schedule = schedule
         self.T = schedule.T
         self.t_eps = float(t_eps)
 
     @classmethod
-    def from_config(cls, cfg: Any, dim: int, manifold: geoopt.Sphere | None = None) -> "BrownianSphereSDE":
+    def from_config(cls, cfg: Any, dim: int) -> "BrownianSphereSDE":
         """From an ``SDEConfig`` (schedule, beta_min, beta_max, dim_scaled, T, t_eps)."""
-        return cls(schedule_from_config(cfg, dim), manifold, t_eps=cfg.t_eps)
+        return cls(schedule_from_config(cfg, dim), t_eps=cfg.t_eps)
 
     def __repr__(self) -> str:
         return f"BrownianSphereSDE({self.schedule!r}, sde_type={self.sde_type!r}, t_eps={self.t_eps})"
@@ -297,7 +294,7 @@ class ReverseLLGSDE(SphereSDE):
     probability flow). Integrate over tau in [0, T - t_eps] (``tau_end``).
 
     Args:
-        forward: the forward :class:`BrownianSphereSDE` (schedule, T, t_eps, manifold).
+        forward: the forward :class:`BrownianSphereSDE` (schedule, T, t_eps, geometry).
         score_fn: (S (B, d), t (B,)) -> score (B, d); ``None`` means score 0.
         field: context field N, (B, d) or (d,); ``None`` means no field term.
         eta: damping strength >= 0.
@@ -308,7 +305,7 @@ class ReverseLLGSDE(SphereSDE):
     def __init__(self, forward: BrownianSphereSDE, score_fn: ScoreFn | None = None,
                  field: Tensor | None = None, eta: float = 0.0, lam: float = math.inf,
                  probability_flow: bool = False) -> None:
-        super().__init__(forward.dim, forward.geometry.manifold, forward.sde_type)
+        super().__init__(forward.dim, forward.sde_type, forward.geometry)
         if eta < 0 or not lam > 0:
             raise ValueError("need eta >= 0 and lam > 0")
         self.forward = forward
