@@ -36,7 +36,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from spindiff.lm.attention import attend
 from spindiff.lm.families import Family, family_for
+from spindiff.lm.hooks import hooks
 
 HeadList = list[tuple[int, int]]
 
@@ -317,8 +319,6 @@ class ArchitectureAdapter:
     def capture_z(self, layers: Sequence[int] | None = None, last_only: bool = False) -> Iterator[dict[int, Tensor]]:
         """Record z, the input of each layer's output projection, as (B, T, H, dh)
         (or (B, H, dh) with ``last_only``). Yields {layer: z} filled during the forward pass."""
-        from spindiff.lm.hooks import hooks
-
         store: dict[int, Tensor] = {}
 
         def grab(z: Tensor, point: Any) -> None:
@@ -332,8 +332,6 @@ class ArchitectureAdapter:
 
         mode ``zero`` sets z_h = 0; ``mean`` sets z_h to ``mean_z[layer][h]`` (dh,), a mean
         over a reference prompt set (see :meth:`mean_z`)."""
-        from spindiff.lm.hooks import hooks
-
         if mode not in ("zero", "mean"):
             raise ValueError(f"ablation mode '{mode}': use zero or mean")
         if mode == "mean" and mean_z is None:
@@ -434,8 +432,6 @@ def manual_attention(adapter: ArchitectureAdapter, x: Tensor, layer: int, use_bi
     Returns:
         alpha (B, H, T, T) attention weights and z (B, T, H, dh).
     """
-    from spindiff.lm.attention import attend
-
     B, T = x.shape[:2]
     mask = torch.ones(B, T, dtype=torch.long, device=x.device)
     pos = torch.arange(T, device=x.device)[None].expand(B, T)

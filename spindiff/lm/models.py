@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 import torch
 
 from spindiff.config import register_user_error
+from spindiff.lm.families import UnsupportedFamily, family_for
 from spindiff.runtime import atomic_directory, notice, resolve_device, resolve_dtype
 
 SMOLLM2_NAME = "smollm2-135m"
@@ -102,8 +103,6 @@ def context_window(model: Any) -> int:
 def family_of(model: Any) -> str:
     """The model's family name (:mod:`spindiff.lm.families`); an architecture no family entry
     describes is a :class:`ModelLoadError` naming its model_type (never another family's adapter)."""
-    from spindiff.lm.families import UnsupportedFamily, family_for
-
     try:
         return family_for(model.config).name
     except UnsupportedFamily as e:
