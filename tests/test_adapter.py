@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spindiff.lm.adapter import HeadSpecError, get_adapter, manual_attention, parse_heads
+from spindiff.lm.hooks import layer_values, record
 
 
 def _ids(tok, text="The capital of France is Paris. The capital of Germany is", device=None):
@@ -16,18 +17,9 @@ def _ids(tok, text="The capital of France is Paris. The capital of Germany is", 
 def _check_head_sum(model, tok):
     ad = get_adapter(model)
     ids = _ids(tok, device=next(model.parameters()).device)
-    attn_out: dict[int, torch.Tensor] = {}
-    attn_in: dict[int, torch.Tensor] = {}
-    hs = []
-    for l in range(ad.n_layers):
-        hs.append(ad.attn(l).register_forward_hook(
-            lambda m, a, kw, out, l=l: attn_out.__setitem__(l, out[0].detach()), with_kwargs=True))
-        hs.append(ad.attn_input_norm(l).register_forward_hook(
-            lambda m, a, out, l=l: attn_in.__setitem__(l, out.detach())))
-    with torch.no_grad(), ad.capture_z() as zs:
+    with torch.no_grad(), record(ad, ["blocks.*.attn.out", "blocks.*.attn.in"]) as acts, ad.capture_z() as zs:
         model(input_ids=ids)
-    for h in hs:
-        h.remove()
+    attn_out, attn_in = layer_values(acts, "attn.out"), layer_values(acts, "attn.in")
     for l in range(ad.n_layers):
         per_head = ad.head_outputs(zs[l], l)  # (B, T, H, D)
         b = ad.layer_weights(l).b_O
