@@ -40,6 +40,7 @@ CASES = [
                                                  experts_implementation="eager")),
     ("qwen2", "qwen2", "Qwen2Config", dict(_LM, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     ("qwen3", "qwen3", "Qwen3Config", dict(_LM, head_dim=8)),
+    ("gemma", "gemma", "GemmaConfig", dict(_LM, head_dim=8)),
     # float32: Gemma 2 runs HF's eager attention (soft-capping), whose float32 softmax turns a float64
     # model's masks into NaN rows under left padding
     ("gemma2", "gemma2", "Gemma2Config", dict(_LM, head_dim=8, sliding_window=3, query_pre_attn_scalar=12,

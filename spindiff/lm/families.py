@@ -101,6 +101,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("mixtral", ("mixtral",), **_LLAMA_PATHS, sliding_window="config"),
     Family("qwen2", ("qwen2",), **_LLAMA_PATHS),
     Family("qwen3", ("qwen3",), **_LLAMA_PATHS, q_norm="q_norm", k_norm="k_norm"),
+    Family("gemma", ("gemma",), **_LLAMA_PATHS, norm_offset=1.0),
     Family("gemma2", ("gemma2",), **_LLAMA_PATHS, ln2="pre_feedforward_layernorm",
            post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm",
            norm_offset=1.0, softcap="attn_logit_softcapping", final_softcap="final_logit_softcapping"),
