@@ -6,7 +6,7 @@ from the training seed prompts):
     python bench/bench_block.py --ckpt PATH --quick                               # a few minutes
 
 Arms: ``ar`` (HF ``generate``: the control, same model and dtype), ``block[<drafter>](K)`` for
-K in --ks and every drafter of --drafters, and HF prompt-lookup decoding (``generate(...,
+K in --ks (the first drafter of --drafters in every cell, the others at batch 8, T = 1), and HF prompt-lookup decoding (``generate(...,
 prompt_lookup_num_tokens=K)``, the peer arm; transformers supports it at batch 1 only), at batch 1
 and batch 8, temperature 1 and greedy. Every arm's timed runs are interleaved batch by batch (arm A,
 B, C on batch 1, then on batch 2 ...) so that the load of other processes on this shared machine
@@ -41,7 +41,7 @@ from spindiff.generation import GenerationSession, build_sampler
 from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_text, package_versions
 
 SETTINGS = {
-    "full": dict(prompts=16, b1_prompts=6, tokens=32, ks=[2, 4, 8], ceiling_reps=15),
+    "full": dict(prompts=16, b1_prompts=4, tokens=24, ks=[2, 4, 8], ceiling_reps=15),
     "quick": dict(prompts=8, b1_prompts=2, tokens=12, ks=[2, 4], ceiling_reps=5),
 }
 
@@ -111,12 +111,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"settings": {**s, "ks": ks, "drafters": drafters, "ckpt": args.ckpt},
                            "load_start": _load(), "versions": package_versions(), "arms": {}}
     print(f"# ceiling (cached forward over n positions / 1), load {_load()}", flush=True)
-    res["ceiling"] = ceiling(session, prompts, ks, s["ceiling_reps"])
+    res["ceiling"] = ceiling(session, prompts, ks, s["ceiling_reps"]) if not args.no_ceiling else {}
     print(res["ceiling"], flush=True)
+    cells = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cells.split(",") if c]
     for temp in (1.0, 0.0):
         for B in (1, 8):
+            if (temp, B) not in cells:
+                continue
             arms: dict[str, Any] = {"ar": _sampler(session, ["sampler.name=ar", f"sampler.temperature={temp}"])}
-            for d in drafters:
+            for d in (drafters if (temp == 1.0 and B == 8) else drafters[:1]):  # other drafters: the headline cell
                 for k in ks:
                     arms[f"block[{d}](K={k})"] = _sampler(session, [
                         "sampler.name=block", f"sampler.block={k}", f"sampler.drafter={d}",
@@ -264,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--model", default="smollm2-135m", help="model.name (tests use tiny-gpt2)")
     ap.add_argument("--ks", default="", help="comma-separated K (default 2,4,8; quick 2,4)")
     ap.add_argument("--drafters", default="heads", help="comma-separated sampler.drafter names")
+    ap.add_argument("--cells", default="1:1,1:8,0:1,0:8", help="temperature:batch cells to run (0 = greedy)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the forward-cost ceiling")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     out = Path(args.out or f"runs/bench/block-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
