@@ -95,13 +95,19 @@ def _fwd(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), use_cache=False).logits
 
 
-@pytest.mark.parametrize("case", IDS)
-def test_head_outputs_sum_to_attention_output(case):
+def _traced(case, names, last_only=False):
+    """(model, adapter, ids, mask, activations at ``names``) of one forward of the case's batch."""
     model, tok = build(case)
     ad = get_adapter(model)
     ids, mask = _batch(tok)
-    with torch.no_grad(), record(ad, ["blocks.*.attn.z", "blocks.*.attn.out"]) as acts:
+    with torch.no_grad(), record(ad, names, last_only=last_only) as acts:
         _fwd(model, ids, mask)
+    return model, ad, ids, mask, acts
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_head_outputs_sum_to_attention_output(case):
+    _, ad, _, _, acts = _traced(case, ["blocks.*.attn.z", "blocks.*.attn.out"])
     for l in range(ad.n_layers):
         b = ad.layer_weights(l).b_O
         total = ad.head_outputs(acts[f"blocks.{l}.attn.z"], l).sum(-2) + (0 if b is None else b)
@@ -145,11 +151,7 @@ def test_layer_suffix_scan_equals_full_forward_scan(case):
 
 @pytest.mark.parametrize("case", IDS)
 def test_recomputed_attention_equals_model(case):
-    model, tok = build(case)
-    ad = get_adapter(model)
-    ids, mask = _batch(tok)
-    with torch.no_grad(), record(ad, ["blocks.*.attn.in", "blocks.*.attn.z"]) as acts:
-        _fwd(model, ids, mask)
+    _, ad, _, mask, acts = _traced(case, ["blocks.*.attn.in", "blocks.*.attn.z"])
     real = mask.bool()
     for l in range(ad.n_layers):
         x = acts[f"blocks.{l}.attn.in"]
@@ -189,14 +191,9 @@ def test_field_reproduces_the_logits_attention_part(case):
     """The provider's per-head N (frozen final norm) summed over heads equals every attention branch's
     contribution to the residual at the last position through the same frozen norm (biases aside),
     and the components through that linear map give the model's logits."""
-    model, tok = build(case)
-    ad = get_adapter(model)
-    ids, mask = _batch(tok)
-    prov = ContextFieldProvider(model, "all", "in_situ", normalize=False, final_norm=True, adapter=ad)
-    out = prov(ids, mask)
-    with torch.no_grad(), record(ad, ["blocks.*.attn.resid_out", "blocks.*.attn.out", "ln_final.in", "logits"],
-                                 last_only=True) as acts:
-        _fwd(model, ids, mask)
+    model, ad, ids, mask, acts = _traced(case, ["blocks.*.attn.resid_out", "blocks.*.attn.out", "ln_final.in",
+                                                "logits"], last_only=True)
+    out = ContextFieldProvider(model, "all", "in_situ", normalize=False, final_norm=True, adapter=ad)(ids, mask)
     x = acts["ln_final.in"]
     scale, center = ad.final_norm_scale(x)
     lin = lambda v: ((v - v.mean(-1, keepdim=True)) if center else v) * scale  # noqa: E731
