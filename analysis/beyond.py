@@ -31,6 +31,11 @@ from analysis.gaps import compute_gaps
 from analysis.interactions import PairInteractions, pair_interactions
 from analysis.paths import PathTerms, gradient_trace, path_terms, qkv_split
 from analysis.pipeline import Analysis
+from analysis.predictor_table import CSV_COLUMNS, csv_rows, extra_metrics, fig_table, prompt_set_table
+from analysis.predictor_table import compute as compute_new
+from analysis.predictor_table import label as new_label
+from analysis.predictor_table import names as new_names
+from analysis.predictors import BeyondConfig
 from analysis.report import write_csv
 from spindiff.lm.tokens import pad_left
 
@@ -218,9 +223,26 @@ def step_pairs(A: Analysis) -> PairInteractions:
     return pi
 
 
-def _label(key: str, hybrid_layers: int) -> str:
-    return (f"hybrid: exact scan of the heads of layers 0-{hybrid_layers - 1}, AtP for the rest"
-            if key == "hybrid" else LABELS[key])
+def _label(key: str, hybrid_layers: int, bc: BeyondConfig | None = None) -> str:
+    if key == "hybrid":
+        return f"hybrid: exact scan of the heads of layers 0-{hybrid_layers - 1}, AtP for the rest"
+    return LABELS[key] if key in LABELS else new_label(key, bc or BeyondConfig())
+
+
+def beyond_config(A: Analysis) -> BeyondConfig:
+    """The ``beyond.*`` keys of the run (defaults where the config has none)."""
+    b = A.cfg.get("beyond") if hasattr(A.cfg, "get") else None
+    return BeyondConfig(**dict(b)) if b is not None else BeyondConfig()
+
+
+def _new_predictors(A: Analysis, mode: str) -> dict[str, tuple[np.ndarray, float]]:
+    """The predictors past AtP (:mod:`analysis.predictor_table`) on the scan prompts, cached."""
+    key = f"new_predictors[{mode}]"
+    if key not in A.cache:
+        c = A.cfg
+        A.cache[key] = compute_new(A.model, A.ad, A.tset(c.prompts).subset(A.scan_ids()), A.scan_heads(), mode,
+                                   A.mean_z() if mode == "mean" else None, A.pad_id, c.batch_size, beyond_config(A))
+    return A.cache[key]
 
 
 def _answer(z: dict[str, dict[str, Any]], steps: dict[str, dict[str, float]], best: str,
@@ -238,7 +260,7 @@ def _answer(z: dict[str, dict[str, Any]], steps: dict[str, dict[str, float]], be
             f"zero-ablation effect from r = {z['direct']['r']:.3f} to {z['+heads']['r']:.3f} (paired 95% CI of the "
             f"change [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]; 'substantially' = at least +{SUBSTANTIAL}). "
             f"Adding the paths through later MLPs as well (the full first-order effect, AtP) gives r = "
-            f"{z['+heads+mlps']['r']:.3f}. The best predictor, {LABELS[best]}, reaches r = {b['r']:.3f} "
+            f"{z['+heads+mlps']['r']:.3f}. The best predictor, {b.get('label', best)}, reaches r = {b['r']:.3f} "
             f"[{b['r_ci'][0]:.2f}, {b['r_ci'][1]:.2f}] pooled and {b['r_means']:.3f} across head means: "
             + ("the r >= 0.9 goal is met." if b["r"] >= 0.9 else f"{0.9 - b['r']:.2f} short of the r >= 0.9 goal.")
             + (f" What the first order misses sits in the first two layers: without their heads AtP reaches "
@@ -269,6 +291,20 @@ def _hybrid(A: Analysis) -> dict[str, tuple[np.ndarray, float]] | None:
     return out
 
 
+def _pure_best(modes: dict[str, Any]) -> dict[str, Any]:
+    """The best zero-ablation predictor that runs no exact ablation (not the hybrid) by pooled r,
+    and the fastest one at >= 20x the scan, with their numbers against the issue's targets."""
+    z = {k: r for k, r in modes["zero"]["predictors"].items() if k != "hybrid"}
+    pick = lambda pool: max(pool, key=lambda k: z[k]["r"]) if pool else None  # noqa: E731
+    out = {}
+    for what, pool in (("best", list(z)), ("best_at_20x", [k for k in z if z[k]["speedup"] >= 20])):
+        k = pick(pool)
+        if k is not None:
+            out[what] = {"predictor": k, "r": z[k]["r"], "spearman": z[k]["spearman"], "recall10": z[k]["recall10"],
+                         "speedup": z[k]["speedup"], "r_mean_ablation": modes["mean"]["predictors"][k]["r"]}
+    return out
+
+
 def step_beyond(A: Analysis) -> dict[str, Any]:
     c, ids = A.cfg, A.scan_ids()
     exact = {m: A.exact_scan(m).effect for m in MODES}
@@ -283,11 +319,15 @@ def step_beyond(A: Analysis) -> dict[str, Any]:
     theory = gt.dl_theory[ids].reshape(len(ids), -1)[:, _columns(A)]
     out["direct_equals_minus_dl_theory_max_abs_diff"] = float(np.abs(predictors(A, "zero")["direct"] + theory).max())
     hybrid = _hybrid(A) if c.hybrid_layers > 0 else None
+    bc = beyond_config(A)
     all_preds = {}
     for m in MODES:
         preds, cost, scan_s = predictors(A, m), costs(A, m), A.timings[f"scan[{m}]"]
         if hybrid is not None:
             preds["hybrid"], cost["hybrid"] = hybrid[m]
+        for k, (p, sec) in _new_predictors(A, m).items():
+            if k != "atp":  # AtP is the +heads+mlps row
+                preds[k], cost[k] = p, sec
         all_preds[m] = preds
         rec = compare_predictors(preds, exact[m], c.n_bootstrap, c.seed)
         steps = {"direct_norm": paired_difference(rec["direct"], rec["direct_norm"]),
@@ -296,7 +336,8 @@ def step_beyond(A: Analysis) -> dict[str, Any]:
         if "atp_star" in rec:
             steps["atp_star"] = paired_difference(rec["+heads+mlps"], rec["atp_star"])
         for k, r in rec.items():
-            r.update(label=_label(k, c.hybrid_layers), seconds=cost[k], speedup=scan_s / max(cost[k], 1e-12))
+            r.update(label=_label(k, c.hybrid_layers, bc), seconds=cost[k], speedup=scan_s / max(cost[k], 1e-12),
+                     **extra_metrics(preds[k], exact[m], c.n_bootstrap, c.seed))
         early = np.array([l < 2 for l, _ in A.scan_heads()])
         atp_late = (compare_predictors({"atp": preds["+heads+mlps"][:, ~early]}, exact[m][:, ~early], 200, c.seed)
                     if early.any() and (~early).sum() > 2 else None)
@@ -307,12 +348,17 @@ def step_beyond(A: Analysis) -> dict[str, Any]:
     out["best"] = best
     out["answer"] = _answer(z, out["modes"]["zero"]["steps"], best,
                             out["modes"]["zero"]["atp_r_without_layers_0_1"], c.hybrid_layers)
-    rows = [[m, k, r["label"], r["r"], *r["r_ci"], r["r_means"], *r["r_means_ci"], r["r_per_prompt_median"],
-             r["recall10"], r["recall10_per_prompt"], r["slope"], r["explained"], r["seconds"], r["speedup"]]
-            for m in MODES for k, r in out["modes"][m]["predictors"].items()]
-    write_csv(A.out / "predictors.csv", ["mode", "predictor", "label", "r", "r_ci_low", "r_ci_high", "r_means",
-                                         "r_means_ci_low", "r_means_ci_high", "r_per_prompt_median", "recall10",
-                                         "recall10_per_prompt", "slope", "explained", "seconds", "speedup"], rows)
+    write_csv(A.out / "predictors.csv", CSV_COLUMNS, csv_rows(out["modes"]))
+    out["beyond_keys"] = dict(vars(bc))
+    out["pure_best"] = _pure_best(out["modes"])
+    A.figures["predictor_table"] = Path(fig_table(out["modes"], A.out / "fig_predictor_table.png", A.lm.name)).name
+    if bc.heldout and c.heldout and str(c.heldout).lower() != "none":
+        ho = prompt_set_table(A, c.heldout, bc)
+        write_csv(A.out / "predictors_heldout.csv", CSV_COLUMNS, csv_rows(ho["modes"]))
+        out["heldout"] = ho
+        print(f"beyond[{c.heldout}]: " + "; ".join(f"{k} r={r['r']:+.3f}" for k, r in
+                                                    ho["modes"]["zero"]["predictors"].items())
+              + f" -> {A.out / 'predictors_heldout.csv'}")
     _write_paths(A, exact)
     A.report["paths"] = {m: _path_summary(A, m) for m in MODES}
     A.figures["paths"] = Path(fig_paths({m: fo[m]["terms"] for m in MODES},
