@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.ablation import POST_ATTN_NORM, ablation_check
+from analysis.ablation import ablation_check
 from analysis.attention import attend, check_supported
 from spindiff.lm.adapter import ArchitectureAdapter
 from spindiff.lm.field import last_positions
+from spindiff.lm.hooks import layer_values, record
 
 
 @dataclass
@@ -78,64 +79,34 @@ def gradient_trace(model: nn.Module, ad: ArchitectureAdapter, ids: Tensor, mask:
                    bad: Tensor, branches: bool = True) -> GradientTrace:
     """Forward + backward of dL on a left-padded batch, with every quantity :class:`PathTerms` needs.
 
-    The graph starts at layer 0's z (detached there, so nothing before it is differentiated); each
-    norm's input is replaced by a view of itself (no copy) whose gradient is that branch's alone.
+    On the hook points of :mod:`spindiff.lm.hooks`: the graph starts at layer 0's z (a leaf there,
+    so nothing before it is differentiated); each branch input (``attn.resid_in``,
+    ``mlp.resid_in``, ``ln_final.in``) is replaced by a view of itself (no copy) whose gradient is
+    that branch's alone.
     Parameter gradients are never formed (``torch.autograd.grad`` with the activations as inputs).
     ``branches=False``: z and its gradient only (all attribution patching needs); v_attn, v_mlp,
     g_final, attn_in and mlp_in are then None."""
     t0 = time.perf_counter()
     L = ad.n_layers
-    z: dict[int, Tensor] = {}
-    xa: dict[int, Tensor] = {}
-    xm: dict[int, Tensor] = {}
-    fin: dict[str, Tensor] = {}
-
-    def z_hook(l: int):
-        def hook(mod, args):
-            zz = args[0].detach().requires_grad_(True) if l == 0 else args[0]
-            z[l] = zz
-            return (zz,) + tuple(args[1:])
-        return hook
-
-    def branch(store: dict, key: Any):
-        def hook(mod, args):
-            x = args[0]
-            if key == "final":
-                fin["resid"] = x[:, -1].detach()
-            x = x.view_as(x)  # its own autograd node: the gradient that reaches it is this branch's alone
-            store[key] = x
-            return (x,) + tuple(args[1:])
-        return hook
-
-    handles = []
-    blocks = ad.layers()
-    norm_name = POST_ATTN_NORM[ad.family]
-    for l in range(L):
-        handles.append(ad.out_proj(l).register_forward_pre_hook(z_hook(l)))
+    names = ["blocks.*.attn.z", "ln_final.in"]
+    if branches:  # each branch input a view of itself: the gradient that reaches it is that branch's alone
+        names += ["blocks.*.attn.resid_in", "blocks.*.mlp.resid_in"]
+    with record(ad, names, grad=True, leaf=["blocks.0.attn.z"]) as acts, torch.enable_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1,
+                    use_cache=False)
+        logits = out.logits[:, -1]
+        gap = logits.gather(-1, good[:, None])[:, 0] - logits.gather(-1, bad[:, None])[:, 0]
+        z, xa, xm = (layer_values(acts, k) for k in ("attn.z", "attn.resid_in", "mlp.resid_in"))
+        fin = {"final": acts["ln_final.in"], "resid": acts["ln_final.in"][:, -1].detach()}
+        wanted = [z[l] for l in range(L)]
         if branches:
-            handles.append(ad.attn_input_norm(l).register_forward_pre_hook(branch(xa, l)))
-            handles.append(getattr(blocks[l], norm_name).register_forward_pre_hook(branch(xm, l)))
-    handles.append(ad.final_norm().register_forward_pre_hook(branch(fin, "final")))
-    try:
-        with torch.enable_grad():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1,
-                        use_cache=False)
-            logits = out.logits[:, -1]
-            gap = logits.gather(-1, good[:, None])[:, 0] - logits.gather(-1, bad[:, None])[:, 0]
-            wanted = [z[l] for l in range(L)]
-            if branches:
-                wanted += [xa[l] for l in range(1, L)] + [xm[l] for l in range(L)] + [fin["final"]]
-            grads = torch.autograd.grad(gap.sum(), wanted, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+            wanted += [xa[l] for l in range(1, L)] + [xm[l] for l in range(L)] + [fin["final"]]
+        grads = torch.autograd.grad(gap.sum(), wanted, allow_unused=True)
     zero = lambda t: torch.zeros_like(t)  # noqa: E731
     g = [zero(t) if gr is None else gr.detach() for t, gr in zip(wanted, grads)]
-    H, dh = ad.n_heads, ad.d_head
-    shape = lambda t: t.view(*t.shape[:2], H, dh)  # noqa: E731
     W_U = ad.unembedding()
-    tr = GradientTrace(gap.detach().double(), [shape(z[l].detach()) for l in range(L)],
-                       [shape(g[l]) for l in range(L)], None, None, None, fin["resid"], None, None,
+    tr = GradientTrace(gap.detach().double(), [z[l].detach() for l in range(L)],
+                       [g[l] for l in range(L)], None, None, None, fin["resid"], None, None,
                        (W_U[good] - W_U[bad]).detach(), mask, 0.0)
     if branches:
         tr.v_attn = [zero(xa[0]).detach()] + g[L:2 * L - 1]
