@@ -240,7 +240,7 @@ def step_repetition(A: Any) -> dict[str, Any]:
                      "top_k": ks[i], "loop": lp.loop, "onset": lp.onset, "period": lp.period,
                      "copies": round(lp.copies, 3), "seq_rep_4": seq_rep_n(toks, 4), "distinct_2": distinct_n(toks, 2),
                      "rep_w16": rep_w(toks, 16), "mean_logp": float(rec["logp"][i].mean()), "prompt": text,
-                     "continuation": A.tok.decode(toks)})
+                     "continuation": A.tok.decode(toks), "tokens": " ".join(map(str, toks))})
     write_csv(A.out / "loops.csv", list(rows[0]), rows)
     onsets = np.array([lp.onset for lp in loops])
     periods = np.array([lp.period for lp in loops])
