@@ -11,7 +11,9 @@ Then the cost of one isolated step (same batch, d, precomputed dW): geodesic EM 
 Euler update y + f dt + g_prod(dW), with the ratio (target <= 1.5); and the same with the Brownian
 increment queried from a BrownianInterval (torchsde's own ``Euler.step`` vs geodesic EM + query).
 Times are CPU seconds of this process (min over repeats), which a shared machine distorts less
-than wall time.
+than wall time. Last, the spin sampler's per-token SDE (PosteriorReverseSDE over 512 candidates on
+the shipped grid) with its shipped noise (GaussianIncrements) vs torchsde's BrownianInterval, and
+with geoopt's exponential map vs the hand-fused one it replaced.
 
 Usage: python bench/bench_integrators.py [--quick] [--batch B] [--dtype float32|float64]
 """
@@ -109,6 +111,49 @@ def step_cost(dims: list[int], batch: int, dtype: torch.dtype, repeat: int, inne
     return rows
 
 
+def _fused_expmap(spin: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The hand-fused exponential map the sampler used before geoopt's (reference for the timing only):
+    S cos|u| + u sinc|u|, renormalised."""
+    norm = u.norm(dim=-1, keepdim=True)
+    sinc = torch.where(norm > 1e-3, torch.sin(norm) / norm.clamp_min(1e-3), 1.0 - norm * norm / 6.0)
+    out = torch.addcmul(spin * torch.cos(norm), u, sinc)
+    return out / out.norm(dim=-1, keepdim=True)
+
+
+def sampler_cost(batch: int, dtype: torch.dtype, repeat: int, inner: int, K: int = 512, d: int = 576) -> dict:
+    """CPU time of the spin sampler's per-token SDE (PosteriorReverseSDE over K candidates, the shipped
+    grid and steps) with geoopt's expmap and GaussianIncrements (shipped), with torchsde's
+    BrownianInterval instead, and with the hand-fused expmap instead: the costs of issue 19's choices."""
+    from spindiff.config import compose
+    from spindiff.score.posterior import CandidatePosterior
+    from spindiff.score.reverse import PosteriorReverseSDE, integrate_posterior
+    from spindiff.sphere.grids import reverse_grid
+
+    cfg = compose("sample", [])
+    sde = BrownianSphereSDE.from_config(cfg.sde, d)
+    gen = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(K, d, generator=gen, dtype=dtype), dim=-1)
+    post = CandidatePosterior(torch.randn(batch, K, generator=gen, dtype=dtype), table,
+                              torch.arange(K).expand(batch, K), torch.zeros(batch, dtype=dtype))
+    grid = reverse_grid(sde, int(cfg.sampler.steps), str(cfg.sampler.grid), end_kappa=cfg.sampler.exit_kappa)
+    rev = PosteriorReverseSDE(sde, post, 1)
+    geo = sde.geometry
+
+    def run(brownian: str) -> None:
+        integrate_posterior(rev, grid, str(cfg.sampler.method), gen, brownian=brownian)
+
+    shipped = _time_it(lambda: run("increments"), repeat, inner)
+    interval = _time_it(lambda: run("interval"), repeat, inner)
+    geo.expmap = _fused_expmap  # instance attribute: this geometry only
+    try:
+        fused = _time_it(lambda: run("increments"), repeat, inner)
+    finally:
+        del geo.expmap
+    return {"batch": batch, "K": K, "d": d, "steps": len(grid) - 1, "shipped_ms": 1e3 * shipped,
+            "interval_ms": 1e3 * interval, "fused_ms": 1e3 * fused,
+            "interval_over_shipped": interval / shipped, "shipped_over_fused": shipped / fused}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller batch and fewer timing repeats")
@@ -136,6 +181,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['d']:>4}{r['euler_us']:>17.1f}{r['geodesic_us']:>16.1f}{r['ratio_vs_euler_update']:>7.2f}   "
               f"{r['torchsde_step_us']:>23.1f}{r['geodesic_bm_us']:>21.1f}{r['ratio_vs_torchsde_step']:>7.2f}")
     print("target: geodesic step <= 1.5x torchsde's Euler step")
+    print()
+    print(f"# the spin sampler's per-token SDE (K = 512 candidates, shipped grid/steps, {args.dtype}, CPU ms, "
+          f"min of {repeat}x{max(1, inner // 10)})")
+    print(f"{'batch':>6}{'shipped (geoopt expmap, GaussianIncrements)':>46}{'BrownianInterval':>18}{'ratio':>7}"
+          f"{'fused expmap':>14}{'geoopt/fused':>14}")
+    for bs in (1, 8, 64):
+        r = sampler_cost(bs, dtype, repeat, max(1, inner // 10))
+        print(f"{bs:>6}{r['shipped_ms']:>46.2f}{r['interval_ms']:>18.2f}{r['interval_over_shipped']:>7.2f}"
+              f"{r['fused_ms']:>14.2f}{r['shipped_over_fused']:>14.2f}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def integrate_posterior(rev: PosteriorReverseSDE, grid: list[float], method: str
         bm = GaussianIncrements(B * n, d, dtype, device, generator=generator)
     elif brownian == "interval":
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
-        bm = make_brownian(B * n, d, 0.0, grid[stop], dtype, device, seed, dt=grid[stop] / max(stop, 1))
+        end = grid[stop] * (1 + 1e-6)  # torchsde rounds its end time to ~tol: keep the last query inside it
+        bm = make_brownian(B * n, d, 0.0, end, dtype, device, seed, dt=grid[stop] / max(stop, 1))
     else:
         raise ValueError(f"brownian={brownian!r}: choose one of {', '.join(BROWNIAN)}")
     for k in range(stop):
