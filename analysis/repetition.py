@@ -329,8 +329,11 @@ def answers(res: dict[str, Any]) -> dict[str, str]:
                                             f"({res['time_course']['n_loops_with_4_pre_onset_steps']} loops)")
     sr = res["self_reinforcement"]["copy3_minus_copy1"]
     xu = res["constructed_reinforcement"]["last_minus_first_repeat"]
-    out["self-reinforcement"] = (("yes" if sr[1] > 0 and xu[1] > 0 else "partly" if sr[1] > 0 or xu[1] > 0 else "no")
-                                 + f": p(copy 3) - p(copy 1) in loops = {_fmt_ci(sr)}; constructed, last - first repeat "
+    if np.isnan(sr[0]):  # no loop with 3 copies: the constructed test alone
+        verdict = ("yes" if xu[1] > 0 else "no" if xu[2] < 0 else "not resolved") + " (constructed test only)"
+    else:
+        verdict = "yes" if sr[1] > 0 and xu[1] > 0 else "partly" if sr[1] > 0 or xu[1] > 0 else "no"
+    out["self-reinforcement"] = (verdict + f": p(copy 3) - p(copy 1) in loops = {_fmt_ci(sr)}; constructed, last - first repeat "
                                  f"= {_fmt_ci(xu)}")
     if "heads" in res:
         h = res["heads"]
