@@ -23,7 +23,7 @@ from analysis.pipeline import Analysis
 from analysis.reproduce import cmd_reproduce
 from spindiff.config import USER_ERRORS, ConfigError, parse_cli
 from spindiff.lm.models import LoadedModel, load_model
-from spindiff.runtime import apply_threads, notice, prepare_run, record_model
+from spindiff.runtime import apply_threads, notice, prepare_run, progress_bars, record_model
 
 USAGE = """\
 python -m analysis <command> [key=value ...]
@@ -111,6 +111,11 @@ def run(command: str, cfg: DictConfig, lm: LoadedModel | None = None) -> dict[st
     if command == "reproduce":
         cfg.prompts, cfg.variant, cfg.candidates, cfg.heldout, cfg.also_paper = "paper", "reference", "first_token", "", False
     apply_threads(cfg)  # runtime.threads
+    with progress_bars(bool(cfg.progress)):  # progress=false: no bar at all, the model load's included
+        return _run(command, cfg, lm)
+
+
+def _run(command: str, cfg: DictConfig, lm: LoadedModel | None) -> dict[str, Any]:
     lm = lm or load_model(cfg.model)
     A = Analysis(cfg, lm)
     A.check_inputs()

@@ -130,8 +130,12 @@ def check_head_syntax(cfg: DictConfig) -> None:
 
 def check_prompt_files(cfg: DictConfig) -> None:
     """``prompts`` and ``heldout`` name a bundled set or a file that exists and parses (every
-    row: prompt, good, bad) -- read now, before any model is loaded."""
-    load_prompts(str(cfg.prompts), str(cfg.variant))
+    row: prompt, good, bad), and ``landscape_prompt`` is a row of ``prompts`` -- read now, before
+    any model is loaded."""
+    n = len(load_prompts(str(cfg.prompts), str(cfg.variant)))
+    if not 0 <= cfg.landscape_prompt < n:
+        raise ConfigError(f"landscape_prompt={cfg.landscape_prompt} is outside the prompt set '{cfg.prompts}' "
+                          f"(e.g. landscape_prompt=0; rows 0 .. {n - 1})")
     if cfg.heldout and str(cfg.heldout).lower() != "none":
         load_prompts(str(cfg.heldout), str(cfg.variant))
 

@@ -70,7 +70,7 @@ class Analysis:
     def check_inputs(self) -> None:
         """What needs the model, checked right after it is loaded and before any run directory
         exists: the head specs lie inside it, every prompt set tokenises for it, an explicit
-        ``ablate`` fits (the default falls back to the top heads), ``landscape_prompt`` is a row.
+        ``ablate`` fits (the default falls back to the top heads).
         Raises a registered user error (HeadSpecError, PromptTokenError, ConfigError)."""
         c = self.cfg
         self.scan_heads()
@@ -78,12 +78,9 @@ class Analysis:
             self.one_head(c.head)
         if c.ablate != default("ablate"):
             self.ad.parse_heads(c.ablate)
-        ts = self.tset(c.prompts)
-        if c.heldout and str(c.heldout).lower() != "none":
-            self.tset(c.heldout)
-        if not 0 <= c.landscape_prompt < len(ts):
-            raise ConfigError(f"landscape_prompt={c.landscape_prompt} is outside the prompt set '{c.prompts}' "
-                              f"(e.g. landscape_prompt=0; rows 0 .. {len(ts) - 1})")
+        for spec in [c.prompts] + ([c.heldout] if c.heldout and str(c.heldout).lower() != "none" else []):
+            # tokenised silently here (a failing run shows only its error); the stages warn later
+            tokenize_set(self.tok, load_prompts(spec, c.variant), self.window, c.add_bos, c.candidates, warn=False)
 
     # ------------------------------------------------------------------ data
     def tset(self, spec: str) -> TokenizedSet:

@@ -216,10 +216,11 @@ class SteerConfig:
 class RuntimeConfig:
     """Process settings of a run.
 
-    threads: torch's intra-op CPU threads (0 = ``$OMP_NUM_THREADS`` when set, else torch's default,
-    one per core). On a machine shared with other jobs, fewer threads than cores avoid the
-    oversubscription collapse measured in README (Timings). The training data's LM sampling and
-    feature pass always run on one thread, so the cached data is the same for any value.
+    threads: torch's intra-op CPU threads (0 = ``$OMP_NUM_THREADS`` when set, else the entry's
+    default: one for ``train.py`` (its numbers depend on the thread count; README: Reproducibility),
+    one per core elsewhere). On a machine shared with other jobs, fewer threads than cores avoid
+    the oversubscription collapse measured in README. The training data's LM sampling and feature
+    pass always run on one thread, so the cached data is the same for any value.
     """
 
     threads: int = 0

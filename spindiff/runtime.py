@@ -172,22 +172,23 @@ def progress_bars(enabled: bool) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- threads
-def thread_count(requested: int = 0) -> int:
+def thread_count(requested: int = 0, default: int = 0) -> int:
     """The intra-op thread count a run uses: ``requested`` (``runtime.threads``) when > 0, else
-    ``$OMP_NUM_THREADS`` when set, else torch's default (the physical cores)."""
+    ``$OMP_NUM_THREADS`` when set, else ``default`` when > 0, else torch's default (the cores)."""
     if requested and requested > 0:
         return int(requested)
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return torch.get_num_threads()
+    return int(default) if default > 0 else torch.get_num_threads()
 
 
-def apply_threads(cfg: Any) -> int:
+def apply_threads(cfg: Any, default: int = 0) -> int:
     """Set torch's intra-op threads for this process from ``cfg.runtime.threads``
-    (:func:`thread_count`); returns the count. Every entry point calls it before any work."""
+    (:func:`thread_count`, with the entry's ``default``); returns the count. Every entry point
+    calls it before any work."""
     rt = cfg.get("runtime") if hasattr(cfg, "get") else getattr(cfg, "runtime", None)
-    n = thread_count(int(getattr(rt, "threads", 0) or 0) if rt is not None else 0)
+    n = thread_count(int(getattr(rt, "threads", 0) or 0) if rt is not None else 0, default)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -228,3 +228,15 @@ def test_runtime_threads_applies_and_the_data_build_runs_on_one_thread(tmp_path,
         torch.set_num_threads(old)
     with pytest.raises(ConfigError, match=r"runtime.threads=-1: must be >= 0 .*e.g. runtime.threads=1"):
         quick(tmp_path / "bad", tmp_path / "cache", "runtime.threads=-1")
+
+
+def test_thread_count_rule(monkeypatch):
+    """runtime.threads > $OMP_NUM_THREADS > the entry's default (train.py: 1) > torch's default."""
+    from spindiff.runtime import thread_count
+    from spindiff.training.train import FIT_THREADS
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert FIT_THREADS == 1 and thread_count(0, FIT_THREADS) == 1 and thread_count(3, FIT_THREADS) == 3
+    assert thread_count(0, 0) == torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert thread_count(0, FIT_THREADS) == 2 and thread_count(1, FIT_THREADS) == 1

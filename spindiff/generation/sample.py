@@ -194,7 +194,17 @@ class _Streamer:
     def __call__(self, i: int, tok: torch.Tensor) -> None:
         self.ids.append(int(tok.reshape(-1)[0]))
         text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.shown):
+        if text.endswith("\ufffd"):  # a character split over tokens: wait for its remaining bytes
+            return
+        self._show(text)
+
+    def finish(self, text: str) -> None:
+        """Print what the stream held back (a trailing incomplete character): stdout then holds
+        exactly ``text``, the record's continuation."""
+        self._show(text)
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
             sys.stdout.write(text[len(self.shown):])
             sys.stdout.flush()
             self.shown = text
@@ -252,6 +262,7 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
         records.extend(recs)
         if cfg.stream:
             if streamer is not None:
+                streamer.finish(recs[0]["text"])
                 print(flush=True)
             else:  # prompt and continuation, one blank line between prompts
                 for j, r in enumerate(recs):

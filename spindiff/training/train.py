@@ -29,6 +29,7 @@ the data module shards batches by rank itself (deterministic order, resumable), 
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -51,7 +52,13 @@ from spindiff.runtime import (apply_threads, atomic_write_json, default_out, not
                               quiet_third_party, record_model, threads)
 from spindiff.training.history import HistoryLogger, ProgressLines, first_values, history, next_segment
 
-DATA_THREADS = 1  # intra-op threads of the training-data build (LM sampling + feature pass): fixed, reproducible
+# Thread counts (README: Reproducibility). The fit's float reductions depend on the thread count:
+# 12 default steps with 1 vs 2 threads ended 6.6e-7 apart in the weights, and 400 steps apart in the
+# 3rd digit of val/top1. So a run without runtime.threads / $OMP_NUM_THREADS uses one thread (the
+# same numbers on every machine of a kind, and no oversubscription collapse on a shared one); the
+# training data are always built on one thread, so the cache is the same whatever the fit uses.
+FIT_THREADS = 1
+DATA_THREADS = 1
 
 MANAGED_TRAINER_KEYS = {
     "logger": "set by train.py (metrics.csv + W&B; configure W&B with wandb.*)",
@@ -241,7 +248,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     t_start = time.perf_counter()
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
     check("train", cfg)  # a programmatic call is checked exactly like the CLI
-    apply_threads(cfg)  # runtime.threads
+    apply_threads(cfg, default=FIT_THREADS)  # runtime.threads (default: one thread, reproducible)
     tkw = trainer_kwargs(cfg.trainer)
     rank = _rank()
     out = Path(cfg.out) if cfg.out else default_out("train")
@@ -295,7 +302,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     ]
     last_val = LastValidation()
     all_callbacks = [*checkpoints, LearningRateMonitor(logging_interval="step"), last_val]
-    if progress:  # tqdm on stderr (Lightning's default rich bar writes to stdout and shows "Epoch 3/-2")
+    if progress:  # tqdm, not Lightning's default rich bar (which shows "Epoch 3/-2" with max_epochs=-1)
         all_callbacks.append(TQDMProgressBar())
     elif int(cfg.get("print_every_n_steps", 0) or 0) > 0:
         all_callbacks.append(ProgressLines(int(cfg.print_every_n_steps), max_steps))
@@ -310,7 +317,8 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     grad_clip = float(cfg.optim.grad_clip)
     if resume_from is not None and rank == 0:
         notice(f"resuming from {resume_from} (step {resume_step})", kind="note")
-    with quiet_third_party(), progress_bars(progress):
+    # everything the fit prints (Lightning's bars write to sys.stdout) goes to stderr: stdout is the summary
+    with quiet_third_party(), progress_bars(progress), contextlib.redirect_stdout(sys.stderr):
         trainer = L.Trainer(default_root_dir=str(out), logger=loggers, callbacks=all_callbacks,
                             gradient_clip_val=grad_clip if grad_clip > 0 else None,
                             use_distributed_sampler=False, **tkw)
