@@ -54,29 +54,41 @@ def test_ig_with_one_step_is_atp(setup, mode):
         np.testing.assert_allclose(ig.attribution, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
 
 
+def _completeness(setup, mode, rule, which, steps):
+    """Sum of a group's IG terms -> exact effect of ablating the group: monotone in the steps, and
+    in the asymptotic regime 4x the steps divide the error by 4 (left) or 16 (midpoint), within a
+    factor 2; the last error is small against the effect."""
+    model, ad, ts, ids, mask, mz = setup
+    group = {"head": make_groups(ad, "head")[1], "layer": make_groups(ad, "layer")[0],
+             "joint": make_groups(ad, "joint")[0]}[which]
+    exact = _group_effect(model, ad, ids, mask, ts, group, mode, mz)
+    assert np.abs(exact).max() > 1e-3
+    errs = []
+    for S in steps:
+        a = ig_attribution(model, ad, ids, mask, ts.good_first, ts.bad_first, [group], S, mode, mz, rule=rule,
+                           max_rows=256).attribution
+        errs.append(np.abs(sum(a[:, l, h] for l, h in group) - exact).max())
+    order = 1 if rule == "left" else 2
+    assert errs[2] < errs[1] < errs[0], (which, errs)
+    assert errs[2] / errs[1] < 2 * 0.25 ** order, (which, errs)
+    assert errs[2] < (0.15 if order == 1 else 0.01) * np.abs(exact).max(), (which, errs)
+
+
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 @pytest.mark.parametrize("rule", ["left", "midpoint"])
-def test_ig_completeness(setup, mode, rule):
-    """Per group: sum of its heads' IG terms -> exact effect of ablating the group, with an error
-    that shrinks with the steps at the rule's order (left: 1/S, midpoint: 1/S^2)."""
-    model, ad, ts, ids, mask, mz = setup
-    cases = [("head", make_groups(ad, "head")[1]), ("layer", make_groups(ad, "layer")[0]),
-             ("joint", make_groups(ad, "joint")[0])]
-    for name, group in cases:
-        exact = _group_effect(model, ad, ids, mask, ts, group, mode, mz)
-        assert np.abs(exact).max() > 1e-3
-        errs = []
-        for S in (16, 64, 256):
-            a = ig_attribution(model, ad, ids, mask, ts.good_first, ts.bad_first, [group], S, mode, mz,
-                               rule=rule, max_rows=2048).attribution
-            tot = sum(a[:, l, h] for l, h in group)
-            errs.append(np.abs(tot - exact).max())
-        order = 1 if rule == "left" else 2
-        # monotone, and in the asymptotic regime 4x the steps divide the error by 4 (left) or 16
-        # (midpoint), within a factor 2 (a whole layer of the tiny Llama needs ~64 steps to get there)
-        assert errs[2] < errs[1] < errs[0], (name, errs)
-        assert errs[2] / errs[1] < 2 * 0.25 ** order, (name, errs)
-        assert errs[2] < (0.15 if order == 1 else 0.01) * np.abs(exact).max(), (name, errs)
+def test_ig_completeness_single_head(setup, mode, rule):
+    """One head's own path: its IG term -> its exact single-head ablation effect."""
+    _completeness(setup, mode, rule, "head", (4, 16, 64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+@pytest.mark.parametrize("rule", ["left", "midpoint"])
+@pytest.mark.parametrize("which", ["layer", "joint"])
+def test_ig_completeness_groups(setup, mode, rule, which):
+    """A layer's heads / all heads jointly: the terms sum to the group's exact effect (a whole
+    layer of the tiny Llama needs ~64 steps to reach the asymptotic regime)."""
+    _completeness(setup, mode, rule, which, (16, 64, 256))
 
 
 def test_ig_groups_and_bad_arguments(setup):
