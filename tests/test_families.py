@@ -6,6 +6,7 @@ Adding a family = one entry in ``spindiff.lm.families.FAMILIES`` + one line in `
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,9 +248,10 @@ def test_hooks_are_removed_after_an_error():
     assert set(layer_values(acts, "attn.z")) == set(range(ad.n_layers))
 
 
-def _run(args, cwd):
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"}
+def _run(args, cwd, home):
+    """A CLI in a subprocess with the suite's hermetic environment (conftest) and an empty $HOME."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": str(home)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -263,10 +265,10 @@ def test_saved_folder_runs_both_clis(case, tmp_path):
     root = Path(__file__).resolve().parents[1]
     r = _run(["-m", "analysis", "all", f"model.name={folder}", "model.dtype=float64", "prompts=paper",
               "scan_prompts=3", "t_steps=3", "n_permutations=20", "n_bootstrap=20", "n_splits=5", "progress=false",
-              f"out={tmp_path / 'analysis'}"], root)
+              f"out={tmp_path / 'analysis'}"], root, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "analysis" / "report.json").exists()
     r = _run(["sample.py", "ckpt=none", "sampler.prior=lm", f"model.name={folder}", "max_new_tokens=3",
-              "sampler.steps=3", "prompt=The capital of France is", f"out={tmp_path / 'sample'}"], root)
+              "sampler.steps=3", "prompt=The capital of France is", f"out={tmp_path / 'sample'}"], root, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "sample" / "samples.jsonl").exists()
