@@ -34,7 +34,6 @@ from analysis.pipeline import Analysis
 from analysis.predictor_table import CSV_COLUMNS, csv_rows, extra_metrics, fig_table, prompt_set_table
 from analysis.predictor_table import compute as compute_new
 from analysis.predictor_table import label as new_label
-from analysis.predictor_table import names as new_names
 from analysis.predictors import BeyondConfig
 from analysis.report import write_csv
 from spindiff.lm.tokens import pad_left

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Any
 
 import numpy as np
 import torch

@@ -31,7 +31,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 from analysis.ablation import ablation_scan
