@@ -42,7 +42,7 @@ from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_tex
 
 SETTINGS = {
     "full": dict(prompts=16, b1_prompts=4, tokens=24, ks=[2, 4, 8], ceiling_reps=15),
-    "quick": dict(prompts=8, b1_prompts=2, tokens=12, ks=[2, 4], ceiling_reps=5),
+    "quick": dict(prompts=8, b1_prompts=2, tokens=16, ks=[2, 4], ceiling_reps=5),
 }
 
 
@@ -119,11 +119,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if (temp, B) not in cells:
                 continue
             arms: dict[str, Any] = {"ar": _sampler(session, ["sampler.name=ar", f"sampler.temperature={temp}"])}
-            for d in (drafters if (temp == 1.0 and B == 8) else drafters[:1]):  # other drafters: the headline cell
+            for spec in (drafters if (temp == 1.0 and B == 8) else drafters[:1]):  # other drafters: the headline cell
+                d, _, path = spec.partition("=")  # NAME or NAME=CKPT (another checkpoint, e.g. learned couplings)
+                label = d if not path else f"{d}@{Path(path).parent.parent.name}"
                 for k in ks:
-                    arms[f"block[{d}](K={k})"] = _sampler(session, [
+                    arms[f"block[{label}](K={k})"] = _sampler(session, [
                         "sampler.name=block", f"sampler.block={k}", f"sampler.drafter={d}",
-                        f"sampler.temperature={temp}", f"ckpt={args.ckpt}"])
+                        f"sampler.temperature={temp}", f"ckpt={path or args.ckpt}"])
             if B == 1:
                 for k in ks[:2]:
                     arms[f"prompt_lookup(K={k})"] = _prompt_lookup(session, k, temp == 0)
@@ -246,7 +248,8 @@ def figure(res: dict[str, Any], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, temp in zip(axes, ("1", "0")):
         for B, style in ((1, "o--"), (8, "s-")):
-            for d in res["settings"]["drafters"]:
+            for d in [x.split("=")[0] if "=" not in x else f"{x.split('=')[0]}@{Path(x.split('=', 1)[1]).parent.parent.name}"
+                      for x in res["settings"]["drafters"]]:
                 ks = [k for k in res["settings"]["ks"] if f"block[{d}](K={k}) T={temp},B={B}" in res["arms"]]
                 ys = [res["arms"][f"block[{d}](K={k}) T={temp},B={B}"]["speedup_vs_ar"] for k in ks]
                 ax.plot(ks, ys, style, label=f"{d}, batch {B}")
@@ -266,7 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2-135m", help="model.name (tests use tiny-gpt2)")
     ap.add_argument("--ks", default="", help="comma-separated K (default 2,4,8; quick 2,4)")
-    ap.add_argument("--drafters", default="heads", help="comma-separated sampler.drafter names")
+    ap.add_argument("--drafters", default="heads", help="comma-separated sampler.drafter names, each NAME or "
+                    "NAME=CKPT (a drafter from another checkpoint, e.g. potts_lowrank=PATH)")
     ap.add_argument("--cells", default="1:1,1:8,0:1,0:8", help="temperature:batch cells to run (0 = greedy)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the forward-cost ceiling")
     ap.add_argument("--out", default="")
