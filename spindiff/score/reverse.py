@@ -19,7 +19,7 @@ the posterior at the end: the spin sampler's per-token loop, and the validation'
 increments come from a torchsde Brownian object: :class:`spindiff.sphere.integrators.GaussianIncrements`
 (a ``torchsde.BaseBrownian`` of independent increments, the default) or a ``torchsde.BrownianInterval``
 (``brownian="interval"``, replayable at any step size; ~10x the cost of the increments at batch 8,
-several % of the sampler's time: bench/bench_generation.py --cold-bias measures it side by side).
+an estimated 3-8% of the sampler's time: docs/diffusion.md Sec. 6).
 """
 from __future__ import annotations
 
