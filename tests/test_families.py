@@ -258,12 +258,13 @@ def _run(args, cwd, home):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", IDS)
 def test_saved_folder_runs_both_clis(case, tmp_path):
+    """(float32, as the CLIs run models: HF's grouped-expert kernel of Mixtral has no float64 on CPU)"""
     model, tok = build(case)
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     root = Path(__file__).resolve().parents[1]
-    r = _run(["-m", "analysis", "all", f"model.name={folder}", "model.dtype=float64", "prompts=paper",
+    r = _run(["-m", "analysis", "all", f"model.name={folder}", "model.dtype=float32", "prompts=paper",
               "scan_prompts=3", "t_steps=3", "n_permutations=20", "n_bootstrap=20", "n_splits=5", "progress=false",
               f"out={tmp_path / 'analysis'}"], root, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
