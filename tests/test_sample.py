@@ -202,7 +202,7 @@ def test_ckpt_auto_picks_newest_compatible(tmp_path, session, spin_ckpt, monkeyp
     (["sampler.steps=0"], r"sampler.steps=0.*at least 1"),
     (["sampler.lam=0"], r"sampler.lam=0.*> 0"),
     (["sampler.kappa=0"], "kappa"),
-    (["sampler.name=nope"], "unknown sampler.name='nope'.*ar, euclid_ddpm, spin"),
+    (["sampler.name=nope"], "unknown sampler.name='nope'; choose one of ar, .*euclid_ddpm, spin"),
     (["sampler.grid=nope"], "sampler.grid='nope'.*uniform"),
     (["sampler.decode=argmax"], "sampler.decode='argmax'.*posterior, nearest"),
     (["sampler.top_k=-1"], "sampler.top_k=-1"),
