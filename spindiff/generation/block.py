@@ -38,7 +38,7 @@ from spindiff.generation.drafters import DRAFTERS, DraftContext, Drafter
 from spindiff.generation.session import DIAG_KEYS, GenerationBatch, SampleError
 from spindiff.generation.verify import target_probs, verify
 from spindiff.lm.field import FieldOutput
-from spindiff.score import draft as _draft  # noqa: F401  (registers the checkpoint builder)
+
 
 BLOCK_DIAG = ("block_offset", "accepted", "draft_r", "lm_p")
 

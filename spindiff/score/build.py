@@ -35,7 +35,13 @@ def _euclid_ddpm(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     return ResidualScoreNet(**{**meta["score_net"], "tangent": False, "eta_train": 0.0}), VPSDE.from_config(config.sde)
 
 
-BUILDERS: dict[str, Builder] = {"posterior": _posterior, "euclid_ddpm": _euclid_ddpm}
+def _block(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+    from spindiff.score.draft import DraftHeads
+
+    return DraftHeads(**meta["score_net"]), None  # the block sampler's draft heads: no forward process
+
+
+BUILDERS: dict[str, Builder] = {"posterior": _posterior, "euclid_ddpm": _euclid_ddpm, "block": _block}
 
 
 def register_builder(name: str, builder: Builder) -> None:

@@ -14,18 +14,17 @@ LM's own logits W_U h. The K read-outs are ONE (B K, d) x (d, V) product against
 Training (``objective=block``, :mod:`spindiff.training.block`) distils the LM's teacher-forced
 distribution of the token k places after z into head k (soft top-k targets of the feature cache).
 
-A checkpoint describes itself (``meta["score_net"]`` = :meth:`DraftHeads.hparams`); importing this
-module registers the ``block`` builder of :mod:`spindiff.score.build`.
+A checkpoint describes itself (``meta["score_net"]`` = :meth:`DraftHeads.hparams`); the ``block``
+builder of :mod:`spindiff.score.build` rebuilds it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spindiff.score.build import register_builder
 from spindiff.score.features import context_dim, context_features
 
 __all__ = ["DraftHeads"]
@@ -112,13 +111,6 @@ class DraftHeads(nn.Module):
             return None
         k = self.block if k is None else int(k)
         return self.couple_p[:k], self.couple_q[:k]
-
-
-def _block(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
-    return DraftHeads(**meta["score_net"]), None
-
-
-register_builder("block", _block)
 
 
 def unit(x: Tensor) -> Tensor:
