@@ -3,9 +3,10 @@
 :func:`generate_recorded` runs Hugging Face ``generate`` (KV cache, left-padded batches) with one
 logits processor that gives every row its own temperature and top-k (:class:`RowSampler`), so a
 whole temperature x top-k grid goes through the same batches. While it runs, a
-:class:`FieldRecorder` reads the model's own forward passes (PyTorch hooks at the input of each
-layer's output projection, at the final norm and at the unembedding), so the field signals cost
-no extra forward pass. For step s (the forward whose logits choose generated token x_s):
+:class:`FieldRecorder` reads the model's own forward passes (:mod:`spindiff.lm.hooks` points
+``blocks.{l}.attn.z``, ``ln_final.in`` and ``logits``; it is also a logits processor, which
+learns each emitted token from the next step's input ids), so the field signals cost no extra
+forward pass. For step s (the forward whose logits choose generated token x_s):
 
     o_h      = z_h W_O[h]                                    (D,)  head h's output, last position
     N_s      = sum_h fn(o_h)                                 (D,)  the heads' summed field
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from spindiff.lm.adapter import ArchitectureAdapter
+from spindiff.lm.hooks import hooks
+from spindiff.lm.hooks import record as record_points
 from spindiff.lm.tokens import pad_left
 
 
@@ -83,9 +86,10 @@ class Record:
     logp: Tensor
 
 
-class FieldRecorder:
-    """Hooks that turn every forward pass of ``model`` into one step of field signals (module
-    docstring). Use as a context manager around ``generate``; :meth:`finish` with the last
+class FieldRecorder(LogitsProcessor):
+    """Hook points and a logits processor that turn every forward pass of ``model`` into one step
+    of field signals (module docstring). Put it in ``generate``'s logits processors and use
+    :meth:`recording` as a context manager around ``generate``; :meth:`finish` with the last
     generated tokens returns the :class:`Record`."""
 
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter):
@@ -96,10 +100,9 @@ class FieldRecorder:
         self.W_O = W.reshape(-1, W.shape[-2], W.shape[-1])  # (LH, dh, D)
         self.W_U = ad.unembedding().detach()  # (V, D)
         self.steps: list[tuple[Tensor, ...]] = []
-        self._z: dict[int, Tensor] = {}
-        self._pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # z, coef, field, logp
-        self._resid: Tensor | None = None
-        self._handles: list[Any] = []
+        # z, resid, field, logp of the step awaiting its token / of the forward just run
+        self._pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._current: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def _fn(self, v: Tensor, resid: Tensor) -> Tensor:
         """The frozen final norm applied to additive pieces v (..., D) at residual resid (B, D)."""
@@ -122,39 +125,30 @@ class FieldRecorder:
         self.steps.append((field.float(), push.float(), ent.float(), logp.max(-1).values.exp().float(), lp.float()))
         self._pending = None
 
-    def _pre_model(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if self._pending is not None and ids is not None:
-            self._finish_step(ids[:, -1])
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        """The logits-processor side (put in ``generate``'s list): at step s+1 ``input_ids`` ends
+        with x_s, which completes step s; scores pass through unchanged."""
+        if self._pending is not None:
+            self._finish_step(input_ids[:, -1])
+        self._pending, self._current = self._current, None
+        return scores
 
-    def _logits(self, mod: nn.Module, args: tuple, out: Tensor) -> None:
+    def _logits(self, out: Tensor, acts: dict[str, Tensor]) -> None:
         L = self.ad.n_layers
-        z = torch.cat([self._z[l] for l in range(L)], 1)  # (B, LH, dh)
-        resid = self._resid
+        z = torch.cat([acts[f"blocks.{l}.attn.z"] for l in range(L)], 1)  # (B, LH, dh)
+        resid = acts["ln_final.in"]  # (B, D)
         o = torch.einsum("bkc,kcd->bd", z, self.W_O.to(z.dtype))  # sum over heads of z_h W_O[h]
         field = self._fn(o, resid)
         logp = out[:, -1].detach().double().log_softmax(-1)
-        self._pending = (z, resid, field, logp)
+        self._current = (z, resid, field, logp)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator["FieldRecorder"]:
-        ad = self.ad
-
-        def grab_z(mod, args, l):
-            z = args[0][:, -1].detach()
-            self._z[l] = z.view(z.shape[0], ad.n_heads, ad.d_head)
-        self._handles = [ad.out_proj(l).register_forward_pre_hook(lambda m, a, l=l: grab_z(m, a, l))
-                         for l in range(ad.n_layers)]
-        self._handles.append(ad.final_norm().register_forward_pre_hook(
-            lambda m, a: setattr(self, "_resid", a[0][:, -1].detach())))
-        self._handles.append(self.model.get_output_embeddings().register_forward_hook(self._logits))
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_model, with_kwargs=True))
-        try:
+        """Record while the block runs; the recorder must also be one of ``generate``'s logits
+        processors (it learns each step's emitted token from the next step's ``input_ids``)."""
+        with record_points(self.ad, ["blocks.*.attn.z", "ln_final.in"], last_only=True) as acts, \
+                hooks(self.ad, {"logits": lambda out, p: self._logits(out, acts)}):
             yield self
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
 
     def finish(self, last_tokens: Tensor) -> Record:
         if self._pending is not None:
@@ -191,6 +185,8 @@ def generate_recorded(model: nn.Module, adapter: ArchitectureAdapter, prompts: S
         procs.append(RowSampler([temps[i] for i in idx], [ks[i] for i in idx]))
         torch.manual_seed(seed * 100003 + bi)
         recorder = FieldRecorder(model, adapter)
+        if record:
+            procs.insert(0, recorder)
         ctx = recorder.recording() if record else contextlib.nullcontext()
         with ctx:
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,

@@ -13,6 +13,7 @@ from scipy import stats as sps
 from torch import Tensor
 
 from analysis.loops import (auc, boot_ci, cluster_auc_ci, logistic_fit, logistic_score, standardise)
+from spindiff.lm.hooks import record
 
 
 def step_signals(rec: dict[str, Tensor], W_U: Tensor) -> dict[str, np.ndarray]:
@@ -104,20 +105,16 @@ def constructed_reinforcement(model: Any, adapter: Any, sentences: Sequence[Sequ
     earlier copies (n = 0 .. copies). One forward per sentence; logits from the final hidden state."""
     W_U = adapter.unembedding()
     M = np.full((len(sentences), copies + 1), np.nan)
-    grab: dict[str, Tensor] = {}
-    h = adapter.final_norm().register_forward_hook(lambda m, a, o: grab.__setitem__("h", o.detach()))
-    try:
+    with record(adapter, ["ln_final.out"]) as acts:
         for i, s in enumerate(sentences):
             ids = torch.tensor([list(s) * (copies + 1)])
             model(input_ids=ids, logits_to_keep=1)
-            lp = (grab["h"][0] @ W_U.T).double().log_softmax(-1)  # (T, V)
+            lp = (acts["ln_final.out"][0] @ W_U.T).double().log_softmax(-1)  # (T, V)
             p = lp[:-1].gather(-1, ids[0, 1:, None])[:, 0].exp().numpy()  # p(x_t | x_<t), t = 1..T-1
             n = len(s)
             for c in range(copies + 1):
                 t = np.arange(max(1, c * n), (c + 1) * n)
                 M[i, c] = p[t - 1].mean()
-    finally:
-        h.remove()
     return {"n_prior": list(range(copies + 1)), "prob": [list(boot_ci(M[:, c], n_boot, seed + c)) for c in range(copies + 1)],
             "last_minus_first_repeat": boot_ci(M[:, -1] - M[:, 1], n_boot, seed), "n_sentences": len(sentences)}
 

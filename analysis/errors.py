@@ -31,6 +31,7 @@ from analysis.loops import boot_ci, wilson
 from analysis.report import write_csv
 from analysis.repetition_figs import fig_errors
 from spindiff.lm.adapter import last_positions
+from spindiff.lm.hooks import layer_values, record
 from spindiff.lm.tokens import pad_left
 from spindiff.runtime import atomic_write_json
 
@@ -43,27 +44,18 @@ def mlp_part(A: Any, tset: Any) -> np.ndarray:
     through the final norm frozen there: (P,) float64."""
     ad, bs = A.ad, int(A.cfg.batch_size)
     out = np.empty(len(tset))
-    store: dict[str, Any] = {"mlp": []}
-
-    def grab(m, a, o):
-        store["mlp"].append((o[0] if isinstance(o, tuple) else o)[:, -1].detach())
-    hs = [ad.layers()[l].mlp.register_forward_hook(grab) for l in range(ad.n_layers)]
-    hs.append(ad.final_norm().register_forward_pre_hook(lambda m, a: store.__setitem__("x", a[0][:, -1].detach())))
-    try:
+    with record(ad, ["blocks.*.mlp.out", "ln_final.in"], last_only=True) as acts:
         for s in range(0, len(tset), bs):
             idx = list(range(s, min(s + bs, len(tset))))
             ids, mask = pad_left([tset.ids[i] for i in idx], A.pad_id)
-            store["mlp"] = []
             A.model(input_ids=ids, attention_mask=mask, position_ids=last_positions(mask), logits_to_keep=1)
-            m = torch.stack(store["mlp"]).sum(0)  # (B, D)
-            scale, center = ad.final_norm_scale(store["x"])
+            mlps = layer_values(acts, "mlp.out")  # {layer: (B, D)}
+            m = torch.stack([mlps[l] for l in range(ad.n_layers)]).sum(0)  # (B, D)
+            scale, center = ad.final_norm_scale(acts["ln_final.in"])
             if center:
                 m = m - m.mean(-1, keepdim=True)
             de = unembedding_diff(ad, tset.good_first[idx], tset.bad_first[idx])
             out[idx] = ((m * scale) * de.to(m.dtype)).sum(-1).double().numpy()
-    finally:
-        for h in hs:
-            h.remove()
     return out
 
 

@@ -7,8 +7,8 @@ head is that attention weight averaged over the second copy and the batch: ~1 fo
 induction head, ~1/t for a head that attends uniformly.
 
 Attention weights are recomputed from the adapter's weights
-(:func:`spindiff.lm.adapter.manual_attention`) on each layer's real normalised input, recorded
-in one forward pass, so the test works for every family the adapter knows (no eager-attention
+(:func:`spindiff.lm.adapter.manual_attention`, i.e. :func:`spindiff.lm.attention.attend`) on
+each layer's real attention input (hook point ``blocks.{l}.attn.in``), recorded in one forward pass, so the test works for every family the adapter knows (no eager-attention
 switch of the HF model).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from spindiff.lm.adapter import ArchitectureAdapter, manual_attention
+from spindiff.lm.hooks import layer_values, record
 
 
 def repeated_random_tokens(batch: int, R: int, vocab: Sequence[int] | int, bos: int | None = None,
@@ -39,15 +40,9 @@ def repeated_random_tokens(batch: int, R: int, vocab: Sequence[int] | int, bos: 
 @torch.no_grad()
 def attention_patterns(model: nn.Module, adapter: ArchitectureAdapter, ids: Tensor) -> Tensor:
     """Attention weights of every layer and head on unpadded ``ids`` (B, T): (L, B, H, T, T)."""
-    xs: dict[int, Tensor] = {}
-    handles = [adapter.attn_input_norm(l).register_forward_hook(
-        lambda m, a, o, l=l: xs.__setitem__(l, (o[0] if isinstance(o, tuple) else o).detach()))
-        for l in range(adapter.n_layers)]
-    try:
+    with record(adapter, ["blocks.*.attn.in"]) as acts:
         model(input_ids=ids, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+    xs = layer_values(acts, "attn.in")  # {layer: (B, T, D)} each attention module's input
     return torch.stack([manual_attention(adapter, xs[l], l)[0] for l in range(adapter.n_layers)])
 
 

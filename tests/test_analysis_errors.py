@@ -15,6 +15,7 @@ from analysis.cli import main
 from analysis.errors import decompose, summarize
 from analysis.pipeline import Analysis
 from spindiff.config import compose
+from spindiff.lm.hooks import record
 from spindiff.lm.models import LoadedModel, build_tiny_model
 
 SMALL = ["n_bootstrap=40", "progress=false", "batch_size=8", "model.dtype=float64"]
@@ -37,20 +38,16 @@ def test_decomposition_is_exact_and_rest_is_embedding_and_biases(tiny_analysis):
     ad = A.ad
     W_U, W_E = ad.unembedding(), ad.embedding()
     bias = sum(ad.out_proj(l).bias for l in range(ad.n_layers))  # tiny-llama has attention biases
-    grab = {}
-    h = ad.final_norm().register_forward_pre_hook(lambda m, a: grab.__setitem__("x", a[0][:, -1]))
-    try:
+    with record(ad, ["ln_final.in"], last_only=True) as acts:
         for j, pid in enumerate(d["ids"]):
             ids = torch.tensor([ts.ids[pid]])
             with torch.no_grad():
                 A.model(input_ids=ids)
-            scale, _ = ad.final_norm_scale(grab["x"][0])
+            scale, _ = ad.final_norm_scale(acts["ln_final.in"][0])
             de = W_U[ts.good_first[pid]] - W_U[ts.bad_first[pid]]
             want = float((((W_E[ids[0, -1]] + bias) * scale) @ de).detach())
             # 1e-6: LlamaRMSNorm computes its statistic in float32 even in a float64 model
             assert d["rest"][j] == pytest.approx(want, abs=1e-6)
-    finally:
-        h.remove()
     assert np.abs(d["mlp"]).sum() > 0 and np.abs(d["attn"]).sum() > 0
 
 
