@@ -91,3 +91,14 @@ def test_checkpoint_without_draft_heads_is_refused(tmp_path):
     with pytest.raises(SampleError, match="draft heads"):
         BlockSampler.check_module(type("C", (), {"block": 2})(), type("M", (), {"score_net": torch.nn.Linear(2, 2)})())
     assert build_sampler  # the objective mismatch itself is build_sampler's (tested for every sampler)
+
+
+def test_bench_block_quick_on_tiny(block_ckpt, tmp_path, bench):
+    """bench/bench_block.py end to end on tiny-gpt2 (every arm, ceiling, exactness, memory, figure)."""
+    res = bench("bench_block").main(["--ckpt", str(block_ckpt), "--quick", "--model", "tiny-gpt2", "--ks", "2",
+                                     "--drafters", "heads,potts_qk", "--out", str(tmp_path / "b")])
+    assert {"ar T=1,B=8", "block[heads](K=2) T=1,B=8", "block[potts_qk](K=2) T=1,B=8", "ar T=0,B=1",
+            "prompt_lookup(K=2) T=1,B=1"} <= set(res["arms"])
+    assert res["arms"]["ar T=1,B=8"]["speedup_vs_ar"] == 1.0
+    assert "block[heads](K=2) T=1,B=8" in res["exactness"] and res["memory"]["draft_heads_mb"] > 0
+    assert (tmp_path / "b" / "speedup.png").exists() and (tmp_path / "b" / "report.md").exists()

@@ -46,7 +46,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from spindiff.checkpoint import FORMAT, FORMAT_VERSION
-
 from spindiff.score.build import build_parts as build_networks
 from spindiff.score.features import context_dim, context_features
 from spindiff.sphere.geometry import nearest_token
