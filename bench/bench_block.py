@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from spindiff.config import compose
-from spindiff.evaluation.evaluate import excess_metrics, load_eval_prompts, mean_ci, token_excess
+from spindiff.evaluation.evaluate import excess_metrics, load_eval_prompts, token_excess
 from spindiff.generation import GenerationSession, build_sampler
 from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_text, package_versions
 
