@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import geoopt
 import torch
 from torch import Tensor, nn
 
@@ -75,19 +74,17 @@ class ResidualScoreNet(nn.Module):
         time_dim: sinusoidal time embedding size.
         eta_train: analytic field strength of the residual decomposition (0: pure learned score).
         tangent: project the output onto T_S (sphere); False for the Euclidean baseline.
-        manifold: injected ``geoopt.Sphere`` for the projection.
     """
 
     def __init__(self, dim: int, context_dim: int = 0, hidden: int = 512, layers: int = 4,
-                 time_dim: int = 64, eta_train: float = 0.0, tangent: bool = True,
-                 manifold: geoopt.Sphere | None = None) -> None:
+                 time_dim: int = 64, eta_train: float = 0.0, tangent: bool = True) -> None:
         super().__init__()
         if int(hidden) < 1:
             raise ValueError(f"ResidualScoreNet: hidden={hidden}; the MLP needs a width >= 1 (e.g. 512)")
         self.dim, self.context_dim = int(dim), int(context_dim)
         self.eta_train = float(eta_train)
         self.tangent = bool(tangent)
-        self.geometry = SphereGeometry(manifold)
+        self.geometry = SphereGeometry()
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.inp = nn.Linear(dim + context_dim, hidden)
@@ -97,11 +94,10 @@ class ResidualScoreNet(nn.Module):
         self.out = nn.Linear(hidden, dim)
 
     @classmethod
-    def from_config(cls, cfg: Any, dim: int, context_dim: int = 0, tangent: bool = True,
-                    manifold: geoopt.Sphere | None = None) -> "ResidualScoreNet":
+    def from_config(cls, cfg: Any, dim: int, context_dim: int = 0, tangent: bool = True) -> "ResidualScoreNet":
         """From a ``ScoreNetConfig`` (hidden, layers, time_dim, eta_train); c from the caller."""
         return cls(dim, context_dim, hidden=cfg.hidden, layers=cfg.layers, time_dim=cfg.time_dim,
-                   eta_train=cfg.eta_train, tangent=tangent, manifold=manifold)
+                   eta_train=cfg.eta_train, tangent=tangent)
 
     def hparams(self) -> dict[str, Any]:
         """Constructor arguments (for self-describing checkpoints)."""
