@@ -79,9 +79,6 @@ class ScoreNetConfig:
     # -- objective=block: draft heads of the block sampler (spindiff.score.draft)
     block: int = 8  # draft offsets K the heads are trained for (sampler.block <= K)
     rank: int = 0  # rank of the learned low-rank Potts couplings (0 = none)
-    # -- objective=block: draft heads of the block sampler (spindiff.score.draft)
-    block: int = 8  # draft offsets K the heads are trained for (sampler.block <= K)
-    rank: int = 0  # rank of the learned low-rank Potts couplings (0 = none)
 
 
 @dataclass
