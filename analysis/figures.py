@@ -105,7 +105,7 @@ def fig_temperature(sw: TemperatureSweep, path: str | os.PathLike, model: str = 
     ax2.plot(sw.temps, sw.p_top1, "s-", c="tab:blue", ms=3, label="P(top-1)")
     ax2.set_ylabel(r"mean $P_{top-1}(T)$", color="tab:blue")
     ax2.set_ylim(0, 1.02)
-    ax1.set_title(f"Order parameters vs temperature {model} (n = {sw.entropy_per_prompt.shape[1]} prompts)",
+    ax1.set_title(f"Order parameters vs temperature — {model} (n = {sw.entropy_per_prompt.shape[1]} prompts)",
                   fontsize=9)
     return _save(fig, path)
 

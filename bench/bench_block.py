@@ -100,7 +100,8 @@ def ceiling(session: GenerationSession, prompts: list[str], ks: Sequence[int], r
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    s = SETTINGS["quick" if args.quick else "full"]
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    s.update({k: v for k, v in (("tokens", args.tokens), ("prompts", args.prompts)) if v})
     ks = [int(k) for k in (args.ks.split(",") if args.ks else s["ks"])]
     drafters = [d for d in args.drafters.split(",") if d]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
@@ -272,6 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--drafters", default="heads", help="comma-separated sampler.drafter names, each NAME or "
                     "NAME=CKPT (a drafter from another checkpoint, e.g. potts_lowrank=PATH)")
     ap.add_argument("--cells", default="1:1,1:8,0:1,0:8", help="temperature:batch cells to run (0 = greedy)")
+    ap.add_argument("--tokens", type=int, default=0, help="new tokens per continuation (default: the mode's)")
+    ap.add_argument("--prompts", type=int, default=0, help="held-out prompts at batch 8 (default: the mode's)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the forward-cost ceiling")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)

@@ -279,7 +279,7 @@ def test_beyond_writes_tables_figures_and_the_answer(beyond_run):
     preds = _numeric_cells_parse(out / "predictors.csv")
     assert {(r["mode"], r["predictor"]) for r in preds} == {
         (m, k) for m in ("zero", "mean") for k in ("direct", "direct_norm", "+heads", "+q", "+k", "+v", "+heads+mlps",
-                                                    "atp_star", "hybrid")}
+                                                    "atp_star", "hybrid", "ig", "ig_layer", "relp", "lookahead")}
     for r in preds:
         rec = by["modes"][r["mode"]]["predictors"][r["predictor"]]
         assert float(r["r"]) == pytest.approx(rec["r"], rel=1e-8) and -1 <= float(r["r"]) <= 1
