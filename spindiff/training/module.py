@@ -49,6 +49,7 @@ from spindiff.checkpoint import FORMAT, FORMAT_VERSION
 from spindiff.score.build import build_parts as build_networks
 from spindiff.score.features import context_dim, context_features
 from spindiff.sphere.geometry import nearest_token
+from spindiff.training.block import BlockObjective
 
 Batch = Mapping[str, Tensor]
 
@@ -159,14 +160,8 @@ class EuclidDDPMObjective:
         return out
 
 
-def _block_objective() -> Objective:
-    from spindiff.training.block import BlockObjective
-
-    return BlockObjective()
-
-
 OBJECTIVES: dict[str, Objective] = {"posterior": PosteriorObjective(), "euclid_ddpm": EuclidDDPMObjective(),
-                                    "block": _block_objective()}
+                                    "block": BlockObjective()}
 
 
 def score_net_hparams(config: Any, dim: int, vocab: int) -> dict[str, Any]:
