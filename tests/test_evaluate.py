@@ -131,3 +131,13 @@ def test_evaluate_writes_metrics_and_cli(tmp_path, session, capsys):
     assert rc == 2 and "sampler.eta=-2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="eval.seeds"):
         ev.evaluate(compose("evaluate", TINY + ["ckpt=none", "eval.seeds=[]"]), session=session, log=False)
+
+
+def test_evaluate_stdout_is_the_result_only(tmp_path, capsys):
+    """The table and the JSON of means on stdout; per-seed progress and the 'wrote' line on stderr."""
+    rc = ev.main(TINY + ["ckpt=none", "sampler.steps=2", "eval.n_prompts=2", "eval.seeds=[0]", "eval.n_draws=4",
+                         "max_new_tokens=2", "wandb.mode=disabled", f"out={tmp_path / 'e'}"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "wrote" not in cap.out and "seed 0:" not in cap.out
+    assert "wrote" in cap.err
+    assert json.loads(cap.out[cap.out.index("{"):])["fidelity/tv"] >= 0

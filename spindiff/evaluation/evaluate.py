@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -359,7 +360,8 @@ def evaluate_sampler(sampler: Sampler, prompts: Sequence[str], seeds: Sequence[i
                                                        sess.pad_id, batch_size)))
         per_seed.append(row)
         if progress:
-            print(f"  seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k in SHORT), flush=True)
+            print(f"  seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k in SHORT), file=sys.stderr,
+                  flush=True)
     return EvalResult(sampler.describe(), per_seed)
 
 
@@ -466,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = evaluate(cfg)
         print(format_table([res]))
         print(json.dumps({k: v for k, v in res.mean.items()}, indent=1))
-        print(f"wrote {Path(cfg.out) / 'metrics.json'}")
+        print(f"wrote {Path(cfg.out) / 'metrics.json'}", file=sys.stderr)
 
     return run_cli("evaluate", argv, USAGE, run)
 

@@ -151,7 +151,7 @@ def run_sweep(spec: SweepSpec, extra: Sequence[str] = (), out: Optional[str | os
             row.update(status="skipped", reason=str(e))
             rows.append(row)
             if progress:
-                print(f"[{i + 1}/{len(points)}] {tag}: skipped ({str(e)[:100]})", flush=True)
+                print(f"[{i + 1}/{len(points)}] {tag}: skipped ({str(e)[:100]})", file=sys.stderr, flush=True)
             continue
         flat = res.flat()
         row.update(status="ok", label=flat.get("label"), field_only=flat.get("field_only"), ckpt=flat.get("ckpt"))
@@ -161,7 +161,7 @@ def run_sweep(spec: SweepSpec, extra: Sequence[str] = (), out: Optional[str | os
             m = spec.metric
             print(f"[{i + 1}/{len(points)}] {tag}: {m}={flat.get(m, float('nan')):.4g}"
                   + (f" ± {flat.get(m + '_ci'):.2g}" if math.isfinite(flat.get(m + "_ci", float("nan"))) else ""),
-                  flush=True)
+                  file=sys.stderr, flush=True)
         if log_wandb:
             _log_point(cfg, out, group, tag, res)
     _write_csv(out / "summary.csv", rows)
@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     best = res["best"].get("best")
-    print(f"wrote {res['out'] / 'summary.csv'}, heatmaps and best.json (W&B group {res['group']})")
+    print(f"wrote {res['out'] / 'summary.csv'}, heatmaps and best.json (W&B group {res['group']})", file=sys.stderr)
     if best:
         print(f"best by {spec.metric} ({spec.goal}): " + json.dumps({k: v for k, v in best.items()
                                                                       if k.startswith("sampler.") or k == spec.metric}))
