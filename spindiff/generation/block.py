@@ -24,6 +24,7 @@ accepted draft, 0 a residual draw after a rejection, NaN otherwise), ``draft_r``
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field as _field
@@ -38,6 +39,7 @@ from spindiff.generation.drafters import DRAFTERS, DraftContext, Drafter
 from spindiff.generation.session import DIAG_KEYS, GenerationBatch, SampleError
 from spindiff.generation.verify import target_probs, verify
 from spindiff.lm.field import FieldOutput
+from spindiff.lm.hooks import record
 
 
 BLOCK_DIAG = ("block_offset", "accepted", "draft_r", "lm_p")
@@ -72,26 +74,18 @@ class BlockLM:
 
     def _run(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, last_only: bool):
         ad, prov = self.adapter, self.provider
-        grab: dict[str, Tensor] = {}
-
-        def hook(m, a, o):  # residual entering the final norm, and its output (the hidden state)
-            grab["x"], grab["h"] = (a[0][:, -1:], o[:, -1:]) if last_only else (a[0], o)
-        handle = ad.final_norm().register_forward_hook(hook)
         if self.window:
             pos = pos.clamp(max=self.window - 1)  # only positions past max_new_tokens (discarded) can reach it
         kw = {"logits_to_keep": 1} if last_only else {}
-        try:
-            if self.with_field:
-                with ad.capture_z(prov.layers) as zs:
-                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                                     use_cache=True, **kw)
-            else:
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, **kw)
-        finally:
-            handle.remove()
+        with contextlib.ExitStack() as st:
+            # the residual entering the final norm and its output (the hidden state), and the heads' z
+            acts = st.enter_context(record(ad, ["ln_final.in", "ln_final.out"]))
+            zs = st.enter_context(ad.capture_z(prov.layers)) if self.with_field else None
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, **kw)
+        sl = slice(-1, None) if last_only else slice(None)
+        grab = {"x": acts["ln_final.in"][:, sl], "h": acts["ln_final.out"][:, sl]}
         fld = None
         if self.with_field:  # the provider's field at every returned position (its in_situ definition)
-            sl = slice(-1, None) if last_only else slice(None)
             z = torch.cat([zs[l][:, sl] if prov._sel[l] is None else zs[l][:, sl].index_select(2, prov._sel[l])
                            for l in prov.layers], dim=2).to(prov._W_all.dtype)  # (B, n, Kh, dh)
             B, n, Kh, dh = z.shape
