@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from analysis.ablation import ablation_check
 from analysis.attention import attend, check_supported
 from spindiff.lm.adapter import ArchitectureAdapter
 from spindiff.lm.field import last_positions
-from spindiff.lm.hooks import hooks, record
+from spindiff.lm.hooks import Point, hooks, module_hooks, record
 
 GROUPINGS = ("joint", "layer", "head")
 RULES = ("left", "midpoint")
@@ -134,26 +134,32 @@ def _identity_rule(x: Tensor, y: Tensor) -> Tensor:
     return y.detach() + ratio.detach() * (x - x.detach())
 
 
-def _mlp_rules(ad: ArchitectureAdapter, l: int) -> list:
-    """Module hooks of layer l's MLP: identity rule on the activation, half rule on a gate."""
+def _mlp_rules(ad: ArchitectureAdapter, l: int) -> list[tuple[Point, Any]]:
+    """Hooks on layer l's MLP sub-modules (no named point): identity rule on the activation, half
+    rule on a gate (Llama); for :func:`spindiff.lm.hooks.module_hooks`."""
     mlp = ad.layers()[l].mlp
-    if ad.family == "gpt2":
-        return [mlp.act.register_forward_hook(lambda m, a, y: _identity_rule(a[0], y))]
+    act = mlp.act if ad.family == "gpt2" else mlp.act_fn
     parts: dict[str, Tensor] = {}
 
-    def act_post(m, a, y):
-        parts["a"] = _identity_rule(a[0], y)
-        return parts["a"]
+    def act_in(x, p):
+        parts["x"] = x
 
-    def up_post(m, a, y):
+    def act_out(y, p):
+        parts["a"] = _identity_rule(parts["x"], y)
+        return parts["a"]
+    rules = [(Point(f"blocks.{l}.mlp.act.in", l, act, "in"), act_in),
+             (Point(f"blocks.{l}.mlp.act.out", l, act, "out"), act_out)]
+    if ad.family == "gpt2":
+        return rules
+
+    def up_out(y, p):
         parts["u"] = y
 
-    def down_pre(m, args):  # half rule on act(gate) * up
+    def down_in(x, p):  # half rule on act(gate) * up
         a, u = parts["a"], parts["u"]
-        p = args[0].detach() + 0.5 * ((a - a.detach()) * u.detach() + a.detach() * (u - u.detach()))
-        return (p,) + tuple(args[1:])
-    return [mlp.act_fn.register_forward_hook(act_post), mlp.up_proj.register_forward_hook(up_post),
-            mlp.down_proj.register_forward_pre_hook(down_pre)]
+        return x.detach() + 0.5 * ((a - a.detach()) * u.detach() + a.detach() * (u - u.detach()))
+    return rules + [(Point(f"blocks.{l}.mlp.up.out", l, mlp.up_proj, "out"), up_out),
+                    (Point(f"blocks.{l}.mlp.down.in", l, mlp.down_proj, "in"), down_in)]
 
 
 @contextlib.contextmanager
@@ -184,15 +190,8 @@ def relp_rules(ad: ArchitectureAdapter, mask: Tensor) -> Iterator[dict[int, Tens
     fns = [("blocks.*.ln1.in", keep), ("blocks.*.ln1.out", norm_rule), ("blocks.*.ln2.in", keep),
            ("blocks.*.ln2.out", norm_rule), ("ln_final.in", keep), ("ln_final.out", norm_rule),
            ("blocks.*.attn.in", keep), ("blocks.*.attn.z", attn_rule)]
-    handles = []
-    try:
-        with hooks(ad, fns):
-            for l in range(ad.n_layers):
-                handles += _mlp_rules(ad, l)
-            yield zs
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(ad, fns), module_hooks(ad, [r for l in range(ad.n_layers) for r in _mlp_rules(ad, l)]):
+        yield zs
 
 
 @contextlib.contextmanager

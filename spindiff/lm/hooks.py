@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["HookPointError", "Point", "hooks", "record", "point_names", "expand", "resolve", "layer_values"]
+__all__ = ["HookPointError", "Point", "hooks", "module_hooks", "record", "point_names", "expand", "resolve", "layer_values"]
 
 Hook = Callable[[Any, "Point"], Any]
 
@@ -172,6 +172,21 @@ def hooks(adapter: Any, fns: Mapping[str, Hook] | Iterable[tuple[str, Hook]]) ->
         for name, fn in items:
             for full in expand(adapter, name):
                 handles.append(_install(adapter, resolve(adapter, full), fn))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+@contextlib.contextmanager
+def module_hooks(adapter: Any, items: Iterable[tuple[Point, Hook]]) -> Iterator[None]:
+    """Install hooks on sub-modules that have no named point (e.g. an MLP's activation for a
+    relevance rule): ``[(Point(name, layer, module, "in" | "out"), fn), ...]`` with the same
+    ``fn(activation, point)`` contract as :func:`hooks`; every hook is removed on exit."""
+    handles = []
+    try:
+        for p, fn in items:
+            handles.append(_install(adapter, p, fn))
         yield
     finally:
         for h in reversed(handles):
