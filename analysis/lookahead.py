@@ -18,13 +18,12 @@ ahead at a small fraction of the scan's cost (:func:`lookahead`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.ablation import ablation_check
+from analysis.ablation import _expand, ablation_check
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList
 from spindiff.lm.field import last_positions
 from spindiff.lm.hooks import layer_values, record
@@ -51,17 +50,6 @@ class ResidualTrace:
     calls: list[tuple[tuple, dict]]
     resid_post: list[Tensor | None]
     gap: Tensor
-
-
-def _expand(x: Any, reps: int, B: int) -> Any:
-    """Repeat batch-leading tensors (dim >= 2, first size B) ``reps`` times, row k * B + b."""
-    if isinstance(x, Tensor):
-        return x.repeat(reps, *([1] * (x.dim() - 1))) if x.dim() >= 2 and x.shape[0] == B else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_expand(e, reps, B) for e in x)
-    if isinstance(x, dict):
-        return {k: _expand(v, reps, B) for k, v in x.items()}
-    return x
 
 
 def _call_layer(layer: nn.Module, x: Tensor, call: tuple[tuple, dict], K: int, B: int) -> Tensor:

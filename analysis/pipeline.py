@@ -397,13 +397,17 @@ class Analysis:
         return self.report
 
 
-def _jsonable(x: Any) -> Any:
+def _jsonable(x: Any, nan_as_null: bool = False) -> Any:
+    """Plain JSON types from numpy arrays / scalars and tuple keys; ``nan_as_null``: non-finite
+    floats become null (strict JSON)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, nan_as_null) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_jsonable(v, nan_as_null) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return _jsonable(x.tolist(), nan_as_null)
     if isinstance(x, (np.floating, np.integer, np.bool_)):
-        return x.item()
+        x = x.item()
+    if nan_as_null and isinstance(x, float) and not np.isfinite(x):
+        return None
     return x

@@ -24,6 +24,7 @@ from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsPr
 from analysis import attractor_stats as ast
 from analysis.attractor import generate_recorded
 from analysis.induction import induction_scores
+from analysis.pipeline import _jsonable
 from analysis.loops import QUICK, RepetitionConfig, boot_ci, check_rep, detect_loop, distinct_n, rep_w, seq_rep_n, wilson
 from analysis.prompts import load_prompts
 from analysis.report import write_csv
@@ -286,7 +287,7 @@ def step_repetition(A: Any) -> dict[str, Any]:
     res["answers"] = answers(res)
     res["seconds"] = time.perf_counter() - t0
     res["figures"] = dict(A.figures)
-    atomic_write_json(A.out / "repetition.json", _jsonable(res))
+    atomic_write_json(A.out / "repetition.json", _jsonable(res, nan_as_null=True))
     A.report["repetition"] = {"answers": res["answers"], "seconds": res["seconds"]}
     for k, v in res["answers"].items():
         print(f"repetition: {k}: {v}")
@@ -359,17 +360,3 @@ def answers(res: dict[str, Any]) -> dict[str, str]:
                                f"{g['ppl_cost']:+.3f}; {iv['arms']['penalty_matched']}: {p['loop_rate']:.2f} at "
                                f"{p['ppl_cost']:+.3f}")
     return out
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, np.integer, np.bool_)):
-        x = x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
