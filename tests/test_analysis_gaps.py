@@ -174,7 +174,7 @@ def _check_decomposition(model, ts, tol_ln: float, tol_rms: float) -> None:
             b_O = ad.out_proj(l).bias
             attn = store[l] - (b_O if b_O is not None else 0)
             assert abs(gt.dl_theory[p, l].sum() - dla(attn)) < tol
-        bias = float(norm.bias @ de) if getattr(norm, "bias", None) is not None else 0.0
+        bias = float((norm.bias @ de).detach()) if getattr(norm, "bias", None) is not None else 0.0
         assert abs(dla(x) + bias - gt.dl_actual[p]) < tol
 
 

@@ -162,7 +162,7 @@ def test_load_vector_is_safe(tmp_path):
     with pytest.raises(InterventionError, match="cannot be read safely"):
         load_vector(tmp_path / "obj.npy", 1)
     with open(tmp_path / "obj.pt", "wb") as f:
-        pickle.dump(_NotATensor(), f)
+        pickle.dump(_NotATensor(), f, protocol=2)  # torch.load's own protocol (4 draws a UserWarning)
     with pytest.raises(InterventionError, match="cannot be read safely"):
         load_vector(tmp_path / "obj.pt", 8)
 
