@@ -231,6 +231,20 @@ def test_token_excess_is_zero_for_block_sampling_and_positive_when_greedy(tiny_g
     assert torch.isfinite(lp).all()
 
 
+def _random_heads(tiny_lm, seed: int):
+    """Draft heads with large random weights (3 offsets, rank-2 couplings, float64) and the unit token
+    table of ``tiny_lm``."""
+    from spindiff.score.draft import DraftHeads
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        heads = DraftHeads(tiny_lm.config.hidden_size, V, block=3, features="hidden", rank=2).double()
+        for prm in heads.parameters():
+            torch.nn.init.normal_(prm, std=0.5)
+    W = tiny_lm.get_output_embeddings().weight.detach()
+    return heads, W / W.norm(dim=-1, keepdim=True)
+
+
 @pytest.mark.slow  # ~10 s idle, ~40 s on the loaded 2-core machine
 @pytest.mark.parametrize("coupling", ["lowrank", "qk"])
 def test_joint_law_with_a_coupled_potts_drafter(tiny_lm, exact, coupling, one_thread):
@@ -239,16 +253,8 @@ def test_joint_law_with_a_coupled_potts_drafter(tiny_lm, exact, coupling, one_th
     from types import SimpleNamespace
 
     from spindiff.generation.drafters import PottsDrafter
-    from spindiff.score.draft import DraftHeads
 
-    d = tiny_lm.config.hidden_size
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        heads = DraftHeads(d, V, block=3, features="hidden", rank=2).double()
-        for prm in heads.parameters():
-            torch.nn.init.normal_(prm, std=0.5)
-    W = tiny_lm.get_output_embeddings().weight.detach()
-    table = W / W.norm(dim=-1, keepdim=True)
+    heads, table = _random_heads(tiny_lm, 5)
     drafter = PottsDrafter(heads, table, 1.0, coupling, SimpleNamespace(adapter=get_adapter(tiny_lm)), candidates=3)
     counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=11)
     assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0
@@ -259,15 +265,8 @@ def test_joint_law_with_the_spin_drafter(tiny_lm, exact, one_thread):
     """Drafter (c): K spins relaxed jointly by the reverse SDE with the learned coupling in the drift,
     drafts read from their posteriors at the exit: still exactly the LM's law."""
     from spindiff.generation.drafters import SpinDrafter
-    from spindiff.score.draft import DraftHeads
 
-    d = tiny_lm.config.hidden_size
-    with torch.random.fork_rng():
-        torch.manual_seed(6)
-        heads = DraftHeads(d, V, block=3, features="hidden", rank=2).double()
-        for prm in heads.parameters():
-            torch.nn.init.normal_(prm, std=0.5)
-    W = tiny_lm.get_output_embeddings().weight.detach()
-    drafter = SpinDrafter(heads, W / W.norm(dim=-1, keepdim=True), 1.0, steps=4, candidates=4)
+    heads, table = _random_heads(tiny_lm, 6)
+    drafter = SpinDrafter(heads, table, 1.0, steps=4, candidates=4)
     counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=12)
     assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0
