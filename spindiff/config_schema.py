@@ -162,6 +162,7 @@ class SamplerConfig:
     # -- block sampler (spindiff.generation.block; docs/generation.md 'Blocks')
     block: int = 4  # block: drafted tokens per LM forward K (>= 1)
     drafter: str = "heads"  # block: heads (independent draft heads of an objective=block checkpoint)
+    draft_vocab: int = 8192  # block: drafts come from the checkpoint's N most frequent tokens (0 = all V)
 
 
 @dataclass
