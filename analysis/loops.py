@@ -26,11 +26,13 @@ from spindiff.config import ConfigError
 class RepetitionConfig:
     """``repetition.*`` keys of ``python -m analysis repetition`` (``quick=true`` shrinks them)."""
 
-    temperatures: list = _field(default_factory=lambda: [0.0, 0.4, 0.7, 1.0, 1.2])  # 0 = greedy
-    top_ks: list = _field(default_factory=lambda: [5, 20, 0])  # effective vocabulary; 0 = all
-    prompts_per_cell: int = 16  # prompts per (T, top_k) cell (half open-ended, half `prompts`)
-    max_new_tokens: int = 80
-    max_period: int = 20  # longest loop period searched
+    temperatures: list = _field(default_factory=lambda: [0.0, 0.2, 0.4, 0.7, 1.0])  # 0 = greedy
+    top_ks: list = _field(default_factory=lambda: [5, 0])  # effective vocabulary; 0 = all
+    prompts_per_cell: int = 24  # prompts per (T, top_k) cell (half open-ended, half `prompts`)
+    dense_temperature: float = 0.2  # cells at T <= this (greedy included) get dense_prompts prompts:
+    dense_prompts: int = 180  # loops live there, so that is where the >= 200 loops come from
+    max_new_tokens: int = 160
+    max_period: int = 24  # longest loop period searched
     min_copies: int = 3  # copies of the p-gram that must end the continuation
     min_repeated: int = 8  # repeated tokens (after the first copy) that a loop needs
     window: int = 12  # steps each side of the onset in the time course
@@ -40,19 +42,19 @@ class RepetitionConfig:
     xu_copies: int = 8  # constructed self-reinforcement test: a sentence repeated up to this often
     xu_sentences: int = 24
     intervention: bool = True
-    int_temperature: float = 0.7
-    int_top_k: int = 5  # where loops are common enough to count on a few dozen prompts
-    int_prompts: int = 24
+    int_temperature: float = 0.0  # greedy: where loops are common enough to count (T = 0.7: ~5% at 160 tokens)
+    int_top_k: int = 0
+    int_prompts: int = 64  # if (int_temperature, int_top_k) is a grid cell, its first continuations are the base arm
     int_heads: int = 5  # top attractor heads down-weighted
-    int_gains: list = _field(default_factory=lambda: [0.5, 0.0])
-    penalties: list = _field(default_factory=lambda: [1.01, 1.02, 1.05, 1.1, 1.2])  # HF repetition_penalty
+    int_gains: list = _field(default_factory=lambda: [0.5, 0.25, 0.0])
+    penalties: list = _field(default_factory=lambda: [1.01, 1.02, 1.03, 1.05, 1.1, 1.2])  # HF repetition_penalty
     ngram_sizes: list = _field(default_factory=lambda: [3, 4])  # HF no_repeat_ngram_size
     ppl_budget: float = 0.05  # allowed relative perplexity cost on non-looping text
     ref_texts: int = 8  # non-looping reference continuations for the perplexity cost
     batch_size: int = 64
 
 
-QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "max_new_tokens": 40,
+QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "dense_prompts": 6, "max_new_tokens": 40,
          "max_period": 12, "min_repeated": 6, "window": 6, "horizons": [1, 4], "induction_len": 16, "induction_batch": 2,
          "xu_copies": 3, "xu_sentences": 4, "intervention": False}
 
@@ -63,12 +65,16 @@ def check_rep(rc: RepetitionConfig) -> None:
         raise ConfigError(f"repetition.temperatures={rc.temperatures}: give temperatures >= 0 (0 = greedy)")
     if not rc.top_ks or any(int(k) < 0 for k in rc.top_ks):
         raise ConfigError(f"repetition.top_ks={rc.top_ks}: give top-k values >= 0 (0 = the whole vocabulary)")
-    for key, low in (("prompts_per_cell", 1), ("max_new_tokens", 8), ("max_period", 1), ("min_copies", 2),
+    for key, low in (("prompts_per_cell", 1), ("dense_prompts", 1), ("max_new_tokens", 8), ("max_period", 1), ("min_copies", 2),
                      ("min_repeated", 1), ("window", 1), ("induction_len", 2), ("induction_batch", 1),
                      ("xu_copies", 1), ("xu_sentences", 1), ("int_prompts", 1), ("int_heads", 1), ("ref_texts", 1),
                      ("batch_size", 1)):
         if int(getattr(rc, key)) < low:
             raise ConfigError(f"repetition.{key}={getattr(rc, key)}: must be >= {low}")
+    if float(rc.dense_temperature) < 0:
+        raise ConfigError(f"repetition.dense_temperature={rc.dense_temperature}: must be >= 0 (0 = greedy only)")
+    if float(rc.int_temperature) < 0 or int(rc.int_top_k) < 0:
+        raise ConfigError("repetition.int_temperature must be >= 0 (0 = greedy) and repetition.int_top_k >= 0")
     if not rc.horizons or any(int(k) < 1 for k in rc.horizons):
         raise ConfigError(f"repetition.horizons={rc.horizons}: give horizons >= 1 (tokens ahead)")
     if any(float(p) < 1 for p in rc.penalties) or any(int(n) < 1 for n in rc.ngram_sizes):

@@ -81,6 +81,24 @@ def _cells(rc: RepetitionConfig) -> list[tuple[float, int]]:
     return cells
 
 
+def grid_prompts(A: Any, rc: RepetitionConfig) -> tuple[list[tuple[str, int, str]], list[tuple[float, int, int]]]:
+    """The prompts of the grid: cells at T <= ``dense_temperature`` get ``dense_prompts`` prompts,
+    the others ``prompts_per_cell`` (each :func:`prompt_pool`, so a smaller cell is not a prefix of a
+    larger one). Returns (the union of the prompts, with ids = their index; one (T, top_k,
+    prompt id) per continuation, cell by cell)."""
+    pool: list[tuple[str, int, str]] = []
+    ids: dict[tuple[str, int], int] = {}
+    conts = []
+    for T, k in _cells(rc):
+        n = rc.dense_prompts if T <= float(rc.dense_temperature) else rc.prompts_per_cell
+        for p in prompt_pool(A, int(n)):
+            if p[:2] not in ids:
+                ids[p[:2]] = len(pool)
+                pool.append(p)
+            conts.append((T, k, ids[p[:2]]))
+    return pool, conts
+
+
 def _loops(toks: torch.Tensor, rc: RepetitionConfig) -> list:
     return [detect_loop(t.tolist(), rc.max_period, rc.min_copies, rc.min_repeated) for t in toks]
 
@@ -161,31 +179,42 @@ def _pick_arms(ppl: dict[str, float], rc: RepetitionConfig) -> dict[str, str]:
 
 
 def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref: list[tuple[list[int], list[int]]],
-                 seed: int, n_boot: int) -> dict[str, Any]:
+                 seed: int, n_boot: int, base: tuple[list[list[int]], torch.Tensor] | None = None) -> dict[str, Any]:
     """Loop rate, seq-rep-4, distinct-2 and reference perplexity of each arm at (int_temperature,
-    int_top_k) on ``int_prompts`` prompts (paired: every arm continues every prompt)."""
+    int_top_k) on ``int_prompts`` prompts (paired: every arm continues every prompt).
+
+    Args:
+        base: (prompt ids, their continuations (n, S)) already generated in that cell by the grid:
+            the base arm, not generated again (greedy: the same continuations up to float noise)."""
     ppl = reference_costs(A, ref, heads, rc)
     pick = _pick_arms(ppl, rc)
-    arms = ["base", pick["penalty_matched"], pick["penalty_budget"], pick["no_repeat"]]
-    arms = list(dict.fromkeys(arms))
-    pool = prompt_pool(A, rc.int_prompts)
-    enc = _encode(A, [p[2] for p in pool])
+    arms = list(dict.fromkeys(["base", pick["penalty_matched"], pick["penalty_budget"], pick["no_repeat"]]))
+    if base is not None:
+        enc, base_toks = base
+        arms = arms[1:]
+    else:
+        enc = _encode(A, [p[2] for p in prompt_pool(A, rc.int_prompts)])
     n = len(enc)
     prompts = enc * len(arms)
     extra = []
-    for j, arm in enumerate(arms[1:], 1):
+    for j, arm in enumerate(arms):
+        if arm == "base":
+            continue
         mask = [j == i // n for i in range(len(prompts))]
         v = arm.split("=")[1]
         extra.append((RepetitionPenaltyLogitsProcessor(float(v)) if arm.startswith("repetition")
                       else NoRepeatNGramLogitsProcessor(int(v)), mask))
     T, k = float(rc.int_temperature), int(rc.int_top_k)
+    prog = _progress("repetition: intervention") if A.cfg.progress else None
     out = generate_recorded(A.model, A.ad, prompts, [T] * len(prompts), [k] * len(prompts), rc.max_new_tokens,
-                            A.pad_id, rc.batch_size, seed + 7, record=False, extra=extra)["tokens"]
+                            A.pad_id, rc.batch_size, seed + 7, record=False, extra=extra, progress=prog)["tokens"]
     g = float(pick["head_gains"].split("=")[1])
     with HeadGains(A.ad, {h: g for h in heads}):
         og = generate_recorded(A.model, A.ad, enc, [T] * n, [k] * n, rc.max_new_tokens, A.pad_id, rc.batch_size,
-                               seed + 7, record=False)["tokens"]
+                               seed + 7, record=False, progress=prog)["tokens"]
     conts = {arm: out[j * n:(j + 1) * n] for j, arm in enumerate(arms)}
+    if base is not None:
+        conts = {"base": base_toks, **conts}
     conts[pick["head_gains"]] = og
     base_loop = np.array([l.loop for l in _loops(conts["base"], rc)], float)
     table = []
@@ -204,7 +233,7 @@ def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref
                       "seq_rep_4": boot_ci(sr, n_boot, seed), "distinct_2": boot_ci(d2, n_boot, seed),
                       "rep_w16": float(np.mean([rep_w(t.tolist(), 16) for t in toks])),
                       "ref_ppl": ppl[arm], "ppl_cost": ppl[arm] / ppl["base"] - 1})
-    return {"temperature": T, "top_k": k, "n_prompts": n, "heads": [f"L{l}H{h}" for l, h in heads],
+    return {"temperature": T, "top_k": k, "n_prompts": n, "base_from_grid": base is not None, "heads": [f"L{l}H{h}" for l, h in heads],
             "reference_ppl": ppl, "reference_tokens": int(sum(len(c) for _, c in ref)), "arms": pick, "table": table}
 
 
@@ -223,21 +252,22 @@ def step_repetition(A: Any) -> dict[str, Any]:
     c, rc = A.cfg, rep_config(A.cfg)
     t0 = time.perf_counter()
     nb, seed = int(c.n_bootstrap), int(c.seed)
-    pool = prompt_pool(A, rc.prompts_per_cell)
+    pool, conts = grid_prompts(A, rc)
     enc = _encode(A, [p[2] for p in pool])
     cells = _cells(rc)
-    prompts = [e for _ in cells for e in enc]
-    temps = [T for T, _ in cells for _ in enc]
-    ks = [k for _, k in cells for _ in enc]
+    pid = [i for _, _, i in conts]
+    prompts = [enc[i] for i in pid]
+    temps = [T for T, _, _ in conts]
+    ks = [k for _, k, _ in conts]
     rec = generate_recorded(A.model, A.ad, prompts, temps, ks, rc.max_new_tokens, A.pad_id, rc.batch_size, seed,
                             progress=_progress("repetition: grid") if c.progress else None)
     t_gen = time.perf_counter() - t0
     loops = _loops(rec["tokens"], rc)
     rows = []
     for i, lp in enumerate(loops):
-        s, j, text = pool[i % len(pool)]
+        s, j, text = pool[pid[i]]
         toks = rec["tokens"][i].tolist()
-        rows.append({"prompt_id": i % len(pool), "prompt_set": s, "set_row": j, "temperature": temps[i],
+        rows.append({"prompt_id": pid[i], "prompt_set": s, "set_row": j, "temperature": temps[i],
                      "top_k": ks[i], "loop": lp.loop, "onset": lp.onset, "period": lp.period,
                      "copies": round(lp.copies, 3), "seq_rep_4": seq_rep_n(toks, 4), "distinct_2": distinct_n(toks, 2),
                      "rep_w16": rep_w(toks, 16), "mean_logp": float(rec["logp"][i].mean()), "prompt": text,
@@ -248,7 +278,7 @@ def step_repetition(A: Any) -> dict[str, Any]:
     W_U = A.ad.unembedding().detach()
     sig = ast.step_signals(rec, W_U)
     res: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(rc)), "quick": bool(c.get("quick", False)),
-                           "n_prompts_per_cell": len(pool), "cells": len(cells), "seconds_generation": t_gen}
+                           "n_prompts": len(pool), "cells": len(cells), "seconds_generation": t_gen}
     res["phase"] = phase_diagram(rows, rc, nb, seed)
     print(f"repetition: {res['phase']['n_loops']} loops in {len(rows)} continuations ({t_gen:.0f} s generating)")
     res["time_course"] = ast.time_course(sig, onsets, rc.window, nb, seed)
@@ -270,8 +300,11 @@ def step_repetition(A: Any) -> dict[str, Any]:
         res["prediction"] = ast.onset_prediction(sig, onsets, [int(k) for k in rc.horizons], min(nb, 300), seed)
         top = [(k // H, k % H) for k in np.argsort(-score)[:rc.int_heads]]
         if rc.intervention:
-            ref = _reference_texts(rec["tokens"], loops, temps, ks, enc, rc)
-            res["intervention"] = intervention(A, rc, top, ref, seed, nb)
+            ref = _reference_texts(rec["tokens"], loops, temps, ks, prompts, rc)
+            Ti, ki = float(rc.int_temperature), int(rc.int_top_k) if float(rc.int_temperature) > 0 else 0
+            cell = [i for i in range(len(conts)) if temps[i] == Ti and ks[i] == ki][:rc.int_prompts]
+            base = ([prompts[i] for i in cell], rec["tokens"][cell]) if cell else None
+            res["intervention"] = intervention(A, rc, top, ref, seed, nb, base)
             write_csv(A.out / "intervention.csv", ["arm", "loop_rate", "loop_reduction", "seq_rep_4", "distinct_2",
                                                    "rep_w16", "ref_ppl", "ppl_cost"],
                       [{**r, "seq_rep_4": r["seq_rep_4"][0], "distinct_2": r["distinct_2"][0]}
@@ -295,14 +328,15 @@ def step_repetition(A: Any) -> dict[str, Any]:
     return res
 
 
-def _reference_texts(toks: torch.Tensor, loops: list, temps: list, ks: list, enc: list, rc: RepetitionConfig):
+def _reference_texts(toks: torch.Tensor, loops: list, temps: list, ks: list, prompts: list, rc: RepetitionConfig):
     """Non-looping continuations sampled at the highest grid temperature <= 1 with the whole
-    vocabulary (plain samples of the model), at most ``ref_texts``; any non-looping ones if none."""
+    vocabulary (plain samples of the model), at most ``ref_texts``; any non-looping ones if none.
+    ``prompts``: each continuation's prompt ids."""
     Ts = [T for T, k in zip(temps, ks) if k == 0 and 0 < T <= 1.0]
     Tref = max(Ts) if Ts else None
     idx = [i for i, lp in enumerate(loops) if not lp.loop and ks[i] == 0 and temps[i] == Tref]
     idx = idx or [i for i, lp in enumerate(loops) if not lp.loop]
-    return [(enc[i % len(enc)], toks[i].tolist()) for i in idx[:rc.ref_texts]]
+    return [(prompts[i], toks[i].tolist()) for i in idx[:rc.ref_texts]]
 
 
 def _fmt_ci(e: Any, nd: int = 3) -> str:

@@ -181,15 +181,20 @@ def test_repetition_cli_small_run_and_bad_input(tmp_path, capsys):
 
     out = tmp_path / "r"
     main(["repetition", "model.name=tiny-gpt2", "model.dtype=float64", "quick=true", "progress=false",
-          "n_bootstrap=30", "repetition.prompts_per_cell=3", "repetition.max_new_tokens=12",
-          "repetition.induction_len=8", f"out={out}"])
+          "n_bootstrap=30", "repetition.prompts_per_cell=3", "repetition.dense_prompts=4",
+          "repetition.max_new_tokens=12", "repetition.induction_len=8", f"out={out}"])
     for f in ("loops.csv", "repetition.json", "fig_phase.png", "fig_attractor_time_course.png"):
         assert (out / f).exists(), f
     rows = list(csv.DictReader(open(out / "loops.csv")))
-    assert len(rows) == 3 * 3  # greedy + (T=1 x 2 top-k) cells
+    assert len(rows) == 4 + 2 * 3  # greedy (T <= dense_temperature: dense_prompts) + T=1 x 2 top-k cells
+    assert sum(float(r["temperature"]) == 0 for r in rows) == 4
     assert {"prompt_id", "temperature", "top_k", "loop", "onset"} <= set(rows[0])
+    # the same prompt id is the same prompt text in every cell
+    text = {}
+    for r in rows:
+        assert text.setdefault(r["prompt_id"], r["prompt"]) == r["prompt"]
     rep = json.loads((out / "repetition.json").read_text())
-    assert rep["quick"] and rep["phase"]["n_continuations"] == 9
+    assert rep["quick"] and rep["phase"]["n_continuations"] == 10
     with pytest.raises(SystemExit) as e:
         main(["repetition", "model.name=tiny-gpt2", "repetition.temperatures=[-1]", f"out={tmp_path / 'bad'}"])
     assert e.value.code == 2 and "repetition.temperatures" in capsys.readouterr().err
