@@ -41,7 +41,8 @@ def fig_phase(phase: dict[str, Any], rc: Any, path: str | os.PathLike, model: st
     ax.set_yticks(range(len(Ts)), ["greedy" if T == 0 else f"{T:g}" for T in Ts])
     ax.set_xlabel("top-k (effective vocabulary)")
     ax.set_ylabel("temperature")
-    n = phase["cells"][0]["n"] if phase["cells"] else 0
+    ns = sorted({c["n"] for c in phase["cells"]}) or [0]
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     ax.set_title(f"{model}: loop rate ({n} prompts / cell)", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()

@@ -199,3 +199,35 @@ def test_repetition_cli_small_run_and_bad_input(tmp_path, capsys):
         main(["repetition", "model.name=tiny-gpt2", "repetition.temperatures=[-1]", f"out={tmp_path / 'bad'}"])
     assert e.value.code == 2 and "repetition.temperatures" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_intervention_arms_reuse_the_grid_base_and_read_back(tmp_path):
+    """intervention(): the base arm passed in is used as is (not regenerated), every other arm
+    continues the same prompts, costs are relative to the base perplexity, and head gain 0 on
+    every head of a tiny model changes its reference perplexity."""
+    from types import SimpleNamespace
+
+    from analysis.loops import RepetitionConfig
+    from analysis.repetition import intervention
+
+    model, tok = build_tiny_model("tiny-gpt2", seed=1, dtype=torch.float64)
+    ad = get_adapter(model)
+    A = SimpleNamespace(model=model, ad=ad, tok=tok, pad_id=tok.pad_token_id, cfg=SimpleNamespace(progress=False))
+    rc = RepetitionConfig(max_new_tokens=10, int_temperature=0.0, int_top_k=0, int_gains=[0.0], penalties=[1.05, 2.0],
+                          ngram_sizes=[2], min_repeated=2, max_period=2, batch_size=4)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the cat", "a dog sat", "one two")]
+    base_toks = torch.tensor([[5, 6] * 5, [7] * 10, list(range(10, 20))])  # 2 loops of 3
+    ref = [(prompts[0], list(range(20, 28))), (prompts[1], list(range(30, 36)))]
+    heads = [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)]
+    res = intervention(A, rc, heads, ref, seed=0, n_boot=50, base=(prompts, base_toks))
+    t = {r["arm"]: r for r in res["table"]}
+    assert res["base_from_grid"] and res["n_prompts"] == 3
+    assert t["base"]["loop_rate"] == pytest.approx(2 / 3) and t["base"]["ppl_cost"] == 0.0
+    assert t["base"]["seq_rep_4"][0] == pytest.approx(np.mean([seq_rep_n(b.tolist(), 4) for b in base_toks]))
+    assert set(res["arms"]) == {"head_gains", "penalty_matched", "penalty_budget", "no_repeat"}
+    assert "head_gain=0" in t and res["reference_ppl"]["head_gain=0"] != pytest.approx(res["reference_ppl"]["base"])
+    assert np.isinf(res["reference_ppl"]["no_repeat_ngram_size=2"]) or res["reference_ppl"]["no_repeat_ngram_size=2"] > 0
+    for arm, r in t.items():
+        assert 0 <= r["loop_rate"] <= 1 and r["loop_ci"][0] <= r["loop_rate"] <= r["loop_ci"][1], arm
+        if arm != "base":
+            assert r["loop_reduction"] == pytest.approx(1 - r["loop_rate"] / (2 / 3))
