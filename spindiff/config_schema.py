@@ -72,7 +72,7 @@ class ScoreNetConfig:
     prior: str = "field"  # field (eta_train N . e_v) | none (network alone) | lm (the LM itself: nothing to train)
     eta_train: float = 20.0  # strength of the field prior (docs/training.md)
     features: str = "field+hidden"  # network input: field | hidden | field+hidden | none (the prior alone)
-    hidden: int = 0  # MLP width of the correction (posterior: 0 = linear read-out only)
+    hidden: int = 0  # MLP width of the correction (posterior, block: 0 = linear read-out only)
     prior_weight: bool = True  # posterior: learn a weight c on the prior (starts at 1; c = 0 frees the LM-head path)
     layers: int = 1  # MLP hidden layers (euclid_ddpm: residual blocks)
     time_dim: int = 64  # euclid_ddpm time embedding
