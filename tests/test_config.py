@@ -1,10 +1,43 @@
 """Config system: every entry config composes, overrides apply, misspelt keys fail naming the key."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from omegaconf import OmegaConf
 
+# the entry modules register the checks that need registries above the config (sampler classes,
+# objectives, device) as the CLIs do by importing them; spindiff.config imports none of them
+import spindiff.evaluation.evaluate  # noqa: F401
+import spindiff.generation.sample  # noqa: F401
+import spindiff.training.train  # noqa: F401
 from spindiff.config import ENTRY_SCHEMAS, ConfigError, compose, help_text, parse_cli, to_object
+
+
+def test_config_imports_no_entry_module_and_checks_its_rules_alone():
+    """Issue 19: no upward import -- composing and checking loads no module above the config
+    (no importlib of the entry modules); the schema rules (trainer.*, weighting, eval.prompts)
+    still run on a bare ``import spindiff.config``."""
+    code = """
+import sys
+from spindiff.config import ConfigError, compose
+for entry, bad, says in (("train", "trainer.max_steps=0", "trains nothing"), ("train", "weighting=x", "weighting='x'"),
+                         ("sample", "sde.schedule=x", "sde.schedule='x'"),
+                         ("evaluate", "eval.prompts=/no/such.txt", "no such file")):
+    try:
+        compose(entry, ["model.name=tiny-gpt2", bad])
+        raise SystemExit(f"{bad}: no error")
+    except ConfigError as e:
+        assert says in str(e), e
+compose("train"), compose("sample"), compose("evaluate")
+above = sorted(m for m in sys.modules if m.startswith("spindiff.") and not m.startswith(
+    ("spindiff.config", "spindiff.config_rules", "spindiff.config_schema", "spindiff.sphere", "spindiff.score")))
+assert not above, above
+assert not [m for m in sys.modules if m in ("spindiff.sphere.integrators", "spindiff.score.model")], sys.modules
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_SCHEMAS))
@@ -49,28 +82,6 @@ def test_unknown_top_level_key():
 def test_wrong_type_is_clear():
     with pytest.raises(ConfigError, match=r"^sampler.steps='many' is not valid .*expected an integer; e.g. sampler.steps=10$"):
         compose("sample", ["sampler.steps=many"])
-
-
-@pytest.mark.parametrize("entry,override,match", [
-    ("sample", "sampler.steps=abc", r"^sampler.steps='abc' .*an integer; e.g. sampler.steps=\d+$"),
-    ("sample", "steer.words=", r"^steer.words= is empty .*steer.words=''.*e.g. steer.words=Paris,London$"),
-    ("sample", "sampler.exit_kappa=abc", r"^sampler.exit_kappa='abc' .*a number; e.g. sampler.exit_kappa=\d+(\.\d+)?$"),
-    ("sample", "stream=maybe", r"^stream='maybe' .*true or false; e.g. stream=true$"),
-    ("sample", "wandb.tags=5", r"^wandb.tags=5 .*a list.*e.g. wandb.tags=\[a,b\]$"),
-    ("train", "data.batch_size=0", r"^data.batch_size=0: must be >= 1 \(e.g. data.batch_size=256\)$"),
-    ("train", "optim.scheduler=foo", r"^optim.scheduler='foo': choose one of cosine, constant \(e.g. optim.scheduler=cosine\)$"),
-    ("train", "seed=-1", r"^seed=-1: .*\(e.g. seed=0\)$"),
-    ("train", "objective=nope", r"^objective='nope': choose one of .*\(e.g. objective=posterior\)$"),
-    ("train", "trainer.log_every_n_steps=0", r"^trainer.log_every_n_steps=0: .*e.g. trainer.log_every_n_steps=10"),
-    ("sample", "max_new_tokens=0", r"^max_new_tokens=0: must be >= 1 \(e.g. max_new_tokens=16\)$"),
-    ("analysis", "top_k=0", r"^top_k=0: must be >= 1 \(e.g. top_k=10\)$"),
-    ("analysis", "heads=L3X", r"^heads=L3X: cannot parse .*e.g. heads=L3H5"),
-])
-def test_every_value_error_names_the_key_and_a_valid_example(entry, override, match):
-    """Issue 22: a bad value names its key and shows a valid one (never OmegaConf's bare
-    "Value 'abc' of type 'str' could not be converted to Integer")."""
-    with pytest.raises(tuple(USER_ERRORS), match=match):
-        compose(entry, ["model.name=tiny-gpt2", override])
 
 
 def test_not_key_value():
@@ -168,9 +179,23 @@ def test_programmatic_entries_are_checked_before_any_load(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- checks at composition
 @pytest.mark.parametrize("entry, override, match", [
+    # anchored: the whole message, with a valid example (issue 22: never OmegaConf's bare
+    # "Value 'abc' of type 'str' could not be converted to Integer")
+    ("sample", "sampler.steps=abc", r"^sampler.steps='abc' .*an integer; e.g. sampler.steps=\d+$"),
+    ("sample", "steer.words=", r"^steer.words= is empty .*steer.words=''.*e.g. steer.words=Paris,London$"),
+    ("sample", "sampler.exit_kappa=abc", r"^sampler.exit_kappa='abc' .*a number; e.g. sampler.exit_kappa=\d+(\.\d+)?$"),
+    ("sample", "stream=maybe", r"^stream='maybe' .*true or false; e.g. stream=true$"),
+    ("sample", "wandb.tags=5", r"^wandb.tags=5 .*a list.*e.g. wandb.tags=\[a,b\]$"),
+    ("train", "data.batch_size=0", r"^data.batch_size=0: must be >= 1 \(e.g. data.batch_size=256\)$"),
+    ("train", "optim.scheduler=foo", r"^optim.scheduler='foo': choose one of cosine, constant \(e.g. optim.scheduler=cosine\)$"),
+    ("train", "seed=-1", r"^seed=-1: must be an integer in \[0, 2\*\*32\) \(e.g. seed=0\)$"),
+    ("train", "objective=nope", r"^objective='nope': choose one of .*euclid_ddpm.*\(e.g. objective=posterior\)$"),
+    ("train", "trainer.log_every_n_steps=0", r"^trainer.log_every_n_steps=0: must be an integer >= 1 .*e.g. trainer.log_every_n_steps=10"),
+    ("sample", "max_new_tokens=0", r"^max_new_tokens=0: must be >= 1 \(e.g. max_new_tokens=16\)$"),
+    ("analysis", "top_k=0", r"^top_k=0: must be >= 1 \(e.g. top_k=10\)$"),
+    ("analysis", "heads=L3X", r"^heads=L3X: cannot parse .*e.g. heads=L3H5"),
     # choice fields: the message names the key and the choices
     ("train", "optim.scheduler=cosin", r"optim.scheduler='cosin': choose one of cosine, constant \(did you mean optim.scheduler=cosine"),
-    ("train", "objective=nope", r"objective='nope': choose one of .*euclid_ddpm"),
     ("train", "weighting=nope", r"weighting='nope': choose one of"),
     ("train", "sde.schedule=nope", r"sde.schedule='nope': choose one of .*linear"),
     ("train", "score_net.features=both", r"score_net.features='both': choose one of none, field, hidden, field\+hidden"),
@@ -182,7 +207,6 @@ def test_programmatic_entries_are_checked_before_any_load(tmp_path, monkeypatch)
     ("sample", "sampler.method=nope", r"sampler.method='nope': choose one of .*geodesic_em"),
     ("sample", "wandb.mode=sometimes", r"wandb.mode='sometimes': choose one of auto, offline, online, disabled"),
     # numeric keys: batch sizes, lr, val fraction, steps, n_draws, trainer values
-    ("train", "data.batch_size=0", r"data.batch_size=0: must be >= 1"),
     ("train", "data.gen_batch_size=-2", r"data.gen_batch_size=-2: must be >= 1"),
     ("train", "optim.lr=0", r"optim.lr=0.0: must be > 0"),
     ("train", "optim.lr=-1e-3", r"optim.lr=-0.001: must be > 0"),
@@ -190,20 +214,17 @@ def test_programmatic_entries_are_checked_before_any_load(tmp_path, monkeypatch)
     ("train", "data.seq_len=1", r"data.seq_len=1: must be >= 2"),
     ("train", "data.n_sequences=1", r"data.n_sequences=1: sample at least 2"),
     ("train", "data.source=file", r"data.source=file needs data.path=FILE"),
-    ("train", "seed=-1", r"seed=-1: must be an integer in \[0, 2\*\*32\)"),
     ("train", "sde.beta_max=0.01", r"sde.beta_max=0.01 is below sde.beta_min=0.1"),
     ("train", "eval_t=[0.5,2.0]", r"eval_t=\[0.5, 2.0\]: every time must lie in \(0, sde.T=1.0\]"),
     ("train", "trainer.max_steps=-5", r"trainer.max_steps=-5: must be an integer >= 0 \(or -1 = no limit; e.g. trainer.max_steps=400\)"),
     ("train", "trainer.max_steps=-1", r"trains forever"),
     ("train", "trainer.max_steps=0", r"trainer.max_steps=0 trains nothing"),
-    ("train", "trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0: must be an integer >= 1"),
     ("train", "trainer.val_check_interval=1.5", r"trainer.val_check_interval=1.5"),
     ("train", "trainer.precision=17", r"lightning.Trainer rejects trainer.precision=17: Precision '?17'? is invalid"),
     ("train", "trainer.devices=0", r"lightning.Trainer rejects .*trainer.devices=0"),
     ("train", "trainer.max_stepz=3", r"unknown trainer key 'trainer.max_stepz'.*Did you mean trainer.max_steps"),
     ("sample", "sampler.steps=0", r"sampler.steps=0.*at least 1"),
     ("sample", "sampler.batch_size=0", r"sampler.batch_size=0: must be >= 1"),
-    ("sample", "max_new_tokens=0", r"max_new_tokens=0: must be >= 1"),
     ("sample", "prompts=/no/such/prompts.txt", r"prompts=/no/such/prompts.txt: no such file"),
     ("sample", "ckpt=/no/such/last.ckpt", r"no checkpoint at /no/such/last.ckpt"),
     ("evaluate", "eval.n_draws=-1", r"eval.n_draws=-1: must be >= 0"),
@@ -212,6 +233,7 @@ def test_programmatic_entries_are_checked_before_any_load(tmp_path, monkeypatch)
     ("evaluate", "eval.prompts=/no/such.txt", r"eval.prompts=/no/such.txt: no such file"),
 ])
 def test_bad_values_fail_at_composition(entry, override, match):
+    """Every bad value fails at composition (before anything is loaded), naming its key and the fix."""
     with pytest.raises(tuple(USER_ERRORS), match=match):
         compose(entry, ["model.name=tiny-gpt2", override])
 

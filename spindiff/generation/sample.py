@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from spindiff.config import check, register_check, register_user_error
+from spindiff.config import check, entry_config, register_check, register_user_error
 from spindiff.runtime import (apply_threads, atomic_write_json, atomic_write_text, notice, prepare_run, quiet_third_party,
                               record_model, resolve_device)
 from spindiff.generation import (DIAG_KEYS, GenerationBatch, GenerationSession, Sampler, SampleError,
@@ -59,15 +59,9 @@ class SampleResult:
 
 
 def as_config(cfg: Any) -> DictConfig:
-    """A SampleConfig as a DictConfig (accepts the dataclass, a DictConfig or a plain dict; the
-    dataclass defaults are the shipped configs/sample.yaml, so this composes like the CLI)."""
-    from spindiff.config import SampleConfig
-
-    if isinstance(cfg, DictConfig):
-        return cfg
-    if is_dataclass(cfg):
-        return OmegaConf.structured(cfg)
-    return OmegaConf.merge(OmegaConf.structured(SampleConfig), OmegaConf.create(cfg))
+    """A SampleConfig as a DictConfig (the dataclass, a composed config or a plain mapping;
+    :func:`spindiff.config.entry_config`, so this composes like the CLI)."""
+    return entry_config("sample", cfg)
 
 
 def resolve_model(cfg: DictConfig) -> None:
@@ -112,9 +106,13 @@ def load_prompt_list(spec: str) -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks that need no model (run by ``compose("sample")`` / ``compose("evaluate")`` and at the
-    start of :func:`sample`): raise :class:`SampleError` naming the problem and the fix."""
-    from spindiff.sphere import integrators, schedules
+    """The sample entry's checks that need no model (run by :func:`spindiff.config.check` for
+    ``sample`` / ``evaluate`` configs once this module is imported, and at the start of
+    :func:`sample`): raise :class:`SampleError` naming the problem and the fix. They live here,
+    not in :mod:`spindiff.config_rules`, because they reach registries above the config layer --
+    the sampler classes' own ``validate``, the integrators, the steering sources, the device --
+    and raise generation's error type."""
+    from spindiff.sphere import integrators
 
     if int(cfg.max_new_tokens) < 1:
         raise SampleError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1 (e.g. max_new_tokens=16)")
@@ -125,9 +123,6 @@ def validate_config(cfg: DictConfig) -> None:
     if "method" in cfg.sampler and steppers and cfg.sampler.method not in steppers:
         raise SampleError(f"sampler.method={cfg.sampler.method!r}: choose one of {', '.join(sorted(steppers))} "
                           "(e.g. sampler.method=geodesic_midpoint)")
-    if cfg.sde.schedule not in schedules.SCHEDULES:
-        raise SampleError(f"sde.schedule={cfg.sde.schedule!r}: choose one of {', '.join(sorted(schedules.SCHEDULES))} "
-                          "(e.g. sde.schedule=linear)")
     if cfg.prompts and not Path(cfg.prompts).is_file():
         raise SampleError(f"prompts={cfg.prompts}: no such file; give a text file with one prompt per line "
                           "(or prompt=\"...\" for a single prompt)")

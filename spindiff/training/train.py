@@ -2,9 +2,9 @@
 
 What a run does (``python train.py``; every setting in ``configs/train.yaml``):
 
-1. checks the config (:func:`spindiff.config.compose` runs the checks registered here: choices,
-   ranges, every ``trainer.*`` key and value against ``lightning.Trainer`` itself) -- before
-   anything is loaded or written;
+1. checks the config (:func:`spindiff.config.check`: the rules of :mod:`spindiff.config_rules` --
+   choices, ranges, every ``trainer.*`` key and value against ``lightning.Trainer`` itself -- and
+   the objective and device checks registered here) -- before anything is loaded or written;
 2. opens the cached features for (model, field, data) or builds them once
    (:func:`spindiff.training.cache.load_or_build_features`; the LM is loaded only then, and the
    head spec is checked against it);
@@ -30,9 +30,6 @@ the data module shards batches by rank itself (deterministic order, resumable), 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
-import logging
 import math
 import sys
 import time
@@ -46,7 +43,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from spindiff.config import TRAINER_DEFAULTS, ConfigError, TrainConfig, register_check, register_user_error
+from spindiff.config import ConfigError, TrainConfig, register_check, register_user_error
+from spindiff.config_rules import MANAGED_TRAINER_KEYS, check_choice, check_trainer, trainer_kwargs  # noqa: F401 - re-exported
 from spindiff.lm.adapter import HeadSpecError
 from spindiff.runtime import (apply_threads, atomic_write_json, default_out, notice, prepare_run, progress_bars,
                               quiet_third_party, record_model, threads)
@@ -60,107 +58,24 @@ from spindiff.training.history import HistoryLogger, ProgressLines, first_values
 FIT_THREADS = 1
 DATA_THREADS = 1
 
-MANAGED_TRAINER_KEYS = {
-    "logger": "set by train.py (metrics.csv + W&B; configure W&B with wandb.*)",
-    "callbacks": "set by train.py (checkpoints, learning-rate monitor)",
-    "default_root_dir": "use out=DIR",
-    "use_distributed_sampler": "the data module shards by rank itself (deterministic, resumable)",
-    "gradient_clip_val": "use optim.grad_clip",
-}
-
-
 def _rank() -> int:
     """This process's global rank, as Lightning's launcher set it (0 outside DDP)."""
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 # --------------------------------------------------------------------------- config checks
-def trainer_kwargs(trainer_cfg: Any) -> dict[str, Any]:
-    """``cfg.trainer`` as keyword arguments of ``lightning.Trainer``, validated against its
-    signature. Raises :class:`ConfigError` naming an unknown or managed key and the valid ones."""
-    kw = OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig) else dict(trainer_cfg or {})
-    valid = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
-    for key in kw:
-        if key in MANAGED_TRAINER_KEYS:
-            raise ConfigError(f"trainer.{key} cannot be set: {MANAGED_TRAINER_KEYS[key]}")
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join('trainer.' + c for c in close)}?" if close else ""
-            allowed = [v for v in valid if v not in MANAGED_TRAINER_KEYS]
-            raise ConfigError(f"unknown trainer key 'trainer.{key}' (not an argument of lightning.Trainer).{hint} "
-                              f"Valid keys: {', '.join(allowed)}")
-    return kw
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_trainer(trainer_cfg: Any) -> dict[str, Any]:
-    """:func:`trainer_kwargs` plus the values: a few rules Lightning only hits mid-fit (a zero
-    logging interval, a run with no end), then ``lightning.Trainer`` itself is constructed once
-    with these arguments (nothing is written) so that whatever it rejects is rejected now."""
-    kw = trainer_kwargs(trainer_cfg)
-    ms, me = kw.get("max_steps", -1), kw.get("max_epochs", None)
-    for key, v, lo in (("max_steps", ms, -1), ("max_epochs", me, -1), ("num_sanity_val_steps", kw.get("num_sanity_val_steps"), -1)):
-        if v is not None and not (_is_int(v) and v >= lo):
-            raise ConfigError(f"trainer.{key}={v!r}: must be an integer >= 0 (or -1 = no limit; e.g. trainer.{key}="
-                              f"{TRAINER_DEFAULTS.get(key, 0)})")
-    if ms in (-1, None) and me == -1:
-        raise ConfigError("trainer.max_steps=-1 with trainer.max_epochs=-1 trains forever; set one of them "
-                          "(e.g. trainer.max_steps=500)")
-    if ms == 0:
-        raise ConfigError("trainer.max_steps=0 trains nothing; give a positive number of steps (e.g. trainer.max_steps=500)")
-    lev = kw.get("log_every_n_steps")
-    if lev is not None and not (_is_int(lev) and lev >= 1):
-        raise ConfigError(f"trainer.log_every_n_steps={lev!r}: must be an integer >= 1 (e.g. trainer.log_every_n_steps=10)")
-    vci = kw.get("val_check_interval")
-    if vci is not None and not ((_is_int(vci) and vci >= 1) or (isinstance(vci, float) and 0 < vci <= 1)):
-        raise ConfigError(f"trainer.val_check_interval={vci!r}: an integer number of steps >= 1, or a fraction of "
-                          "an epoch in (0, 1]")
-    rank_zero_logs = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
-                                                    "lightning.fabric.utilities.rank_zero")]
-    levels = [lg.level for lg in rank_zero_logs]
-    try:
-        for lg in rank_zero_logs:  # the dry construction's "GPU available: ..." lines are not news
-            lg.setLevel(logging.WARNING)
-        with quiet_third_party():
-            L.Trainer(logger=False, enable_checkpointing=False, callbacks=[], use_distributed_sampler=False,
-                      **{**kw, "enable_progress_bar": False, "enable_model_summary": False})
-    except Exception as e:  # noqa: BLE001 - MisconfigurationException, ValueError, TypeError, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        low = msg.lower()
-        named = [k for k in kw if k.lower() in low or k.replace("_", " ").lower() in low]
-        where = ", ".join(f"trainer.{k}={kw[k]!r}" for k in (named or kw))
-        raise ConfigError(f"lightning.Trainer rejects {where}: {msg}") from None
-    finally:
-        for lg, lvl in zip(rank_zero_logs, levels):
-            lg.setLevel(lvl)
-    return kw
-
-
-def _check_train_config(cfg: DictConfig) -> None:
-    """The train entry's checks (registered with :func:`spindiff.config.register_check`): registry
-    choices (objective, weighting, schedule), the device, the field heads' syntax and the trainer."""
+def _check_train_registries(cfg: DictConfig) -> None:
+    """The train entry's checks that need what the config layer cannot import (registered with
+    :func:`spindiff.config.register_check`; the rest are :func:`spindiff.config_rules.check_train`):
+    ``objective`` against :data:`spindiff.training.module.OBJECTIVES`, and the device."""
     from spindiff.runtime import resolve_device
-    from spindiff.score.losses import WEIGHTINGS
-    from spindiff.sphere.schedules import SCHEDULES
     from spindiff.training.module import OBJECTIVES
 
-    for key, names in (("objective", OBJECTIVES), ("weighting", WEIGHTINGS), ("sde.schedule", SCHEDULES)):
-        value = OmegaConf.select(cfg, key)
-        if value not in names:
-            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(sorted(names))} "
-                              f"(e.g. {key}={OmegaConf.select(OmegaConf.structured(TrainConfig), key)})")
-    if cfg.objective == "euclid_ddpm" and int(cfg.score_net.hidden) < 1:
-        raise ConfigError(f"score_net.hidden={cfg.score_net.hidden}: the Euclidean DDPM's noise-prediction MLP needs "
-                          "a width >= 1 (0 means 'read-out only' for objective=posterior alone); use "
-                          "experiment=euclid_ddpm (hidden 512) or e.g. score_net.hidden=512")
+    check_choice(cfg, "objective", OBJECTIVES)
     resolve_device(cfg.model.device)
-    check_trainer(cfg.trainer)
 
 
-register_check("train", _check_train_config)
+register_check("train", _check_train_registries)
 register_user_error(HeadSpecError)  # a head spec outside the model is the user's input
 
 
@@ -238,7 +153,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from spindiff.checkpoint import load_checkpoint
-    from spindiff.config import check
+    from spindiff.config import check, entry_config
     from spindiff.lm.models import load_model
     from spindiff.tracking import finish_run, log_metrics, make_lightning_logger
     from spindiff.training.cache import feature_cache_dir, load_or_build_features
@@ -246,7 +161,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     from spindiff.training.module import ScoreModule, build_parts, make_meta
 
     t_start = time.perf_counter()
-    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    cfg = entry_config("train", cfg)
     check("train", cfg)  # a programmatic call is checked exactly like the CLI
     apply_threads(cfg, default=FIT_THREADS)  # runtime.threads (default: one thread, reproducible)
     tkw = trainer_kwargs(cfg.trainer)
