@@ -267,36 +267,33 @@ def test_train_stdout_is_the_json_summary_rounded(trained):
 
 
 # ----------------------------------------------------------------------------- analysis: say no before loading
-@pytest.mark.parametrize("arg,pattern", [
-    ("heads=L9x", r"heads=L9x: cannot parse head spec"),
-    ("head=L1", r"head=L1 must name exactly one head"),
-    ("prompts=missing.jsonl", r"'missing.jsonl' is neither a bundled set .* nor an existing file"),
-    ("prompts=bad.jsonl", r"bad.jsonl, line 2: not valid JSON"),
+TINY_PAPER = ("model.name=tiny-gpt2", "prompts=paper")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    # syntax and prompt files: on the default model.name=gpt2 (offline: it would fall back to
+    # SmolLM2 with a warning) the error is the only line, so nothing was loaded
+    (("heads=L9x",), r"heads=L9x: cannot parse head spec"),
+    (("head=L1",), r"head=L1 must name exactly one head"),
+    (("prompts=missing.jsonl",), r"'missing.jsonl' is neither a bundled set .* nor an existing file"),
+    (("prompts=bad.jsonl",), r"bad.jsonl, line 2: not valid JSON"),
+    # input that depends on the model: checked once it is loaded, before any run directory
+    ((*TINY_PAPER, "heads=L99H3"), r"outside the model: tiny-gpt2 has 2 layers x 4 heads"),
+    ((*TINY_PAPER, "scan_heads=L5"), r"outside the model"),
+    ((*TINY_PAPER, "ablate=L0H9"), r"outside the model"),
+    ((*TINY_PAPER, "landscape_prompt=99"), r"landscape_prompt=99 is outside the prompt set"),
 ])
-def test_analysis_checks_syntax_and_prompt_files_before_loading(tmp_path, arg, pattern):
-    """On the default model.name=gpt2 (offline: it would fall back to SmolLM2 with a warning) the
-    error is the only line: nothing was loaded, no run directory exists."""
+def test_analysis_says_no_before_any_run_directory(tmp_path, args, pattern):
+    """One ``error:`` line, exit 2, nothing written in the working folder (no run directory)."""
     (tmp_path / "bad.jsonl").write_text('{"prompt": "Up is", "good": "up", "bad": "down"}\n{bad\n')
     before = files(tmp_path)
-    r = run(["analysis", "gaps", arg], cwd=tmp_path)
+    r = run(["analysis", "gaps", *args], cwd=tmp_path)
     assert_clean_error(r, pattern)
     assert files(tmp_path) == before and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("arg,pattern", [
-    ("heads=L99H3", r"outside the model: tiny-gpt2 has 2 layers x 4 heads"),
-    ("scan_heads=L5", r"outside the model"),
-    ("ablate=L0H9", r"outside the model"),
-    ("landscape_prompt=99", r"landscape_prompt=99 is outside the prompt set"),
-])
-def test_analysis_checks_the_model_dependent_input_before_any_run_directory(tmp_path, arg, pattern):
-    r = run(["analysis", "gaps", "model.name=tiny-gpt2", "prompts=paper", arg], cwd=tmp_path)
-    assert_clean_error(r, pattern)
-    assert not (tmp_path / "runs").exists()
-
-
 def test_analysis_stdout_carries_results_only(tmp_path):
-    r = run(["analysis", "gaps", "model.name=tiny-gpt2", "prompts=paper", "progress=false", f"out={tmp_path / 'a'}"],
+    r = run(["analysis", "gaps", *TINY_PAPER, "progress=false", f"out={tmp_path / 'a'}"],
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == [ln for ln in r.stdout.splitlines() if ln.startswith("gaps: ")] and r.stdout
