@@ -388,7 +388,12 @@ def answers(res: dict[str, Any]) -> dict[str, str]:
         iv = res["intervention"]
         t = {r["arm"]: r for r in iv["table"]}
         g, p = t[iv["arms"]["head_gains"]], t[iv["arms"]["penalty_matched"]]
-        out["intervention"] = (f"{iv['arms']['head_gains']} on {','.join(iv['heads'])}: loop rate "
+        lo_red, cost = g["loop_reduction_ci"][0], g["ppl_cost"]
+        target = ("not resolved (no base loop)" if np.isnan(g["loop_reduction"]) else
+                  "reached" if lo_red >= 0.5 and cost <= 0.05 else
+                  "not reached" if g["loop_reduction_ci"][1] < 0.5 or cost > 0.05 else "not resolved (CI spans 50%)")
+        out["intervention"] = (f"target (>= 50% fewer loops at <= 5% cost, at T = {iv['temperature']:g}) {target}: "
+                               f"{iv['arms']['head_gains']} on {','.join(iv['heads'])}: loop rate "
                                f"{t['base']['loop_rate']:.2f} -> {g['loop_rate']:.2f} (reduction {g['loop_reduction']:+.2f} "
                                f"[{g['loop_reduction_ci'][0]:+.2f}, {g['loop_reduction_ci'][1]:+.2f}]) at ppl cost "
                                f"{g['ppl_cost']:+.3f}; {iv['arms']['penalty_matched']}: {p['loop_rate']:.2f} at "
