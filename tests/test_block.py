@@ -270,3 +270,55 @@ def test_joint_law_with_the_spin_drafter(tiny_lm, exact, one_thread):
     drafter = SpinDrafter(heads, table, 1.0, steps=4, candidates=4)
     counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=12)
     assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0
+
+
+# --------------------------------------------------------------------------- sampling, draft vocabulary
+def test_sample_categorical_is_the_distribution():
+    """The two-level float64 inverse CDF draws each token with its probability (chi-square), never a
+    zero-probability one, across block boundaries and a padded last block."""
+    from spindiff.generation.verify import sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(11, generator=g, dtype=torch.float64)
+    p[[0, 4, 5, 10]] = 0.0  # zeros at a block start, inside, at a block end (block = 3) and last
+    n = 200_000
+    x = sample_categorical(p[None].expand(n, -1), g, block=3)
+    counts = np.bincount(x.numpy(), minlength=11)
+    assert counts[[0, 4, 5, 10]].sum() == 0
+    nz = (p > 0).numpy()
+    assert stats.chisquare(counts[nz], (p / p.sum()).numpy()[nz] * n).pvalue > 1e-3
+    # float32 rows of a realistic size (unnormalised): the mean of the draws matches
+    q = torch.softmax(torch.randn(3, 1000, generator=g), -1) * 7.0
+    draws = sample_categorical(q[:, None].expand(3, 20_000, 1000), g)
+    assert draws.shape == (3, 20_000)
+    mean = (q / q.sum(-1, keepdim=True) * torch.arange(1000)).sum(-1)
+    assert torch.allclose(draws.double().mean(1), mean.double(), rtol=0.03)
+
+
+def test_draft_vocab_restricts_drafts_and_keeps_the_joint_law(tiny_lm, exact, one_thread):
+    """Heads with an MLP term drafting from a 3-token vocabulary (the heads' most frequent under a
+    ranking): drafts stay in the set, r is 0 outside it, and the output is still exactly the LM's."""
+    from spindiff.generation.drafters import DraftVocab, HeadsDrafter
+    from spindiff.score.draft import DraftHeads
+
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        heads = DraftHeads(tiny_lm.config.hidden_size, V, block=3, features="hidden", ranked=True, hidden=8).double()
+        for name, prm in heads.named_parameters():
+            torch.nn.init.normal_(prm, std=0.5)
+    # a ranking from soft targets: token 2 most frequent, then 4, then 0
+    ids = torch.tensor([[2, 4], [2, 0], [4, 2]])
+    logp = torch.log(torch.tensor([[0.6, 0.3], [0.5, 0.1], [0.4, 0.3]], dtype=torch.float64))
+    mass = heads.set_vocab_rank(ids, logp)
+    assert heads.vocab_rank[:3].tolist() == [2, 4, 0] and abs(float(mass.sum()) - 2.2) < 1e-12
+    assert heads.draft_vocab(3).tolist() == [0, 2, 4] and heads.draft_vocab(0) is None
+    W = tiny_lm.get_output_embeddings().weight.detach()
+    drafter = HeadsDrafter(heads, W / W.norm(dim=-1, keepdim=True), 1.0, vocab=3)
+    assert drafter.vocab.size == 3 and isinstance(drafter.vocab, DraftVocab)
+    ctx = DraftContext(torch.randn(50, tiny_lm.config.hidden_size, dtype=torch.float64), None,
+                       torch.randint(0, V, (50,)))
+    d, r = drafter.draft(ctx, 3, torch.Generator().manual_seed(0))
+    assert set(d.unique().tolist()) <= {0, 2, 4} and float(r[..., [1, 3]].abs().sum()) == 0.0
+    assert torch.allclose(r.sum(-1), torch.ones(50, 3, dtype=torch.float64))
+    counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=21)
+    assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0

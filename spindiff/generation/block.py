@@ -37,7 +37,7 @@ from torch import Tensor
 from spindiff.generation.base import Sampler, _fmt, register_sampler
 from spindiff.generation.drafters import DRAFTERS, DraftContext, Drafter
 from spindiff.generation.session import DIAG_KEYS, GenerationBatch, SampleError
-from spindiff.generation.verify import target_probs, verify
+from spindiff.generation.verify import sample_categorical, target_probs, verify
 from spindiff.lm.field import FieldOutput
 from spindiff.lm.hooks import record
 
@@ -184,7 +184,7 @@ def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: 
 
     state, logits, hidden, fld = lm.prefill(ids, mask)
     p0 = probs(logits)  # (B, V)
-    z = torch.multinomial(p0, 1, generator=generator).squeeze(1)  # the free first token
+    z = sample_categorical(p0, generator)  # the free first token
     ones = torch.ones(B, 1, dtype=torch.long, device=dev)
     emit(z[:, None], ones[:, 0], {"block_offset": torch.zeros(B, 1), "lm_p": p0.gather(1, z[:, None]),
                                   "lm_logprob": torch.log_softmax(logits.double(), -1).gather(1, z[:, None])})
@@ -251,7 +251,8 @@ class BlockSampler(Sampler):
                               f"of {session.name} ({session.window} tokens); use e.g. sampler.block=4")
         self.heads = module.score_net.to(device=session.device, dtype=session.dtype).eval()
         self.drafter: Drafter = DRAFTERS[str(cfg.drafter)](heads=self.heads, table=session.token_table,
-                                                          temperature=float(cfg.temperature), session=session)
+                                                          temperature=float(cfg.temperature), session=session,
+                                                          vocab=int(getattr(cfg, "draft_vocab", 0) or 0))
         self.lm = BlockLM(session.model, session.adapter, self.provider, self.drafter.needs_field, session.window)
         self.last: dict[str, Any] = {}
 
@@ -261,6 +262,9 @@ class BlockSampler(Sampler):
         if k is None or int(k) < 1:
             raise SampleError(f"sampler.block={k}: the number of drafted tokens per LM forward must be >= 1; "
                               "e.g. sampler.block=4")
+        if int(getattr(cfg, "draft_vocab", 0) or 0) < 0:
+            raise SampleError(f"sampler.draft_vocab={cfg.draft_vocab}: must be >= 0 (0 = the whole vocabulary); "
+                              "e.g. sampler.draft_vocab=8192")
         if str(cfg.drafter) not in DRAFTERS:
             raise SampleError(f"sampler.drafter={cfg.drafter!r}: choose one of {', '.join(sorted(DRAFTERS))}")
         if cfg.temperature < 0 or not math.isfinite(cfg.temperature):
@@ -288,7 +292,8 @@ class BlockSampler(Sampler):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block": self.k, "drafter": str(self.cfg.drafter),
-                "temperature": float(self.cfg.temperature), "top_p": float(self.cfg.top_p), **self.last}
+                "temperature": float(self.cfg.temperature), "top_p": float(self.cfg.top_p),
+                "draft_vocab": int(getattr(getattr(self.drafter, "vocab", None), "size", 0)), **self.last}
 
     def _bias(self) -> Tensor | None:
         return None if self.steering is None else self.steering.logit_bias(self.session.token_table)

@@ -19,9 +19,9 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from spindiff.generation.verify import target_probs
+from spindiff.generation.verify import sample_categorical, target_probs
 
-__all__ = ["DraftContext", "Drafter", "HeadsDrafter", "PottsDrafter", "SpinDrafter", "FixedDrafter", "DRAFTERS", "register_drafter"]
+__all__ = ["DraftContext", "Drafter", "DraftVocab", "HeadsDrafter", "PottsDrafter", "SpinDrafter", "FixedDrafter", "DRAFTERS", "register_drafter"]
 
 
 @dataclass
@@ -44,27 +44,64 @@ class Drafter(Protocol):
 
 def _draw(r: Tensor, generator: torch.Generator | None) -> Tensor:
     """One draw per row of r (..., V) -> (...) int64."""
-    flat = r.reshape(-1, r.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(r.shape[:-1])
+    return sample_categorical(r, generator)
+
+
+class DraftVocab:
+    """The vocabulary a drafter reads out and draws from: the heads' ``n`` most frequent tokens
+    (:meth:`spindiff.score.draft.DraftHeads.draft_vocab`, ``sampler.draft_vocab``) or all V.
+
+    Reading out N of V tokens divides the drafter's one table product by V / N (at N = 8192 of
+    49152, 6x); r is zero outside the set, which leaves verification exact (a rejection draws from
+    max(0, p - r), i.e. p itself outside the set) and costs acceptance only the LM's mass outside it."""
+
+    def __init__(self, heads: torch.nn.Module, table: Tensor, n: int = 0) -> None:
+        fn = getattr(heads, "draft_vocab", None)
+        self.cols = fn(int(n)) if fn is not None else None
+        self.V = table.shape[0]
+        self.size = self.V if self.cols is None else int(self.cols.numel())
+        pick = (lambda x: x) if self.cols is None else (lambda x: x[self.cols.to(x.device)])
+        self.table = pick(table).contiguous()
+        self.scale = pick(heads.scale.detach()).to(table.dtype)
+        self.bias = pick(heads.bias.detach()).to(table.dtype)
+
+    def logits(self, u: Tensor) -> Tensor:
+        """Read-out logits of u (..., d) over the set: (..., N), one product."""
+        return ((u.reshape(-1, u.shape[-1]).to(self.table.dtype) @ self.table.T) * self.scale + self.bias).view(
+            *u.shape[:-1], -1)
+
+    def tokens(self, idx: Tensor) -> Tensor:
+        """Token ids of set positions ``idx``."""
+        return idx if self.cols is None else self.cols.to(idx.device)[idx]
+
+    def full(self, r: Tensor) -> Tensor:
+        """r over the set (..., N) -> over the vocabulary (..., V), zero outside the set."""
+        if self.cols is None:
+            return r
+        out = r.new_zeros(*r.shape[:-1], self.V)
+        return out.index_copy_(out.dim() - 1, self.cols.to(r.device), r)
 
 
 class HeadsDrafter:
     """Drafter (a): the K independent draft heads of a checkpoint (:class:`spindiff.score.draft.DraftHeads`),
-    each offset drawn from softmax(logits_k / T) (T = the sampler's temperature; T = 0: argmax)."""
+    each offset drawn from softmax(logits_k / T) (T = the sampler's temperature; T = 0: argmax) over
+    the drafter's vocabulary (:class:`DraftVocab`: ``vocab`` most frequent tokens, 0 = all)."""
 
     name = "heads"
 
-    def __init__(self, heads: torch.nn.Module, table: Tensor, temperature: float = 1.0) -> None:
+    def __init__(self, heads: torch.nn.Module, table: Tensor, temperature: float = 1.0, vocab: int = 0) -> None:
         self.heads, self.table, self.temperature = heads, table, float(temperature)
         self.needs_field = "field" in heads.features.split("+")
+        self.vocab = DraftVocab(heads, table, vocab)
 
     def logits(self, ctx: DraftContext, k: int) -> Tensor:
         return self.heads(ctx.field, ctx.hidden, self.table[ctx.token], self.table, k)  # (B, k, V)
 
     @torch.no_grad()
     def draft(self, ctx: DraftContext, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        r = target_probs(self.logits(ctx, k).to(ctx.hidden.dtype), self.temperature)  # (B, k, V)
-        return _draw(r, generator), r
+        u = self.heads.directions(ctx.field, ctx.hidden, self.table[ctx.token], k)  # (B, k, d)
+        r = target_probs(self.vocab.logits(u).to(ctx.hidden.dtype), self.temperature)  # (B, k, N)
+        return self.vocab.tokens(_draw(r, generator)), self.vocab.full(r)
 
 
 class FixedDrafter:
@@ -100,8 +137,9 @@ class PottsDrafter:
     """
 
     def __init__(self, heads: torch.nn.Module, table: Tensor, temperature: float, coupling: str,
-                 session: object = None, candidates: int = 64) -> None:
+                 session: object = None, candidates: int = 64, vocab: int = 0) -> None:
         self.heads, self.table, self.temperature = heads, table, float(temperature)
+        self.vocab = DraftVocab(heads, table, vocab)
         self.coupling, self.candidates = coupling, int(candidates)
         self.needs_field = "field" in heads.features.split("+")
         self.name = f"potts_{coupling}"
@@ -124,7 +162,7 @@ class PottsDrafter:
     def draft(self, ctx: DraftContext, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         h = self.heads
         u = h.directions(ctx.field, ctx.hidden, self.table[ctx.token], k)  # (B, k, d)
-        base = h.readout_logits(u, self.table).to(ctx.hidden.dtype)  # (B, k, V): one table product
+        base = self.vocab.logits(u).to(ctx.hidden.dtype)  # (B, k, N): one table product over the draft vocabulary
         drafts, rs = [], []
         prev = torch.zeros(u.shape[0], k, dtype=torch.long, device=u.device)
         for j in range(k):
@@ -135,17 +173,18 @@ class PottsDrafter:
                     c, wv = self._field(vecs, j)
                 else:
                     c, wv = self._field(prev, j)
-                top = logit.topk(min(self.candidates, logit.shape[-1]), -1).indices  # (B, M)
-                corr = torch.einsum("bmd,bd->bm", self.table[top], c.to(self.table.dtype)).to(logit.dtype)
+                top = logit.topk(min(self.candidates, logit.shape[-1]), -1).indices  # (B, M) set positions
+                tok = self.vocab.tokens(top)
+                corr = torch.einsum("bmd,bd->bm", self.table[tok], c.to(self.table.dtype)).to(logit.dtype)
                 if wv is not None:
-                    corr = corr * wv[top].to(logit.dtype)
+                    corr = corr * wv[tok].to(logit.dtype)
                 logit = logit.scatter_add(1, top, corr)
             r = target_probs(logit, self.temperature)
-            d = torch.multinomial(r, 1, generator=generator).squeeze(1)
+            d = self.vocab.tokens(sample_categorical(r, generator))
             prev[:, j] = d
             drafts.append(d)
             rs.append(r)
-        return torch.stack(drafts, 1), torch.stack(rs, 1)
+        return torch.stack(drafts, 1), self.vocab.full(torch.stack(rs, 1))
 
 
 class SpinDrafter:
@@ -211,16 +250,17 @@ class SpinDrafter:
         if self.temperature <= 0:
             w = torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).to(w.dtype)
         r = torch.zeros(B * k, V, dtype=ctx.hidden.dtype, device=w.device).scatter_(1, post.ids, w.to(ctx.hidden.dtype))
-        d = torch.multinomial(r, 1, generator=generator).squeeze(1)
+        d = sample_categorical(r, generator)
         return d.view(B, k), r.view(B, k, V)
 
 
 DrafterFactory = Callable[..., Drafter]
 DRAFTERS: dict[str, DrafterFactory] = {
-    "heads": lambda heads, table, temperature, **kw: HeadsDrafter(heads, table, temperature),
-    "potts_qk": lambda heads, table, temperature, session=None, **kw: PottsDrafter(heads, table, temperature, "qk",
-                                                                                  session),
-    "potts_lowrank": lambda heads, table, temperature, **kw: PottsDrafter(heads, table, temperature, "lowrank"),
+    "heads": lambda heads, table, temperature, vocab=0, **kw: HeadsDrafter(heads, table, temperature, vocab),
+    "potts_qk": lambda heads, table, temperature, session=None, vocab=0, **kw: PottsDrafter(
+        heads, table, temperature, "qk", session, vocab=vocab),
+    "potts_lowrank": lambda heads, table, temperature, vocab=0, **kw: PottsDrafter(heads, table, temperature, "lowrank",
+                                                                                   vocab=vocab),
     "spin": lambda heads, table, temperature, **kw: SpinDrafter(heads, table, temperature),
 }
 

@@ -4,11 +4,13 @@ For a context whose last fed position has final hidden state h (and context fiel
 pending token z that follows it (already an exact draw from the LM), head k = 1 .. K gives logits
 for the token k places after z:
 
-    x_k   = LN([features(N, h), e_z])                        (B, c + d)   e_z: unit row of token z
-    u_k   = g_k * h + x_k A_k                                (B, K, d)    A_k: (c + d, d), g_k: (d,)
+    x     = LN([features(N, h), e_z])                        (B, c + d)   e_z: unit row of token z
+    u_k   = g_k * h + x A_k + gelu(x W_1 + b_1) W_2,k        (B, K, d)    A_k: (c + d, d), g_k: (d,)
     l_k,v = s_v (u_k . e_v) + b_v                            (B, K, V)
 
-with e_v the unit unembedding rows and s_v (initialised to |W_U[v]|) so that u_k = h reads out the
+(the MLP term, hidden width ``hidden`` shared by the offsets, only when ``hidden`` > 0: it lets the
+pending token and the context interact, which the linear read-out cannot), with e_v the unit
+unembedding rows and s_v (initialised to |W_U[v]|) so that u_k = h reads out the
 LM's own logits W_U h. The K read-outs are ONE (B K, d) x (d, V) product against the token table
 (the table is 21% of SmolLM2's weights: reading it once per offset would cost as much as a forward).
 Training (``objective=block``, :mod:`spindiff.training.block`) distils the LM's teacher-forced
@@ -37,11 +39,15 @@ class DraftHeads(nn.Module):
         dim: d. vocab: V. block: K, the number of offsets (a sampler may use the first K' <= K).
         features: context features besides the pending token (``hidden`` | ``field+hidden`` | ...).
         rank: coupling rank of the learned low-rank Potts couplings J_kj (0 = none; drafter (b)).
+        hidden: width of the shared MLP term (0 = the linear read-out alone).
         row_norms: (V,) initial per-token scales (|W_U[v]|); ones if None.
+        ranked: keep ``vocab_rank`` (V,) int64, the tokens by decreasing expected frequency under the LM
+            (set by training from the soft targets of the training rows): a drafter may read out only the
+            first N of them (``sampler.draft_vocab``). Checkpoints from before it have none.
     """
 
     def __init__(self, dim: int, vocab: int, block: int = 8, features: str = "field+hidden", rank: int = 0,
-                 row_norms: Tensor | None = None) -> None:
+                 row_norms: Tensor | None = None, ranked: bool = False, hidden: int = 0) -> None:
         super().__init__()
         self.dim, self.vocab, self.block, self.features = int(dim), int(vocab), int(block), str(features)
         self.rank = int(rank)
@@ -53,6 +59,13 @@ class DraftHeads(nn.Module):
         norms = torch.ones(vocab) if row_norms is None else row_norms.detach().float().clone()
         self.scale = nn.Parameter(norms)
         self.bias = nn.Parameter(torch.zeros(vocab))
+        self.hidden = int(hidden)
+        if self.hidden > 0:  # zero-initialised output: training starts from the linear heads
+            self.mlp_in = nn.Linear(c, self.hidden)
+            self.mlp_out = nn.Parameter(torch.zeros(self.block, self.hidden, self.dim))
+        self.ranked = bool(ranked)
+        if self.ranked:
+            self.register_buffer("vocab_rank", torch.arange(vocab, dtype=torch.long))
         if self.rank > 0:  # learned low-rank couplings: J_kj(v, w) = (e_v P_k) . (e_w Q_j), j < k
             self.couple_p = nn.Parameter(torch.zeros(self.block, self.dim, self.rank))
             self.couple_q = nn.Parameter(torch.randn(self.block, self.dim, self.rank) / self.dim ** 0.5)
@@ -60,16 +73,33 @@ class DraftHeads(nn.Module):
     def param_groups(self, lr: float, gate_lr: float = 0.0, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer groups: read-out / coupling matrices with ``weight_decay``; gates, scales, biases,
         norms without; the gates at ``gate_lr`` (0 = ``lr``)."""
-        mats = [p for n, p in self.named_parameters() if n in ("readout", "couple_p", "couple_q")]
+        names = ("readout", "couple_p", "couple_q", "mlp_in.weight", "mlp_out")
+        mats = [p for n, p in self.named_parameters() if n in names]
         gate = [self.gate]
-        rest = [p for n, p in self.named_parameters() if n not in ("readout", "couple_p", "couple_q", "gate")]
+        rest = [p for n, p in self.named_parameters() if n not in (*names, "gate")]
         return [{"name": "matrices", "params": mats, "weight_decay": float(weight_decay), "lr": float(lr)},
                 {"name": "scales", "params": rest, "weight_decay": 0.0, "lr": float(lr)},
                 {"name": "gates", "params": gate, "weight_decay": 0.0, "lr": float(gate_lr) if gate_lr > 0 else float(lr)}]
 
     def hparams(self) -> dict[str, Any]:
         return {"dim": self.dim, "vocab": self.vocab, "block": self.block, "features": self.features,
-                "rank": self.rank}
+                "rank": self.rank, "ranked": self.ranked, "hidden": self.hidden}
+
+    def draft_vocab(self, n: int) -> Tensor | None:
+        """The ``n`` most frequent token ids (sorted ascending) the drafts may come from, or None for all V
+        (``n`` <= 0, ``n`` >= V, or a checkpoint without a ranking)."""
+        if n <= 0 or n >= self.vocab or not self.ranked:
+            return None
+        return torch.sort(self.vocab_rank[:n]).values
+
+    @torch.no_grad()
+    def set_vocab_rank(self, ids: Tensor, logp: Tensor) -> Tensor:
+        """Rank the vocabulary by the expected frequency sum_rows p(v) of the soft targets ``ids`` / ``logp``
+        (R, k) (ties by id); returns the per-token mass (V,)."""
+        mass = torch.zeros(self.vocab, dtype=torch.float64)
+        mass.index_add_(0, ids.reshape(-1).long(), logp.reshape(-1).double().exp())
+        self.vocab_rank.copy_(torch.argsort(-mass, stable=True))
+        return mass
 
     def directions(self, field: Tensor | None, hidden: Tensor, token_vec: Tensor, k: int | None = None,
                    prev_vecs: Tensor | None = None) -> Tensor:
@@ -82,6 +112,8 @@ class DraftHeads(nn.Module):
         x = torch.cat([x, token_vec], -1) if x is not None else token_vec
         z = self.norm(x.to(self.readout.dtype))  # (B, c + d)
         u = hidden.to(z.dtype)[:, None, :] * self.gate[:k] + torch.einsum("bc,kcd->bkd", z, self.readout[:k])
+        if self.hidden > 0:
+            u = u + torch.einsum("bh,khd->bkd", F.gelu(self.mlp_in(z)), self.mlp_out[:k])
         if prev_vecs is not None and self.rank > 0:
             u = u + self.coupling_field(prev_vecs[:, :k])
         return u

@@ -96,6 +96,12 @@ class BlockObjective:
 
     def prepare_datamodule(self, module: Any, dm: Any) -> None:
         install_future_targets(dm, int(module.score_net.block))
+        net = module.score_net
+        if getattr(net, "ranked", False):  # the drafter's vocabulary ranking, from the training rows' soft targets
+            a = dm.store.arrays
+            idx = np.sort(np.asarray(dm.train_idx))
+            net.set_vocab_rank(torch.from_numpy(np.asarray(a["target_ids"][idx])),
+                               torch.from_numpy(np.asarray(a["target_logp"][idx])))
 
     @staticmethod
     def logits(module: Any, batch: dict[str, Tensor]) -> Tensor:

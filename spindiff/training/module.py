@@ -169,7 +169,7 @@ def score_net_hparams(config: Any, dim: int, vocab: int) -> dict[str, Any]:
     sn = config.score_net
     if config.objective == "block":
         return {"dim": int(dim), "vocab": int(vocab), "block": int(sn.block), "features": str(sn.features),
-                "rank": int(sn.rank)}
+                "rank": int(sn.rank), "ranked": True, "hidden": int(sn.hidden)}
     if config.objective == "posterior":
         return {"dim": int(dim), "vocab": int(vocab), "features": str(sn.features), "prior": str(sn.prior),
                 "eta_train": float(sn.eta_train), "hidden": int(sn.hidden), "layers": int(sn.layers),
