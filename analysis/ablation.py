@@ -30,15 +30,9 @@ from tqdm.auto import tqdm
 from analysis.gaps import last_logits
 from analysis.prompts import TokenizedSet
 from spindiff.lm.adapter import ArchitectureAdapter, HeadList
-from spindiff.lm.families import FAMILIES
 from spindiff.lm.field import last_positions
 from spindiff.lm.hooks import layer_values, record
 from spindiff.lm.tokens import pad_left
-
-# DEPRECATED (read by analysis.paths / analysis.predictors until they use the hook points
-# ``blocks.{l}.mlp.resid_in``): the MLP branch's input norm per family, from the family entries
-POST_ATTN_NORM: dict[str, str] = {name: f.ln2 or "" for name, f in FAMILIES.items()}
-
 
 def ablation_check(mode: str, mean_z: dict[int, Tensor] | None) -> None:
     """``mode`` is zero or mean, and mean-ablation comes with its mean z."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.ablation import POST_ATTN_NORM, mean_z_over, scan_full_forward
+from analysis.ablation import mean_z_over, scan_full_forward
 from analysis.attention import attention_from_resid
 from analysis.attribution import SaturationFix, atp, qk_fix
 from analysis.gaps import compute_gaps, last_logits
@@ -170,8 +170,7 @@ def _toy(model, ad, cut: bool):
     fam = a2.family
     with torch.no_grad():
         for l, blk in enumerate(a2.layers()):
-            names = {"gpt2": ("ln_1",), "llama": ("input_layernorm",)}[fam] + (POST_ATTN_NORM[fam],)
-            for n in names:
+            for n in (a2.spec.ln1, a2.spec.ln2):  # the attention's and the MLP's input norms (families.py)
                 setattr(blk, n, nn.Identity())
             for p in (blk.mlp.c_proj if fam == "gpt2" else blk.mlp.down_proj).parameters():
                 p.zero_()
