@@ -34,6 +34,7 @@ from spindiff.lm.field import last_positions
 from spindiff.lm.hooks import layer_values, record
 from spindiff.lm.tokens import pad_left
 
+
 def ablation_check(mode: str, mean_z: dict[int, Tensor] | None) -> None:
     """``mode`` is zero or mean, and mean-ablation comes with its mean z."""
     if mode not in ("zero", "mean"):
