@@ -75,6 +75,8 @@ def _override(key: str, value: Any) -> str:
 
 def load_sweep(path: str | os.PathLike) -> SweepSpec:
     """Parse and check a sweep file (ConfigError naming the problem otherwise)."""
+    import spindiff.generation.sample  # noqa: F401 - registers the sample entry's checks (sampler classes, steering)
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"sweep file {path} not found (default: {DEFAULT_SWEEP})")
