@@ -76,6 +76,22 @@ def _prompt_lookup(session: GenerationSession, k: int, greedy: bool):
     return gen
 
 
+def parse_drafter(spec: str) -> tuple[str, str, Optional[int], str]:
+    """``NAME[:VOCAB][=CKPT]`` -> (drafter, checkpoint or "", sampler.draft_vocab or None, label):
+    e.g. ``heads``, ``heads:0`` (the whole vocabulary), ``potts_lowrank=runs/train/x/checkpoints/last.ckpt``."""
+    head, _, path = spec.partition("=")
+    name, _, vocab = head.partition(":")
+    label = name + (f":{vocab}" if vocab else "") + (f"@{Path(path).parent.parent.name}" if path else "")
+    return name, path, (int(vocab) if vocab else None), label
+
+
+def _ckpt_block(path: str) -> int:
+    """The number of offsets the draft heads of a checkpoint were trained for."""
+    from spindiff.score.build import load_score
+
+    return int(load_score(path).score_net.block)
+
+
 def ceiling(session: GenerationSession, prompts: list[str], ks: Sequence[int], reps: int) -> dict[str, Any]:
     """Median time of a cached forward over n new positions / over 1, at batch 1 and 8."""
     from spindiff.generation.block import BlockLM
@@ -96,6 +112,8 @@ def ceiling(session: GenerationSession, prompts: list[str], ks: Sequence[int], r
             times[n] = statistics.median(ts)
         out[f"batch{B}"] = {f"{n}_positions": round(times[n] / times[1], 3) for n in times if n > 1}
         out[f"batch{B}"]["one_position_ms"] = round(times[1] * 1000, 2)
+        # the limit of a block sampler with K drafts: every draft accepted and a free drafter
+        out[f"batch{B}"].update({f"ceiling_speedup_K{n - 1}": round(n * times[1] / times[n], 3) for n in times if n > 1})
     return out
 
 
@@ -121,12 +139,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             arms: dict[str, Any] = {"ar": _sampler(session, ["sampler.name=ar", f"sampler.temperature={temp}"])}
             for spec in (drafters if (temp == 1.0 and B == 8) else drafters[:1]):  # other drafters: the headline cell
-                d, _, path = spec.partition("=")  # NAME or NAME=CKPT (another checkpoint, e.g. learned couplings)
-                label = d if not path else f"{d}@{Path(path).parent.parent.name}"
+                d, path, vocab, label = parse_drafter(spec)
+                top = _ckpt_block(path or args.ckpt)
                 for k in ks:
+                    if k > top:
+                        print(f"  skip block[{label}](K={k}): its checkpoint has heads for {top} offsets", flush=True)
+                        continue
                     arms[f"block[{label}](K={k})"] = _sampler(session, [
                         "sampler.name=block", f"sampler.block={k}", f"sampler.drafter={d}",
-                        f"sampler.temperature={temp}", f"ckpt={path or args.ckpt}"])
+                        f"sampler.temperature={temp}", f"ckpt={path or args.ckpt}",
+                        *([f"sampler.draft_vocab={vocab}"] if vocab is not None else [])])
             if B == 1:
                 for k in ks[:2]:
                     arms[f"prompt_lookup(K={k})"] = _prompt_lookup(session, k, temp == 0)
@@ -249,8 +271,7 @@ def figure(res: dict[str, Any], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, temp in zip(axes, ("1", "0")):
         for B, style in ((1, "o--"), (8, "s-")):
-            for d in [x.split("=")[0] if "=" not in x else f"{x.split('=')[0]}@{Path(x.split('=', 1)[1]).parent.parent.name}"
-                      for x in res["settings"]["drafters"]]:
+            for d in [parse_drafter(x)[3] for x in res["settings"]["drafters"]]:
                 ks = [k for k in res["settings"]["ks"] if f"block[{d}](K={k}) T={temp},B={B}" in res["arms"]]
                 ys = [res["arms"][f"block[{d}](K={k}) T={temp},B={B}"]["speedup_vs_ar"] for k in ks]
                 ax.plot(ks, ys, style, label=f"{d}, batch {B}")
@@ -270,8 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2-135m", help="model.name (tests use tiny-gpt2)")
     ap.add_argument("--ks", default="", help="comma-separated K (default 2,4,8; quick 2,4)")
-    ap.add_argument("--drafters", default="heads", help="comma-separated sampler.drafter names, each NAME or "
-                    "NAME=CKPT (a drafter from another checkpoint, e.g. potts_lowrank=PATH)")
+    ap.add_argument("--drafters", default="heads", help="comma-separated sampler.drafter names, each NAME[:VOCAB][=CKPT] "
+                    "(VOCAB: sampler.draft_vocab, e.g. heads:0 = the whole vocabulary; CKPT: another checkpoint, "
+                    "e.g. potts_lowrank=PATH)")
     ap.add_argument("--cells", default="1:1,1:8,0:1,0:8", help="temperature:batch cells to run (0 = greedy)")
     ap.add_argument("--tokens", type=int, default=0, help="new tokens per continuation (default: the mode's)")
     ap.add_argument("--prompts", type=int, default=0, help="held-out prompts at batch 8 (default: the mode's)")
