@@ -5,7 +5,7 @@ import csv
 import io
 import math
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -170,51 +170,66 @@ def _two_body_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
     return lines
 
 
-def _stage_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
+def _sections(rep: dict[str, Any], figures: dict[str, str],
+              specs: Sequence[tuple[str, str, Callable[[dict[str, Any], dict[str, Any]], list[str]], str, str]]
+              ) -> list[str]:
+    """For each ``(key, title, body, figure, alt)`` whose stage ran (``rep[key]`` is there):
+    ``## title``, a blank line, ``body(rep[key], rep)`` and the figure ``figure`` when it was drawn."""
     lines: list[str] = []
-    ab = rep.get("ablation")
-    if ab:
-        lines += ["## Causal ablation (Fig. 4 case)", "",
-                  f"Prompt: '{ab['prompt']}' good '{ab['good']}' vs bad '{ab['bad']}'. Baseline dL_actual = "
-                  f"{fnum(ab['baseline'])} (paper, GPT-2: {PAPER_NUMBERS['ablation']['baseline']}). Mean-ablation "
-                  "uses each head's mean z over the analysis prompt set.", "",
-                  md_table(["ablated", "mode", "dL_actual", "change"],
-                           [(r["ablated"], r["mode"], fnum(r["dl_ablated"]), fnum(r["delta"])) for r in ab["rows"]]),
-                  ""]
-        if ab.get("multi_token"):
-            lines += [f"Multi-token candidates in this case (first token scored): {ab['multi_token']}", ""]
-        lines += _figure(figures, "fig4", "Fig. 4")
-    sc = rep.get("scan")
-    if sc:
-        lines += ["## Full ablation scan: does dL_theory predict the causal effect?", "",
-                  f"{sc['mode']}-ablation of each of {sc['n_heads']} heads alone on {sc['n_prompts']} prompts "
-                  f"(prompt ids {sc['prompt_ids'][:8]}{'...' if len(sc['prompt_ids']) > 8 else ''}). "
-                  f"Correlation of dL_theory with the change in dL_actual: pooled r = {fnum(sc['r_theory_effect'])}"
-                  f" (p = {fnum(sc['p_theory_effect'])}); per prompt across heads, median r = "
-                  f"{fnum(sc['r_per_prompt_median'])}; per head (means over prompts) r = {fnum(sc['r_head_means'])}. "
-                  "For zero-ablation the head's direct effect is -dL_theory (in_situ), so a strongly negative r "
-                  "means the direct logit attribution predicts the causal effect; the rest is mediated by later "
-                  f"layers. Scan time {sc['seconds']:.1f} s for {sc['gflop_fast']:.0f} GFLOP "
-                  f"({sc['gflop_per_s']:.1f} GFLOP/s; one full forward per head would be {sc['gflop_full']:.0f} GFLOP).",
-                  "", "Largest causal effects (mean |change| over prompts):", "",
-                  md_table(["head", "mean change", "mean abs change", "mean dL_theory"],
-                           [(h["name"], fnum(h["mean_effect"]), fnum(h["mean_abs_effect"]), fnum(h["mean_theory"]))
-                            for h in sc["top_causal"]]), ""]
-        lines += _figure(figures, "causal", "causal check")
-    lc = rep.get("landscape")
-    if lc:
-        lines += ["## Decision landscape (Fig. 2)", "",
-                  f"{lc['head']} on prompt #{lc['prompt_id']} '{lc['prompt']}': N0.(S_good - S_bad) = "
-                  f"{fnum(lc['dl_theory'])} (S_A = W_O[h] @ e_A, paper Eq. 5).", ""]
-        lines += _figure(figures, "fig2", "Fig. 2")
-    tp = rep.get("temperature")
-    if tp:
-        lines += ["## Temperature sweep (Fig. 3)", "",
-                  f"One forward pass per prompt, logits rescaled. Mean entropy {fnum(tp['entropy_bits_at_tmin'], 2)} bits "
-                  f"at T = {tp['t_min']} -> {fnum(tp['entropy_bits_at_tmax'], 2)} bits at T = {tp['t_max']}; "
-                  f"P(top-1) {fnum(tp['p_top1_at_tmin'], 3)} -> {fnum(tp['p_top1_at_tmax'], 3)} (paper, GPT-2: "
-                  "~0.2 -> ~14 bits, 0.95 -> 0.02).", ""]
-        lines += _figure(figures, "fig3", "Fig. 3")
+    for key, title, body, fig, alt in specs:
+        if rep.get(key):
+            lines += [f"## {title}", "", *body(rep[key], rep), *_figure(figures, fig, alt)]
+    return lines
+
+
+def _ablation_body(ab: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    lines = [f"Prompt: '{ab['prompt']}' good '{ab['good']}' vs bad '{ab['bad']}'. Baseline dL_actual = "
+             f"{fnum(ab['baseline'])} (paper, GPT-2: {PAPER_NUMBERS['ablation']['baseline']}). Mean-ablation "
+             "uses each head's mean z over the analysis prompt set.", "",
+             md_table(["ablated", "mode", "dL_actual", "change"],
+                      [(r["ablated"], r["mode"], fnum(r["dl_ablated"]), fnum(r["delta"])) for r in ab["rows"]]), ""]
+    if ab.get("multi_token"):
+        lines += [f"Multi-token candidates in this case (first token scored): {ab['multi_token']}", ""]
+    return lines
+
+
+def _scan_body(sc: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    return [f"{sc['mode']}-ablation of each of {sc['n_heads']} heads alone on {sc['n_prompts']} prompts "
+            f"(prompt ids {sc['prompt_ids'][:8]}{'...' if len(sc['prompt_ids']) > 8 else ''}). "
+            f"Correlation of dL_theory with the change in dL_actual: pooled r = {fnum(sc['r_theory_effect'])}"
+            f" (p = {fnum(sc['p_theory_effect'])}); per prompt across heads, median r = "
+            f"{fnum(sc['r_per_prompt_median'])}; per head (means over prompts) r = {fnum(sc['r_head_means'])}. "
+            "For zero-ablation the head's direct effect is -dL_theory (in_situ), so a strongly negative r "
+            "means the direct logit attribution predicts the causal effect; the rest is mediated by later "
+            f"layers. Scan time {sc['seconds']:.1f} s for {sc['gflop_fast']:.0f} GFLOP "
+            f"({sc['gflop_per_s']:.1f} GFLOP/s; one full forward per head would be {sc['gflop_full']:.0f} GFLOP).",
+            "", "Largest causal effects (mean |change| over prompts):", "",
+            md_table(["head", "mean change", "mean abs change", "mean dL_theory"],
+                     [(h["name"], fnum(h["mean_effect"]), fnum(h["mean_abs_effect"]), fnum(h["mean_theory"]))
+                      for h in sc["top_causal"]]), ""]
+
+
+def _landscape_body(lc: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    return [f"{lc['head']} on prompt #{lc['prompt_id']} '{lc['prompt']}': N0.(S_good - S_bad) = "
+            f"{fnum(lc['dl_theory'])} (S_A = W_O[h] @ e_A, paper Eq. 5).", ""]
+
+
+def _temperature_body(tp: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    return [f"One forward pass per prompt, logits rescaled. Mean entropy {fnum(tp['entropy_bits_at_tmin'], 2)} bits "
+            f"at T = {tp['t_min']} -> {fnum(tp['entropy_bits_at_tmax'], 2)} bits at T = {tp['t_max']}; "
+            f"P(top-1) {fnum(tp['p_top1_at_tmin'], 3)} -> {fnum(tp['p_top1_at_tmax'], 3)} (paper, GPT-2: "
+            "~0.2 -> ~14 bits, 0.95 -> 0.02).", ""]
+
+
+STAGE_SECTIONS = (("ablation", "Causal ablation (Fig. 4 case)", _ablation_body, "fig4", "Fig. 4"),
+                  ("scan", "Full ablation scan: does dL_theory predict the causal effect?", _scan_body, "causal",
+                   "causal check"),
+                  ("landscape", "Decision landscape (Fig. 2)", _landscape_body, "fig2", "Fig. 2"),
+                  ("temperature", "Temperature sweep (Fig. 3)", _temperature_body, "fig3", "Fig. 3"))
+
+
+def _stage_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    lines = _sections(rep, figures, STAGE_SECTIONS)
     pr = rep.get("prompts") or {}
     if pr.get("multi_token"):
         lines += ["## Multi-token candidates", "",
@@ -240,50 +255,53 @@ def _ci(v: list[float]) -> str:
     return f"[{v[0]:.2f}, {v[1]:.2f}]"
 
 
+def _beyond_body(by: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    lines = [f"Every one of {by['n_heads']} heads ablated alone on {by['n_prompts']} prompts (exact scan, the "
+             "ground truth) against predictors that cost one forward + one backward per batch. r: Pearson r "
+             "pooled over (prompt, head) and across the heads' means over prompts, 95% bootstrap CIs over "
+             "prompts; recall: of the 10 heads with the largest mean |effect|, how many the predictor ranks in "
+             "its top 10 (head means / per prompt); explained: 1 - SSE/SST of effect = prediction (no fit).",
+             "", f"**Does adding three-body terms substantially improve the correlation?** {by['answer']}", ""]
+    for mode, mo in by["modes"].items():
+        lines += [f"### {mode}-ablation (exact scan {mo['exact_seconds']:.1f} s)", "",
+                  md_table(["predictor", "r pooled", "95% CI", "r head means", "95% CI", "median r per prompt",
+                            "top-10 recall", "slope", "explained", "cost (s)", "speed-up"],
+                           [(r["label"], fnum(r["r"]), _ci(r["r_ci"]), fnum(r["r_means"]), _ci(r["r_means_ci"]),
+                             fnum(r["r_per_prompt_median"]), f"{r['recall10']:.1f} / {r['recall10_per_prompt']:.2f}",
+                             fnum(r["slope"]), fnum(r["explained"]), f"{r['seconds']:.2f}", f"{r['speedup']:.0f}x")
+                            for r in mo["predictors"].values()]), "",
+                  "Steps of the hierarchy (change in pooled r, paired bootstrap 95% CI): " + "; ".join(
+                      f"{k}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for k, d in mo["steps"].items())
+                  + "." + (f" AtP without the heads of layers 0-1: r = {mo['atp_r_without_layers_0_1']:.3f}."
+                           if mo.get("atp_r_without_layers_0_1") is not None else ""), ""]
+    return lines
+
+
+def _paths_body(pa: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    modes = [m for m in ("zero", "mean") if m in pa]
+    return ["Mean |term| over (prompt, head): " + "; ".join(
+                f"{m}: " + ", ".join(f"{k} {fnum(v)}" for k, v in pa[m]["mean_abs"].items()) for m in modes)
+            + ". direct + via_heads + via_mlps = total (first order, = AtP) to "
+            + fnum(max(pa[m]["max_abs_sum_error"] for m in modes)) + ".", ""]
+
+
+def _pairs_body(pr: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    return [f"Top {len(pr['heads'])} heads by exact zero-ablation effect ({', '.join(pr['heads'])}); every pair "
+            f"ablated jointly on {pr['n_prompts']} prompts. {pr['rule']}. {pr['cooperative']} cooperative, "
+            f"{pr['antagonistic']} antagonistic, {pr['additive']} additive of {pr['n_pairs']} pairs; mean |I| "
+            f"{fnum(pr['mean_abs_interaction'])} vs mean |single effect| {fnum(pr['mean_abs_single'])}.", "",
+            md_table(["pair", "e(a)", "e(b)", "e(ab)", "I", "sd", "q (BH)", "role"],
+                     [(f"{r['head_a']}+{r['head_b']}", fnum(r["effect_a"]), fnum(r["effect_b"]),
+                       fnum(r["effect_ab"]), fnum(r["interaction"]), fnum(r["interaction_sd"]),
+                       fnum(r["q_bh"]), r["role"]) for r in pr["top"]]), ""]
+
+
+BEYOND_SECTIONS = (("beyond", "Beyond the two-body term: which predictor explains the causal effect?", _beyond_body,
+                    "predictors", "predicted vs exact"),
+                   ("paths", "First-order path decomposition", _paths_body, "paths", "paths"),
+                   ("pairs", "Head-pair interactions", _pairs_body, "pairs", "pair interactions"))
+
+
 def beyond_lines(rep: dict[str, Any], figures: dict[str, str]) -> list[str]:
     """Sections of the stages beyond the two-body term (analysis.beyond), those that ran."""
-    lines: list[str] = []
-    by = rep.get("beyond")
-    if by:
-        lines += ["## Beyond the two-body term: which predictor explains the causal effect?", "",
-                  f"Every one of {by['n_heads']} heads ablated alone on {by['n_prompts']} prompts (exact scan, the "
-                  "ground truth) against predictors that cost one forward + one backward per batch. r: Pearson r "
-                  "pooled over (prompt, head) and across the heads' means over prompts, 95% bootstrap CIs over "
-                  "prompts; recall: of the 10 heads with the largest mean |effect|, how many the predictor ranks in "
-                  "its top 10 (head means / per prompt); explained: 1 - SSE/SST of effect = prediction (no fit).",
-                  "", f"**Does adding three-body terms substantially improve the correlation?** {by['answer']}", ""]
-        for mode, mo in by["modes"].items():
-            lines += [f"### {mode}-ablation (exact scan {mo['exact_seconds']:.1f} s)", "",
-                      md_table(["predictor", "r pooled", "95% CI", "r head means", "95% CI", "median r per prompt",
-                                "top-10 recall", "slope", "explained", "cost (s)", "speed-up"],
-                               [(r["label"], fnum(r["r"]), _ci(r["r_ci"]), fnum(r["r_means"]), _ci(r["r_means_ci"]),
-                                 fnum(r["r_per_prompt_median"]), f"{r['recall10']:.1f} / {r['recall10_per_prompt']:.2f}",
-                                 fnum(r["slope"]), fnum(r["explained"]), f"{r['seconds']:.2f}", f"{r['speedup']:.0f}x")
-                                for r in mo["predictors"].values()]), "",
-                      "Steps of the hierarchy (change in pooled r, paired bootstrap 95% CI): " + "; ".join(
-                          f"{k}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for k, d in mo["steps"].items())
-                      + "." + (f" AtP without the heads of layers 0-1: r = {mo['atp_r_without_layers_0_1']:.3f}."
-                               if mo.get("atp_r_without_layers_0_1") is not None else ""), ""]
-        lines += _figure(figures, "predictors", "predicted vs exact")
-    pa = rep.get("paths")
-    if pa:
-        lines += ["## First-order path decomposition", "",
-                  "Mean |term| over (prompt, head): " + "; ".join(
-                      f"{m}: " + ", ".join(f"{k} {fnum(v)}" for k, v in pa[m]["mean_abs"].items())
-                      for m in ("zero", "mean") if m in pa)
-                  + ". direct + via_heads + via_mlps = total (first order, = AtP) to "
-                  + fnum(max(pa[m]["max_abs_sum_error"] for m in ("zero", "mean") if m in pa)) + ".", ""]
-        lines += _figure(figures, "paths", "paths")
-    pr = rep.get("pairs")
-    if pr:
-        lines += ["## Head-pair interactions", "",
-                  f"Top {len(pr['heads'])} heads by exact zero-ablation effect ({', '.join(pr['heads'])}); every pair "
-                  f"ablated jointly on {pr['n_prompts']} prompts. {pr['rule']}. {pr['cooperative']} cooperative, "
-                  f"{pr['antagonistic']} antagonistic, {pr['additive']} additive of {pr['n_pairs']} pairs; mean |I| "
-                  f"{fnum(pr['mean_abs_interaction'])} vs mean |single effect| {fnum(pr['mean_abs_single'])}.", "",
-                  md_table(["pair", "e(a)", "e(b)", "e(ab)", "I", "sd", "q (BH)", "role"],
-                           [(f"{r['head_a']}+{r['head_b']}", fnum(r["effect_a"]), fnum(r["effect_b"]),
-                             fnum(r["effect_ab"]), fnum(r["interaction"]), fnum(r["interaction_sd"]),
-                             fnum(r["q_bh"]), r["role"]) for r in pr["top"]]), ""]
-        lines += _figure(figures, "pairs", "pair interactions")
-    return lines
+    return _sections(rep, figures, BEYOND_SECTIONS)

@@ -19,29 +19,28 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def _run_command(tmp_path_factory, command, *args):
-    """``main([command, *args, out=<a fresh directory>, *SMALL])`` -> (its result, that directory)."""
+def _run_command(tmp_path_factory, command, args, writes):
+    """``main([command, *args, out=<a fresh directory>, *SMALL])`` -> (its result, that directory),
+    after checking that every file of ``writes`` is in it."""
     out = tmp_path_factory.mktemp(command)
-    return main([command, *args, f"out={out}", *SMALL]), out
-
-
-def _assert_written(out, names):
-    missing = [f for f in names if not (out / f).exists()]
+    res = main([command, *args, f"out={out}", *SMALL])
+    missing = [f for f in writes if not (out / f).exists()]
     assert not missing, f"not written in {out}: {missing}"
+    return res, out
 
 
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory):
     # the default ablate=L3H5,L0H0 (GPT-2's Fig. 4 heads) does not fit tiny-gpt2's 2 layers: a note, the top heads
-    return _run_command(tmp_path_factory, "all", "model.name=tiny-gpt2", "model.dtype=float64", "prompts=paper",
-                        "heldout=heldout", "scan_prompts=5", "t_steps=7")
+    return _run_command(tmp_path_factory, "all", ("model.name=tiny-gpt2", "model.dtype=float64", "prompts=paper",
+                                                  "heldout=heldout", "scan_prompts=5", "t_steps=7"),
+                        ("gaps.csv", "heads.csv", "ablation.csv", "scan.csv", "temperature.csv", "report.json",
+                         "report.md", "config.yaml", "run.json", "fig1_scatter.png", "fig_heatmap_r.png",
+                         "fig2_landscape.png", "fig3_temperature.png", "fig4_ablation.png", "fig_causal.png"))
 
 
 def test_all_writes_every_output(all_run):
-    res, out = all_run
-    _assert_written(out, ("gaps.csv", "heads.csv", "ablation.csv", "scan.csv", "temperature.csv", "report.json",
-                          "report.md", "config.yaml", "run.json", "fig1_scatter.png", "fig_heatmap_r.png",
-                          "fig2_landscape.png", "fig3_temperature.png", "fig4_ablation.png", "fig_causal.png"))
+    res, out = all_run  # the fixture checked the file list
     gaps = _csv(out / "gaps.csv")
     assert list(gaps[0]) == ["prompt_id", "layer", "head", "dl_theory", "dl_actual"]
     assert len(gaps) == 20 * 2 * 4 and {r["prompt_id"] for r in gaps} == {str(i) for i in range(20)}
@@ -262,16 +261,16 @@ def test_reproduce_gpt2_falls_back_to_smollm2(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def beyond_run(tmp_path_factory):
-    return _run_command(tmp_path_factory, "beyond", "model.name=tiny-llama", "model.dtype=float64", "prompts=paper",
-                        "scan_prompts=6", "pair_top_k=3", "hybrid_layers=1")
+    return _run_command(tmp_path_factory, "beyond", ("model.name=tiny-llama", "model.dtype=float64", "prompts=paper",
+                                                     "scan_prompts=6", "pair_top_k=3", "hybrid_layers=1"),
+                        ("predictors.csv", "paths.csv", "pairs.csv", "gaps.csv", "report.json", "report.md",
+                         "run.json", "fig_predictors.png", "fig_paths.png", "fig_pairs.png"))
 
 
 def test_beyond_writes_tables_figures_and_the_answer(beyond_run):
     import matplotlib.image as mpimg
 
-    res, out = beyond_run
-    _assert_written(out, ("predictors.csv", "paths.csv", "pairs.csv", "gaps.csv", "report.json", "report.md",
-                          "run.json", "fig_predictors.png", "fig_paths.png", "fig_pairs.png"))
+    res, out = beyond_run  # the fixture checked the file list
     for png in out.glob("*.png"):
         assert mpimg.imread(png).shape[0] > 100
     rep = json.loads((out / "report.json").read_text())
