@@ -72,9 +72,9 @@ from spindiff.lm.interventions import (ACTADD_NEUTRAL, ACTADD_TEMPLATE, Activati
 from spindiff.runtime import atomic_write_json, atomic_write_text, git_commit, package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's helpers, also when loaded by path
-from _steering_bias import run_bias  # noqa: E402
-from _steering_report import (NEUTRAL_PROMPTS, TOPICS, figures, resummarize, summarize_topics,  # noqa: E402
-                              verdict, write_report)
+from _steering_bias import gap_stats, run_bias  # noqa: E402,F401 - gap_stats: tests/test_steering.py reads it here
+from _steering_report import (NEUTRAL_PROMPTS, TOPICS, best_within, figures, resummarize,  # noqa: E402,F401
+                              success_at, summarize_topics, verdict, write_report)
 
 # --------------------------------------------------------------------------- settings
 SETTINGS = {
