@@ -142,5 +142,5 @@ def check_prompt_files(cfg: DictConfig) -> None:
 
 for _err in (PromptFileError, PromptTokenError, HeadSpecError):
     register_user_error(_err)
-register_entry("analysis", AnalysisConfig, checks_module="analysis.config")
+register_entry("analysis", AnalysisConfig)
 register_check("analysis", check_config)

@@ -71,14 +71,12 @@ _CHECKS: dict[str, dict[str, Callable[[DictConfig], None]]] = {}
 
 
 def register_entry(name: str, schema: type, yamls: Sequence[str] | None = None,
-                   rules: Callable[[DictConfig], None] | None = None, base: str | None = None,
-                   checks_module: str | None = None) -> None:
+                   rules: Callable[[DictConfig], None] | None = None, base: str | None = None) -> None:
     """Make ``schema`` (a dataclass) the config of entry point ``name``: ``compose(name, ...)``
     merges ``configs/<yaml>`` for each of ``yamls`` (default ``<name>.yaml``) over its defaults
     and runs ``rules(cfg)`` after the section rules. A name registered with another schema is
-    refused (ValueError), never overwritten. ``checks_module`` is ignored (nothing is imported
-    here; a module registers its checks with :func:`register_check` as it is imported)."""
-    del checks_module  # accepted for analysis/config.py, which still names itself
+    refused (ValueError), never overwritten. Nothing is imported here: a module registers its
+    own checks with :func:`register_check` as it is imported."""
     old = ENTRIES.get(name)
     if old is not None and (old.schema.__module__, old.schema.__qualname__) != (schema.__module__, schema.__qualname__):
         raise ValueError(f"entry point '{name}' is already registered with {old.schema.__module__}."
