@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 from spindiff.config import compose
 from spindiff.evaluation.evaluate import EvalCache, EvalResult, evaluate_sampler, load_eval_prompts
@@ -125,8 +126,8 @@ class Bench:
         if self.args.no_wandb:
             return
         cfg = compose("sample", self.base)
-        run = start_run(cfg.wandb, self.out, {"bench": self.mode, "arm": key, **res.sampler}, name=key,
-                        job_type="bench", group=self.group)
+        record = OmegaConf.create({"bench": self.mode, "arm": key, **res.sampler})  # the run's W&B config
+        run = start_run(cfg.wandb, self.out, record, name=key, job_type="bench", group=self.group)
         if run is None:
             return
         flat = {k: v for k, v in res.flat().items() if "/" in k and isinstance(v, (int, float)) and math.isfinite(v)}

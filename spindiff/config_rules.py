@@ -24,7 +24,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -234,13 +234,13 @@ MANAGED_TRAINER_KEYS = {
 }
 
 
-def trainer_kwargs(trainer_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``cfg.trainer`` (a DictConfig or a plain mapping) as keyword arguments of
+def trainer_kwargs(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` (the train config's ``trainer`` section) as keyword arguments of
     ``lightning.Trainer``, validated against its signature. Raises :class:`ConfigError` naming an
     unknown or managed key and the valid ones."""
     import lightning as L
 
-    kw: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(dict(trainer_cfg or {})), resolve=True)
+    kw: dict[str, Any] = OmegaConf.to_container(trainer_cfg, resolve=True)
     valid = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
     for key in kw:
         if key in MANAGED_TRAINER_KEYS:
@@ -254,7 +254,7 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return kw
 
 
-def check_trainer(trainer_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+def check_trainer(trainer_cfg: DictConfig) -> dict[str, Any]:
     """:func:`trainer_kwargs` plus the values: a few rules Lightning only hits mid-fit (a zero
     logging interval, a run with no end), then ``lightning.Trainer`` itself is constructed once
     with these arguments (nothing is written) so that whatever it rejects is rejected now."""

@@ -50,15 +50,12 @@ def resolve_mode(mode: str = "auto") -> str:
     return mode
 
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def start_run(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None,
+def start_run(wcfg: DictConfig, out: str | os.PathLike, config: DictConfig, name: Optional[str] = None,
               job_type: Optional[str] = None, group: Optional[str] = None, run_id: Optional[str] = None):
-    """Start a W&B run in the resolved mode under ``<out>/wandb``; ``None`` when disabled. Never
-    touches the network offline; W&B prints nothing to the console (``silent``). ``run_id``
-    continues that run (``resume="allow"``)."""
+    """Start a W&B run in the resolved mode under ``<out>/wandb``; ``None`` when disabled. ``wcfg``
+    is the ``wandb`` section; ``config`` (an entry's config) is recorded resolved as the run's
+    config. Never touches the network offline; W&B prints nothing to the console (``silent``).
+    ``run_id`` continues that run (``resume="allow"``)."""
     mode = resolve_mode(wcfg.mode)
     if mode == "disabled":
         return None
@@ -67,8 +64,8 @@ def start_run(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str
     Path(out).mkdir(parents=True, exist_ok=True)
     extra = {"id": run_id, "resume": "allow"} if run_id else {}
     return wandb.init(project=wcfg.project, entity=wcfg.entity, group=group or wcfg.group,
-                      tags=list(wcfg.tags or []), config=_plain(config), dir=str(out), mode=mode,
-                      name=name, job_type=job_type, reinit="finish_previous",
+                      tags=list(wcfg.tags or []), config=OmegaConf.to_container(config, resolve=True),
+                      dir=str(out), mode=mode, name=name, job_type=job_type, reinit="finish_previous",
                       settings=wandb.Settings(silent=True, console="off", init_timeout=30), **extra)
 
 
@@ -109,7 +106,8 @@ def finish_run(run: Any) -> None:
         run.finish()
 
 
-def log_once(wcfg: Any, out: str | os.PathLike, config: Any, metrics: Mapping[str, Any], **kw: Any) -> None:
+def log_once(wcfg: DictConfig, out: str | os.PathLike, config: DictConfig, metrics: Mapping[str, Any],
+             **kw: Any) -> None:
     """:func:`start_run` + :func:`log_metrics` + :func:`finish_run` (nothing when disabled)."""
     run = start_run(wcfg, out, config, **kw)
     try:
@@ -118,7 +116,7 @@ def log_once(wcfg: Any, out: str | os.PathLike, config: Any, metrics: Mapping[st
         finish_run(run)
 
 
-def make_lightning_logger(wcfg: Any, out: str | os.PathLike, config: Any, name: Optional[str] = None,
+def make_lightning_logger(wcfg: DictConfig, out: str | os.PathLike, config: DictConfig, name: Optional[str] = None,
                           resume: bool = False):
     """A Lightning ``WandbLogger`` around a run from :func:`start_run` (the same run id across
     resumes, :func:`run_id_for`), or ``None`` when disabled (the CSV logger still records the

@@ -29,7 +29,7 @@ def test_bad_mode(monkeypatch):
 def test_offline_run_writes_locally(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    run = start_run(OmegaConf.structured(WandbConfig()), tmp_path, {"a": 1}, name="t")
+    run = start_run(OmegaConf.structured(WandbConfig()), tmp_path, OmegaConf.create({"a": 1}), name="t")
     log_metrics(run, {"x": 1.0})
     finish_run(run)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
@@ -38,8 +38,8 @@ def test_offline_run_writes_locally(monkeypatch, tmp_path):
 def test_disabled_is_no_run_and_log_once_is_a_no_op(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     wcfg = OmegaConf.structured(WandbConfig())
-    assert start_run(wcfg, tmp_path, {}) is None
-    log_once(wcfg, tmp_path / "x", {}, {"a": 1.0})
+    assert start_run(wcfg, tmp_path, OmegaConf.create({})) is None
+    log_once(wcfg, tmp_path / "x", OmegaConf.create({}), {"a": 1.0})
     assert not (tmp_path / "x").exists()
 
 
@@ -48,7 +48,7 @@ def test_log_once_writes_finite_numbers_offline_and_silently(monkeypatch, tmp_pa
     prints nothing (no 'anonymous setting' warning, no run summary)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_SILENT", raising=False)
-    log_once(OmegaConf.structured(WandbConfig()), tmp_path, {"a": 1},
+    log_once(OmegaConf.structured(WandbConfig()), tmp_path, OmegaConf.create({"a": 1}),
              {"x": 1.5, "bad": float("nan"), "label": "text", "flag": True}, name="t", job_type="test")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from spindiff.config import CONFIG_DIR, ConfigError, TrainConfig, compose, to_object
 from spindiff.training.cache import FeatureStore
@@ -124,14 +125,15 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, cache_dir, monkeypatch)
 
 
 def test_trainer_keys_are_validated():
-    assert trainer_kwargs({"max_steps": 3, "accelerator": "cpu"}) == {"max_steps": 3, "accelerator": "cpu"}
+    kw = {"max_steps": 3, "accelerator": "cpu"}
+    assert trainer_kwargs(OmegaConf.create(kw)) == kw
     with pytest.raises(ConfigError) as e:
-        trainer_kwargs({"max_step": 3})
+        trainer_kwargs(OmegaConf.create({"max_step": 3}))
     assert "trainer.max_step" in str(e.value) and "trainer.max_steps" in str(e.value) and "strategy" in str(e.value)
     with pytest.raises(ConfigError, match="trainer.logger cannot be set"):
-        trainer_kwargs({"logger": False})
+        trainer_kwargs(OmegaConf.create({"logger": False}))
     with pytest.raises(ConfigError, match="optim.grad_clip"):
-        trainer_kwargs({"gradient_clip_val": 1.0})
+        trainer_kwargs(OmegaConf.create({"gradient_clip_val": 1.0}))
 
 
 def test_euclid_ddpm_objective_trains_and_reloads(tmp_path, cache_dir):

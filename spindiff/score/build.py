@@ -18,24 +18,24 @@ from spindiff.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["BUILDERS", "register_builder", "build_parts", "ScoreCheckpoint", "load_score"]
 
-Builder = Callable[[Any, Mapping[str, Any]], tuple[nn.Module, Any]]
+Builder = Callable[[DictConfig, Mapping[str, Any]], tuple[nn.Module, Any]]
 
 
-def _posterior(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+def _posterior(config: DictConfig, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     from spindiff.score.model import PosteriorScoreModel
     from spindiff.sphere.sde import BrownianSphereSDE
 
     return PosteriorScoreModel(**meta["score_net"]), BrownianSphereSDE.from_config(config.sde, int(meta["dim"]))
 
 
-def _euclid_ddpm(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+def _euclid_ddpm(config: DictConfig, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     from spindiff.score.euclid import VPSDE
     from spindiff.score.net import ResidualScoreNet
 
     return ResidualScoreNet(**{**meta["score_net"], "tangent": False, "eta_train": 0.0}), VPSDE.from_config(config.sde)
 
 
-def _block(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+def _block(config: DictConfig, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     from spindiff.score.draft import DraftHeads
 
     return DraftHeads(**meta["score_net"]), None  # the block sampler's draft heads: no forward process
@@ -49,9 +49,9 @@ def register_builder(name: str, builder: Builder) -> None:
     BUILDERS[name] = builder
 
 
-def build_parts(config: Any, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
-    """(score_net, sde) for ``meta["objective"]`` (or ``config.objective``)."""
-    config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+def build_parts(config: DictConfig, meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+    """(score_net, sde) for ``meta["objective"]`` (or ``config.objective``); ``config`` is a train
+    config (``config.sde`` builds the forward process)."""
     name = str(meta.get("objective", config.objective))
     try:
         builder = BUILDERS[name]
@@ -91,7 +91,9 @@ def load_score(path: str, expect_model: str | None = None, expect_dim: int | Non
     hp = ckpt["hyper_parameters"]
     state = {k[len("score_net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("score_net.")}
     try:
-        net, sde = build_parts(hp["config"], hp["meta"])
+        # the stored config is read as written (a plain dict), not merged into today's schema: a key
+        # a later version dropped must not make an older checkpoint unreadable
+        net, sde = build_parts(OmegaConf.create(hp["config"]), hp["meta"])
         net.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]

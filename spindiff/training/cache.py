@@ -56,10 +56,6 @@ from spindiff.runtime import atomic_directory, file_lock
 from spindiff.training.features import ARRAYS, FEATURE_VERSION, TARGET_ARRAYS, compute_features
 from spindiff.training.sequences import build_sequences
 
-def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else (
-        {k: _plain(v) for k, v in vars(x).items()} if hasattr(x, "__dataclass_fields__") else x)
-
 
 def _file_digest(path: str) -> str:
     h = hashlib.sha256()
@@ -69,9 +65,10 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_key(cfg: Any) -> dict[str, Any]:
-    """Everything the cached features depend on (model, field config, data settings)."""
-    m, f, d = _plain(cfg.model), _plain(cfg.field), _plain(cfg.data)
+def feature_key(cfg: DictConfig) -> dict[str, Any]:
+    """Everything the cached features of the train config ``cfg`` depend on (model, field config, data
+    settings)."""
+    m, f, d = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "field", "data"))
     key: dict[str, Any] = {
         "version": FEATURE_VERSION,
         "model": {k: m.get(k) for k in ("name", "dtype", "revision", "tiny_seed", "fallback")},
@@ -82,14 +79,15 @@ def feature_key(cfg: Any) -> dict[str, Any]:
         key["field"]["report"] = _file_digest(f["report"]) if Path(f["report"]).is_file() else f["report"]
     if d["source"] == "lm":
         key["data"].update({k: d.get(k) for k in ("seed", "temperature", "top_p", "gen_batch_size")})
-        key["data"]["prompts"] = _file_digest(d["prompts"]) if d.get("prompts") and Path(d["prompts"]).is_file() else d.get("prompts", "")
+        prompts = d.get("prompts")
+        key["data"]["prompts"] = _file_digest(prompts) if prompts and Path(prompts).is_file() else d.get("prompts", "")
     else:
         key["data"]["path"] = str(Path(d["path"]).resolve()) if d.get("path") else ""
         key["data"]["content"] = _file_digest(d["path"]) if d.get("path") and Path(d["path"]).is_file() else None
     return key
 
 
-def feature_cache_dir(cfg: Any) -> Path:
+def feature_cache_dir(cfg: DictConfig) -> Path:
     """``<data.cache_dir or model cache root/features>/<model>-<hash of feature_key>``."""
     from spindiff.lm.models import cache_root
 
@@ -145,7 +143,7 @@ class FeatureStore:
         return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def _build(cfg: Any, lm: Any, directory: Path | None, progress: bool) -> FeatureStore:
+def _build(cfg: DictConfig, lm: Any, directory: Path | None, progress: bool) -> FeatureStore:
     t0 = time.perf_counter()
     sequences = build_sequences(cfg, lm, progress)
     t_seq = time.perf_counter() - t0
@@ -171,7 +169,8 @@ def _build(cfg: Any, lm: Any, directory: Path | None, progress: bool) -> Feature
     return FeatureStore(arrays, meta, directory)
 
 
-def load_or_build_features(cfg: Any, lm_loader: Callable[[], Any], progress: bool = True) -> tuple[FeatureStore, bool]:
+def load_or_build_features(cfg: DictConfig, lm_loader: Callable[[], Any],
+                           progress: bool = True) -> tuple[FeatureStore, bool]:
     """The feature store for ``cfg``: opened from the cache, or built (loading the LM with
     ``lm_loader()`` only then). ``data.cache=false`` builds in memory every call.
 

@@ -178,10 +178,11 @@ def score_net_hparams(config: Any, dim: int, vocab: int) -> dict[str, Any]:
             "layers": int(sn.layers), "time_dim": int(sn.time_dim), "eta_train": 0.0, "tangent": False}
 
 
-def build_parts(config: Any, meta: Mapping[str, Any], token_norms: Any = None) -> tuple[nn.Module, Any, Objective]:
-    """(score_net, sde, objective) for ``config.objective``. ``token_norms`` (V,) initialises the
-    posterior model's per-token scales (|W_U[v]|) for a new run (a loaded run has them in its weights)."""
-    config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+def build_parts(config: DictConfig, meta: Mapping[str, Any],
+                token_norms: Any = None) -> tuple[nn.Module, Any, Objective]:
+    """(score_net, sde, objective) for ``config.objective`` (a composed train config). ``token_norms`` (V,)
+    initialises the posterior model's per-token scales (|W_U[v]|) for a new run (a loaded run has them in
+    its weights)."""
     try:
         objective = OBJECTIVES[str(config.objective)]
     except KeyError:
@@ -193,8 +194,9 @@ def build_parts(config: Any, meta: Mapping[str, Any], token_norms: Any = None) -
     return net, sde, objective
 
 
-def make_meta(config: Any, store_meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The self-description stored in checkpoints (see :mod:`spindiff.checkpoint`)."""
+def make_meta(config: DictConfig, store_meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The self-description stored in checkpoints (see :mod:`spindiff.checkpoint`) of a run of ``config``
+    (a composed train config)."""
     dim = int(store_meta["dim"])
     model = store_meta.get("model", {})
     return {
@@ -205,7 +207,7 @@ def make_meta(config: Any, store_meta: Mapping[str, Any]) -> dict[str, Any]:
         "n_layers": model.get("n_layers"), "n_heads": model.get("n_heads"),
         "context_features": str(config.score_net.features),
         "context_dim": context_dim(config.score_net.features, dim),
-        "field": OmegaConf.to_container(config.field, resolve=True) if isinstance(config.field, DictConfig) else dict(config.field),
+        "field": OmegaConf.to_container(config.field, resolve=True),
         "score_net": score_net_hparams(config, dim, int(store_meta["vocab_size"])),
         "n_pairs": int(store_meta["n_pairs"]), "n_sequences": int(store_meta["n_sequences"]),
         "feature_key": store_meta.get("key"),

@@ -225,7 +225,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[Any] = ()) -> dict[
     all_callbacks.extend(callbacks)
     segment = next_segment(out / "metrics.csv") if resume_from else 0
     loggers: list[Any] = [HistoryLogger(out / "metrics.csv", resume_step, segment)]
-    wandb_logger = make_lightning_logger(cfg.wandb, out, plain, name=out.name, resume=resume_from is not None) \
+    wandb_logger = make_lightning_logger(cfg.wandb, out, cfg, name=out.name, resume=resume_from is not None) \
         if rank == 0 else None
     if wandb_logger:
         loggers.append(wandb_logger)
