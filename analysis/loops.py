@@ -54,7 +54,7 @@ class RepetitionConfig:
     batch_size: int = 64
 
 
-QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "dense_prompts": 6, "max_new_tokens": 40,
+QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "dense_prompts": 16, "max_new_tokens": 96,
          "max_period": 12, "min_repeated": 6, "window": 6, "horizons": [1, 4], "induction_len": 16, "induction_batch": 2,
          "xu_copies": 3, "xu_sentences": 4, "intervention": False}
 
