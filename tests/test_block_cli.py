@@ -34,7 +34,11 @@ def block_ckpt(tmp_path_factory) -> Path:
              "trainer.val_check_interval=2", f"out={out}", f"data.cache_dir={root / 'cache'}"], cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
-    assert {"val/accept@1", "val/accept@3", "val/kl@2"} <= set(summary["val"])
+    val = summary["val"]
+    assert {"val/accept@1", "val/accept@3", "val/kl@2", "val/accept_lb@1"} <= set(val)
+    last = lambda key: [x for x in (val[key] if isinstance(val[key], list) else [val[key]]) if x is not None][-1]  # noqa: E731
+    for k in (1, 2, 3):  # the acceptance bounds are ordered: top-k alone <= top-k + rest bin
+        assert 0.0 <= last(f"val/accept_lb@{k}") <= last(f"val/accept@{k}") <= 1.0
     return out / "checkpoints" / "last.ckpt"
 
 
