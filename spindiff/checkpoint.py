@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from spindiff.config import register_user_error
-
 FORMAT = "spindiff.score"
 FORMAT_VERSION = 2  # 2: posterior-over-vocabulary score (objective=posterior); 1: the retired tangent residual
 REQUIRED_META = ("objective", "model_name", "dim", "vocab_size", "context_features", "context_dim", "score_net")
@@ -37,9 +35,9 @@ REQUIRED_META = ("objective", "model_name", "dim", "vocab_size", "context_featur
 _TRAIN_HINT = "train one with `python train.py out=DIR` (it writes DIR/checkpoints/best.ckpt and last.ckpt)"
 
 
-@register_user_error
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the problem and the fix."""
+    """A checkpoint that cannot be used; the message names the problem and the fix (a user error:
+    :data:`spindiff.config_rules.USER_ERRORS` lists it, so the CLIs print one ``error:`` line)."""
 
 
 def _torch_load(path: Path, map_location: Any) -> Any:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Collection
 
 from omegaconf import DictConfig, OmegaConf
 
+from spindiff.checkpoint import CheckpointError
 from spindiff.config_schema import TRAINER_DEFAULTS
 
 _ABSENT = object()
@@ -38,7 +39,7 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the fix."""
 
 
-USER_ERRORS: list[type[BaseException]] = [ConfigError]
+USER_ERRORS: list[type[BaseException]] = [ConfigError, CheckpointError]
 
 
 def register_user_error(cls: type[BaseException]) -> type[BaseException]:

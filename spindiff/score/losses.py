@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["WEIGHTINGS", "dsm_loss", "batch_spin"]
+__all__ = ["WEIGHTINGS", "dsm_loss", "batch_spin", "grouped_kl"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -94,3 +94,21 @@ def dsm_loss(
     if reduction == "none":
         return per_sample
     return per_sample.mean()
+
+
+def grouped_kl(logits: Tensor, target_ids: Tensor, target_logp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """KL(p || q) over the target's top-k tokens plus one rest bin, and the grouped TV.
+
+    logits: (B, V) of q; target_ids (B, k) int, target_logp (B, k) log p of those tokens.
+    Returns kl (B,), tv (B,), log q of the top-k (B, k).
+    """
+    logq = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    lq = logq.gather(1, target_ids.long())  # (B, k)
+    lp = target_logp.float()
+    p, q = lp.exp(), lq.exp()
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (B,)
+    lq_rest = torch.log1p(-torch.exp(torch.logsumexp(lq, -1)).clamp(max=1.0 - 1e-7))  # log(1 - sum q_top)
+    lp_rest = torch.log(p_rest.clamp_min(1e-30))
+    kl = (p * (lp - lq)).sum(-1) + p_rest * (lp_rest - lq_rest)
+    tv = 0.5 * ((p - q).abs().sum(-1) + (p_rest - lq_rest.exp()).abs())
+    return kl, tv, lq

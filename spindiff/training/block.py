@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from spindiff.score.losses import grouped_kl
 from spindiff.training.data import (EpochSampler, PairDataset, ResumableDataLoader, collate_batch)
 
 __all__ = ["FuturePairDataset", "BlockObjective", "install_future_targets", "SAMPLED_NEGATIVES"]
@@ -123,8 +124,6 @@ class BlockObjective:
     def _kl(module: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per (row, offset): grouped KL, grouped TV, top-1 agreement, validity, and the lower bound
         sum_{v in top-k} min(p_v, q_v) of the acceptance probability (B, K) each."""
-        from spindiff.training.module import grouped_kl
-
         if "future_ids" not in batch:
             raise ValueError("objective=block needs FuturePairDataset batches (BlockObjective.prepare_datamodule)")
         logits = BlockObjective.logits(module, batch)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from spindiff.checkpoint import FORMAT, FORMAT_VERSION
 from spindiff.score.build import build_parts as build_networks
 from spindiff.score.features import context_dim, context_features
+from spindiff.score.losses import grouped_kl
 from spindiff.sphere.geometry import nearest_token
 from spindiff.training.block import BlockObjective
 
@@ -63,24 +64,6 @@ class Objective(Protocol):
     def loss(self, module: "ScoreModule", batch: Batch, generator: torch.Generator | None) -> Tensor: ...
 
     def metrics(self, module: "ScoreModule", batch: Batch, batch_idx: int) -> dict[str, Tensor]: ...
-
-
-def grouped_kl(logits: Tensor, target_ids: Tensor, target_logp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """KL(p || q) over the target's top-k tokens plus one rest bin, and the grouped TV.
-
-    logits: (B, V) of q; target_ids (B, k) int, target_logp (B, k) log p of those tokens.
-    Returns kl (B,), tv (B,), log q of the top-k (B, k).
-    """
-    logq = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-    lq = logq.gather(1, target_ids.long())  # (B, k)
-    lp = target_logp.float()
-    p, q = lp.exp(), lq.exp()
-    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)  # (B,)
-    lq_rest = torch.log1p(-torch.exp(torch.logsumexp(lq, -1)).clamp(max=1.0 - 1e-7))  # log(1 - sum q_top)
-    lp_rest = torch.log(p_rest.clamp_min(1e-30))
-    kl = (p * (lp - lq)).sum(-1) + p_rest * (lp_rest - lq_rest)
-    tv = 0.5 * ((p - q).abs().sum(-1) + (p_rest - lq_rest.exp()).abs())
-    return kl, tv, lq
 
 
 @dataclass
