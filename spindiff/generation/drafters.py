@@ -94,9 +94,6 @@ class HeadsDrafter:
         self.needs_field = "field" in heads.features.split("+")
         self.vocab = DraftVocab(heads, table, vocab)
 
-    def logits(self, ctx: DraftContext, k: int) -> Tensor:
-        return self.heads(ctx.field, ctx.hidden, self.table[ctx.token], self.table, k)  # (B, k, V)
-
     @torch.no_grad()
     def draft(self, ctx: DraftContext, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         u = self.heads.directions(ctx.field, ctx.hidden, self.table[ctx.token], k)  # (B, k, d)
