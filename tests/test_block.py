@@ -322,3 +322,58 @@ def test_draft_vocab_restricts_drafts_and_keeps_the_joint_law(tiny_lm, exact, on
     assert torch.allclose(r.sum(-1), torch.ones(50, 3, dtype=torch.float64))
     counts, run = _joint_counts(tiny_lm, drafter, PROMPT, 2, N_ROWS, V, seed=21)
     assert _chi2_pvalue(counts, exact) > 1e-3 and int(run.accepted.sum()) > 0
+
+
+# --------------------------------------------------------------------------- continuous batching
+PROMPT_LONG = [2, 0, 4, 1, 1, 3, 0, 2]  # longer than the running cache when it is admitted
+
+
+def test_joint_law_with_continuous_batching(tiny_lm, exact, one_thread):
+    """Refill and eviction active (100000 prompts through 20000 rows; short prompts first, then
+    long and short ones alternating, so admitted prompts are both shorter and longer than the
+    running cache): the joint law of 3 tokens is the LM's for each prompt, in the prompts' order."""
+    exact_long = _exact_joint(tiny_lm, PROMPT_LONG, 3, V)
+    seqs = [PROMPT] * 20_000 + [PROMPT_LONG, PROMPT] * 40_000
+    L = max(len(s) for s in seqs)
+    ids = torch.tensor([[0] * (L - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
+    lm = BlockLM(tiny_lm, get_adapter(tiny_lm), window=64)
+    run = block_generate(lm, _HiddenDrafter(tiny_lm.config.hidden_size, V), ids, mask, 2, 3,
+                         torch.Generator().manual_seed(31), batch_size=20_000)
+    assert run.tokens.shape == (len(seqs), 3) and bool(run.valid.all())
+    assert run.stats["prefills"] > 2 and run.stats["rows_per_forward"] <= 20_000  # refills happened
+    code = (run.tokens * torch.tensor([V ** 2, V, 1])).sum(1).numpy()
+    is_long = np.array([s is PROMPT_LONG for s in seqs])
+    for sel, probs in ((~is_long, exact), (is_long, exact_long)):
+        counts = np.bincount(code[sel], minlength=V ** 3)
+        assert _chi2_pvalue(counts, probs) > 1e-3
+    assert int(run.accepted.sum()) > 0
+
+
+def test_refilled_rows_match_a_plain_forward(tiny_gpt2, one_thread):
+    """Continuous batching on ragged prompts (7 prompts through 2 rows, lengths 1 to 9, K = 3): every
+    emitted token's log p from the cached, rolled-back, evicted and spliced forwards equals the one of
+    a plain forward over that prompt + its continuation, for every prompt (refilled rows included);
+    the prompts' order is kept."""
+    model, _ = tiny_gpt2
+    lm = BlockLM(model, get_adapter(model), window=128)
+    Vt = model.config.vocab_size
+    seqs = [[3, 5, 6, 7], [8, 9], [4], [1, 2, 3, 4, 5, 6, 7, 8, 9], [2, 2], [7, 6, 5, 4, 3], [9, 9, 9]]
+    L = max(len(s) for s in seqs)
+    ids = torch.tensor([[0] * (L - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
+    drafter = FixedDrafter(r_fn=lambda j: torch.softmax(torch.randn(Vt, dtype=torch.float64,
+                                                                    generator=torch.Generator().manual_seed(j)), -1))
+    n_new = 10
+    run = block_generate(lm, drafter, ids, mask, 3, n_new, torch.Generator().manual_seed(5), batch_size=2)
+    assert run.tokens.shape == (len(seqs), n_new) and bool(run.valid.all())
+    assert run.stats["prefills"] == 6 and int(run.accepted.sum()) > 0  # the first 2 together, then one per slot
+    for b, s in enumerate(seqs):
+        seq = torch.tensor([s + run.tokens[b].tolist()])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=seq).logits, -1)[0, len(s) - 1:-1]
+        ref = lp.gather(1, run.tokens[b][:, None]).squeeze(1)
+        assert torch.allclose(ref.float(), run.diag["lm_logprob"][b], atol=1e-5), b
+    # a static batch (no refill, no eviction) of the first two prompts: the same machinery, same law
+    static = block_generate(lm, drafter, ids[:2], mask[:2], 3, n_new, torch.Generator().manual_seed(5), evict=False)
+    assert static.tokens.shape == (2, n_new) and static.stats["prefills"] == 1

@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field as _field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,12 +128,70 @@ class BlockLM:
             state.cache.crop(-drop)
             state.mask = state.mask[:, :C - drop]
 
+    # -- continuous batching: rows leave (evict) and new prompts take their slots (admit)
+    @staticmethod
+    def _layers(state: BlockState) -> list[Any]:
+        return [ly for ly in state.cache.layers if getattr(ly, "keys", None) is not None and ly.keys.numel()]
+
+    def evict(self, state: BlockState, keep: Tensor) -> None:
+        """Keep only the rows ``keep`` (n,) int64 of the batch (cache, mask, positions)."""
+        for ly in self._layers(state):
+            ly.keys, ly.values = ly.keys[keep], ly.values[keep]
+        state.mask, state.next_pos = state.mask[keep], state.next_pos[keep]
+
+    def trim(self, state: BlockState) -> int:
+        """Drop the leading cache columns no row attends (every row's mask 0 there: a finished row's
+        prompt after its slot was refilled, or left padding); returns how many were dropped."""
+        first = int(state.mask.any(0).to(torch.int8).argmax())
+        if first > 0:
+            for ly in self._layers(state):
+                ly.keys, ly.values = ly.keys[:, :, first:], ly.values[:, :, first:]
+            state.mask = state.mask[:, first:]
+        return first
+
+    @torch.no_grad()
+    def admit(self, state: BlockState, slots: Tensor, ids: Tensor, mask: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Prefill the prompts ``ids`` / ``mask`` (m, L) (left padded) in one forward of their own
+        and splice their KV into rows ``slots`` (m,) of the running cache, right-aligned with its C
+        columns (the cache is left-padded with masked columns first when L > C); the row's old
+        columns get mask 0 and its position ids restart at its prompt length (RoPE / position
+        embeddings were applied at the prompt's own positions). Returns the prompts' last logits
+        (m, V), hidden (m, d) and field (m, d) | None, as :meth:`prefill`."""
+        ids, mask = _trim_left(ids, mask)
+        new, logits, h, f = self.prefill(ids, mask)
+        m, L = mask.shape
+        C = state.mask.shape[1]
+        if L > C:
+            for ly in self._layers(state):
+                pad = ly.keys.new_zeros(*ly.keys.shape[:2], L - C, ly.keys.shape[-1])
+                ly.keys, ly.values = torch.cat([pad, ly.keys], 2), torch.cat([pad, ly.values], 2)
+            state.mask = torch.cat([state.mask.new_zeros(state.mask.shape[0], L - C), state.mask], 1)
+            C = L
+        for ly, nl in zip(self._layers(state), self._layers(new)):
+            for name in ("keys", "values"):
+                dst, src = getattr(ly, name), getattr(nl, name)
+                dst[slots] = 0
+                dst[slots, :, C - L:] = src.to(dst.dtype)
+        state.mask[slots] = 0
+        state.mask[slots, C - L:] = mask.to(state.mask.dtype)
+        state.next_pos[slots] = new.next_pos
+        state.forwards += 1
+        return logits, h, f
+
+
+def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the leading columns that are padding in every row of (B, L) ids / mask."""
+    first = int(mask.bool().any(0).to(torch.int8).argmax())
+    return ids[:, first:], mask[:, first:]
+
 
 # --------------------------------------------------------------------------- the generation loop
 @dataclass
 class BlockRun:
-    """Raw result of :func:`block_generate`: tokens (B, T), valid (B, T), diagnostics name -> (B, T),
-    and counters (LM forwards, drafted / accepted per offset)."""
+    """Raw result of :func:`block_generate`: tokens (N, T), valid (N, T), diagnostics name -> (N, T)
+    (one row per prompt, in the order given), counters (LM forwards, drafted / accepted per offset)
+    and ``stats`` (prefills, verification rounds, mean rows per verification forward)."""
 
     tokens: Tensor
     valid: Tensor
@@ -148,48 +206,91 @@ class BlockRun:
 def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: int, max_new_tokens: int,
                    generator: torch.Generator | None, temperature: float = 1.0, top_p: float = 1.0,
                    eos_id: int | None = None, pad_id: int = 0, logit_bias: Tensor | None = None,
-                   on_token: Callable[[int, Tensor], None] | None = None) -> BlockRun:
-    """Generate up to ``max_new_tokens`` per row with K = ``k`` drafts per round (module docstring).
-    The LM's distribution is softmax((logits + logit_bias) / temperature) (top-p filtered)."""
-    B = ids.shape[0]
+                   on_token: Callable[[int, Tensor], None] | None = None, batch_size: int = 0,
+                   evict: bool = True) -> BlockRun:
+    """Generate up to ``max_new_tokens`` for every prompt row of ``ids`` / ``mask`` (N, L) (left
+    padded) with K = ``k`` drafts per round (module docstring). The LM's distribution is
+    softmax((logits + logit_bias) / temperature) (top-p filtered).
+
+    Scheduling: ``batch_size`` rows run at once (0 = all N, a static batch). A row that has its
+    tokens (or its EOS) leaves the batch (``evict``: later forwards are narrower) and, while
+    prompts wait (N > batch_size), its slot takes the next one: continuous batching, so the
+    number of verification forwards follows the mean row, not the slowest row of each batch.
+    ``evict=False`` with ``batch_size=0`` is the plain static batch (finished rows keep being fed)."""
+    N = ids.shape[0]
+    bs = N if batch_size <= 0 else min(int(batch_size), N)
     dev = ids.device
     W = max_new_tokens + k + 2
-    tokens = torch.full((B, W), pad_id, dtype=torch.long, device=dev)
-    diag = {key: torch.full((B, W), float("nan"), dtype=torch.float64) for key in (*BLOCK_DIAG, "lm_logprob")}
-    count = torch.zeros(B, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    tokens = torch.full((N, W), pad_id, dtype=torch.long, device=dev)
+    diag = {key: torch.full((N, W), float("nan"), dtype=torch.float64) for key in (*BLOCK_DIAG, "lm_logprob")}
+    count = torch.zeros(N, dtype=torch.long, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
     drafted, accepted_k = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+    rounds, rows_fed = 0, 0
 
     def probs(logits: Tensor) -> Tensor:
         logits = logits if logit_bias is None else logits + logit_bias.to(logits.dtype)
         return target_probs(logits, temperature, top_p)
 
-    def emit(toks: Tensor, n_emit: Tensor, values: dict[str, Tensor]) -> None:
-        """Write toks[:, :n_emit[b]] (B, m) at each row's count (rows not done)."""
-        nonlocal count, done
+    def emit(who: Tensor, toks: Tensor, n_emit: Tensor, values: dict[str, Tensor]) -> None:
+        """Write toks[:, :n_emit[b]] (B, m) of batch row b at prompt who[b]'s count (prompts not done)."""
         m = toks.shape[1]
         j = torch.arange(m, device=dev)[None]
-        ok = (j < n_emit[:, None]) & ~done[:, None] & (count[:, None] + j < max_new_tokens)
+        c = count[who]
+        ok = (j < n_emit[:, None]) & ~done[who][:, None] & (c[:, None] + j < max_new_tokens)
         rows, cols = ok.nonzero(as_tuple=True)
-        at = count[rows] + cols
-        tokens[rows, at] = toks[rows, cols]
+        at = c[rows] + cols
+        tgt = who[rows]
+        tokens[tgt, at] = toks[rows, cols]
         for key, v in values.items():
-            diag[key][rows, at] = v[rows, cols].double().cpu() if v.device != diag[key].device else v[rows, cols].double()
-        if on_token is not None and B == 1:
-            for c in cols.tolist():
-                on_token(int(count[0]) + c, toks[0, c:c + 1])
-        hit_eos = (ok & (toks == eos_id)).any(1) if eos_id is not None else torch.zeros_like(done)
-        count = count + ok.sum(1)
-        done = done | hit_eos | (count >= max_new_tokens)
+            diag[key][tgt, at] = v[rows, cols].to(device=diag[key].device, dtype=torch.float64)
+        if on_token is not None and N == 1:
+            for col in cols.tolist():
+                on_token(int(c[0]) + col, toks[0, col:col + 1])
+        hit = (ok & (toks == eos_id)).any(1) if eos_id is not None else torch.zeros_like(ok[:, 0])
+        count[who] = c + ok.sum(1)
+        done[who] = done[who] | hit | (count[who] >= max_new_tokens)
 
-    state, logits, hidden, fld = lm.prefill(ids, mask)
-    p0 = probs(logits)  # (B, V)
-    z = sample_categorical(p0, generator)  # the free first token
-    ones = torch.ones(B, 1, dtype=torch.long, device=dev)
-    emit(z[:, None], ones[:, 0], {"block_offset": torch.zeros(B, 1), "lm_p": p0.gather(1, z[:, None]),
-                                  "lm_logprob": torch.log_softmax(logits.double(), -1).gather(1, z[:, None])})
-    while not bool(done.all()):
-        need = int((max_new_tokens - count[~done]).max())  # tokens still wanted after z by the neediest row
+    def first_token(who: Tensor, logits: Tensor) -> Tensor:
+        """The free exact first draw of newly prefilled prompts ``who`` from their last logits (m, V)."""
+        p0 = probs(logits)
+        z0 = sample_categorical(p0, generator)
+        emit(who, z0[:, None], torch.ones_like(z0), {
+            "block_offset": torch.zeros(len(who), 1), "lm_p": p0.gather(1, z0[:, None]),
+            "lm_logprob": _logprob(logits, z0)[:, None]})
+        return z0
+
+    who = torch.arange(bs, device=dev)  # the prompt each batch row is generating
+    state, logits, hidden, fld = lm.prefill(*_trim_left(ids[:bs], mask[:bs]))
+    z = first_token(who, logits)
+    waiting = bs  # the next prompt to admit
+    while True:
+        fin = done[who]
+        if bool(fin.any()) and waiting < N:  # continuous batching: finished rows take waiting prompts
+            slots = fin.nonzero(as_tuple=True)[0][: N - waiting]
+            nxt = torch.arange(waiting, waiting + len(slots), device=dev)
+            waiting += len(slots)
+            logits, h_new, f_new = lm.admit(state, slots, ids[nxt], mask[nxt])
+            who = who.clone()
+            who[slots] = nxt
+            hidden, z = hidden.clone(), z.clone()
+            hidden[slots] = h_new.to(hidden.dtype)
+            if fld is not None:
+                fld = fld.clone()
+                fld[slots] = f_new.to(fld.dtype)
+            z[slots] = first_token(nxt, logits)
+            continue  # the admitted prompts may be done already (max_new_tokens = 1, or an EOS)
+        if bool(fin.all()):
+            break
+        if evict and bool(fin.any()):  # finished rows leave: later forwards are narrower
+            keep = (~fin).nonzero(as_tuple=True)[0]
+            lm.evict(state, keep)
+            who, hidden, z = who[keep], hidden[keep], z[keep]
+            fld = None if fld is None else fld[keep]
+        lm.trim(state)
+        B = who.shape[0]
+        live = ~done[who]
+        need = int((max_new_tokens - count[who][live]).max())  # tokens still wanted after z by the neediest row
         kk = max(0, min(k, need - 1))
         if kk > 0:
             drafts, r = drafter.draft(DraftContext(hidden, fld, z), kk, generator)  # (B, kk), (B, kk, V)
@@ -197,19 +298,19 @@ def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: 
             drafts, r = z.new_zeros(B, 0), None
         block = torch.cat([z[:, None], drafts], 1)  # (B, kk + 1)
         logits, hs, fs = lm.extend(state, block)
+        rounds, rows_fed = rounds + 1, rows_fed + B
         p = probs(logits)  # (B, kk + 1, V)
         v = verify(p, r.to(p.dtype) if r is not None else p[:, :0], drafts, generator)
         n = v.n_accepted
-        live = ~done
         if kk > 0:
-            seen = (torch.arange(kk)[None] <= n.cpu()[:, None]) & live.cpu()[:, None]  # offset j was verified
-            drafted[:kk] += seen.sum(0)
-            accepted_k[:kk] += (v.accepted.cpu() & live.cpu()[:, None]).sum(0)
+            seen = (torch.arange(kk, device=dev)[None] <= n[:, None]) & live[:, None]  # offset j was verified
+            drafted[:kk] += seen.sum(0).cpu()
+            accepted_k[:kk] += (v.accepted & live[:, None]).sum(0).cpu()
         # emitted this round: the accepted drafts, then the next token at index n
         rows = torch.arange(B, device=dev)
         toks = torch.cat([drafts, drafts.new_zeros(B, 1)], 1)
         toks[rows, n] = v.next_token
-        offs = torch.arange(1, kk + 2, device=dev, dtype=torch.float64)[None].expand(B, -1).clone()
+        offs = torch.arange(1, kk + 2, device=dev, dtype=torch.float64)[None].expand(B, -1)
         acc = torch.full((B, kk + 1), float("nan"), dtype=torch.float64, device=dev)
         acc[:, :kk] = torch.where(v.accepted, 1.0, float("nan")).double()
         acc[rows, n] = torch.where(n < kk, 0.0, float("nan")).double()
@@ -217,8 +318,8 @@ def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: 
         pr[rows, n] = v.p_next
         rr = torch.cat([v.r_draft, v.r_draft.new_zeros(B, 1)], 1)
         rr[rows, n] = torch.where(n < kk, v.r_next, float("nan"))
-        lp = torch.log_softmax(logits.double(), -1).gather(2, toks[:, :, None]).squeeze(-1)
-        emit(toks, n + 1, {"block_offset": offs, "accepted": acc, "draft_r": rr, "lm_p": pr, "lm_logprob": lp})
+        emit(who, toks, n + 1, {"block_offset": offs, "accepted": acc, "draft_r": rr, "lm_p": pr,
+                                "lm_logprob": _logprob(logits, toks)})
         lm.rollback(state, kk + 1, n + 1)
         hidden, fld = hs[rows, n], None if fs is None else fs[rows, n]  # the last kept fed position
         z = v.next_token
@@ -228,8 +329,17 @@ def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: 
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(count, W))
         valid = valid & (torch.arange(W, device=dev)[None] <= first[:, None])
     T = int(count.max())
+    # row_forwards: every prompt's prefill (its free first token) + every row of every verification
+    stats = {"prefills": state.forwards - rounds, "rounds": rounds, "rows_per_forward": rows_fed / max(rounds, 1),
+             "row_forwards": rows_fed + N}
     return BlockRun(tokens[:, :T].cpu(), valid[:, :T].cpu(), {key: x[:, :T].float() for key, x in diag.items()},
-                    state.forwards, drafted, accepted_k)
+                    state.forwards, drafted, accepted_k, stats)
+
+
+def _logprob(logits: Tensor, toks: Tensor) -> Tensor:
+    """log softmax(logits) (..., V) at ``toks`` (...): the LM's log p at T = 1 (the diagnostics'
+    ``lm_logprob``), from one logsumexp instead of a float64 log-softmax over the vocabulary."""
+    return logits.gather(-1, toks.unsqueeze(-1)).squeeze(-1).double() - torch.logsumexp(logits, -1).double()
 
 
 # --------------------------------------------------------------------------- the sampler
@@ -307,17 +417,34 @@ class BlockSampler(Sampler):
 
     @torch.no_grad()
     def generate(self, ids, mask, max_new_tokens, generator, stop_at_eos=True, on_token=None):
+        return self._run(ids, mask, max_new_tokens, generator, stop_at_eos, on_token, 0)
+
+    @torch.no_grad()
+    def generate_queue(self, seqs: Sequence[Sequence[int]], batch_size: int, max_new_tokens: int,
+                       generator: torch.Generator, stop_at_eos: bool = True) -> GenerationBatch:
+        """Continue every prompt of ``seqs`` (N token lists) with ``batch_size`` rows at once under
+        continuous batching (:func:`block_generate`): a finished row's slot takes the next prompt.
+        One :class:`GenerationBatch` of N rows, in the order of ``seqs``."""
+        ids, mask = self.session.batch(seqs)
+        return self._run(ids, mask, max_new_tokens, generator, stop_at_eos, None, int(batch_size))
+
+    def _run(self, ids, mask, max_new_tokens, generator, stop_at_eos, on_token, batch_size) -> GenerationBatch:
         sess = self.session
         t0 = time.perf_counter()
         run = block_generate(self.lm, self.drafter, ids, mask, self.k, max_new_tokens, generator,
                              float(self.cfg.temperature), float(self.cfg.top_p),
-                             sess.eos_id if stop_at_eos else None, sess.pad_id, self._bias(), on_token)
+                             sess.eos_id if stop_at_eos else None, sess.pad_id, self._bias(), on_token,
+                             batch_size=batch_size)
         seconds = time.perf_counter() - t0
         B, T = run.tokens.shape
         diag = {key: torch.full((B, T), float("nan")) for key in DIAG_KEYS}
         diag.update(run.diag)
         n_tok = int(run.valid.sum())
-        self.last = {"lm_forwards": run.forwards, "tokens_per_forward": round(n_tok / max(run.forwards, 1) / B, 4),
+        # tokens_per_forward: per row (a prompt's prefill counts as one, as for ar)
+        self.last = {"lm_forwards": run.forwards, "verify_rounds": int(run.stats["rounds"]),
+                     "prefills": int(run.stats["prefills"]),
+                     "rows_per_forward": round(float(run.stats["rows_per_forward"]), 3),
+                     "tokens_per_forward": round(n_tok / max(run.stats["row_forwards"], 1), 4),
                      "acceptance_by_offset": [round(float(a) / max(int(d), 1), 4)
                                               for a, d in zip(run.accepted, run.drafted)],
                      "drafted": run.drafted.tolist(), "accepted": run.accepted.tolist()}
