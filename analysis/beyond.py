@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis import calibrated
 from analysis.ablation import ablation_scan
 from analysis.attribution import SaturationFix, atp, qk_fix
 from analysis.compare import compare_predictors, paired_difference, strip_boot
@@ -327,6 +328,10 @@ def step_beyond(A: Analysis) -> dict[str, Any]:
         for k, (p, sec) in _new_predictors(A, m).items():
             if k != "atp":  # AtP is the +heads+mlps row
                 preds[k], cost[k] = p, sec
+        cal_labels = {}
+        if bc.calibration and str(bc.calibration).lower() != "none":  # calibrated AtP (analysis/calibrated.py)
+            for k, (p, sec, lab) in calibrated.rows(A, bc, c.prompts, ids, m).items():
+                preds[k], cost[k], cal_labels[k] = p, sec, lab
         all_preds[m] = preds
         rec = compare_predictors(preds, exact[m], c.n_bootstrap, c.seed)
         steps = {"direct_norm": paired_difference(rec["direct"], rec["direct_norm"]),
@@ -335,7 +340,8 @@ def step_beyond(A: Analysis) -> dict[str, Any]:
         if "atp_star" in rec:
             steps["atp_star"] = paired_difference(rec["+heads+mlps"], rec["atp_star"])
         for k, r in rec.items():
-            r.update(label=_label(k, c.hybrid_layers, bc), seconds=cost[k], speedup=scan_s / max(cost[k], 1e-12),
+            r.update(label=cal_labels.get(k) or _label(k, c.hybrid_layers, bc), seconds=cost[k],
+                     speedup=scan_s / max(cost[k], 1e-12),
                      **extra_metrics(preds[k], exact[m], c.n_bootstrap, c.seed))
         early = np.array([l < 2 for l, _ in A.scan_heads()])
         atp_late = (compare_predictors({"atp": preds["+heads+mlps"][:, ~early]}, exact[m][:, ~early], 200, c.seed)
@@ -349,6 +355,8 @@ def step_beyond(A: Analysis) -> dict[str, Any]:
                             out["modes"]["zero"]["atp_r_without_layers_0_1"], c.hybrid_layers)
     write_csv(A.out / "predictors.csv", CSV_COLUMNS, csv_rows(out["modes"]))
     out["beyond_keys"] = dict(vars(bc))
+    if "calibration" in A.cache:
+        out["calibration"] = {k: calibrated.summary(v) for k, v in A.cache["calibration"].items()}
     out["pure_best"] = _pure_best(out["modes"])
     A.figures["predictor_table"] = Path(fig_table(out["modes"], A.out / "fig_predictor_table.png", A.lm.name)).name
     if bc.heldout and c.heldout and str(c.heldout).lower() != "none":

@@ -174,17 +174,24 @@ def prompt_set_table(A: Any, spec: str, bc: BeyondConfig) -> dict[str, Any]:
     ids = [i for i in _evenly(len(A.tset(spec)), c.scan_prompts) if gt.valid[i]]
     ts, heads = A.tset(spec).subset(ids), A.scan_heads()
     out: dict[str, Any] = {"prompts": spec, "n_prompts": len(ids), "prompt_ids": ids, "modes": {}}
+    use_cal = bool(bc.calibration) and str(bc.calibration).lower() != "none"
     for m in ("zero", "mean"):
         mz = A.mean_z() if m == "mean" else None
         t0 = time.perf_counter()
         exact = ablation_scan(A.model, A.ad, ts, heads, m, mz, A.pad_id, c.batch_size, progress=False).effect
         t_exact = time.perf_counter() - t0
         res = compute(A.model, A.ad, ts, heads, m, mz, A.pad_id, c.batch_size, bc)
+        labels = {}
+        if use_cal:  # calibrated AtP (analysis/calibrated.py; its calibration prompts are never these)
+            from analysis.calibrated import rows as calibrated_rows
+
+            for k, (p, sec, lab) in calibrated_rows(A, bc, spec, ids, m).items():
+                res[k], labels[k] = (p, sec), lab
         rec = compare_predictors({k: v[0] for k, v in res.items()}, exact, c.n_bootstrap, c.seed)
         for k, r in rec.items():
             r.update(extra_metrics(res[k][0], exact, c.n_bootstrap, c.seed), seconds=res[k][1],
                      speedup=t_exact / max(res[k][1], 1e-12),
-                     label="AtP (1 forward + 1 backward)" if k == "atp" else label(k, bc))
+                     label="AtP (1 forward + 1 backward)" if k == "atp" else labels.get(k) or label(k, bc))
         out["modes"][m] = {"predictors": strip_boot(rec), "exact_seconds": t_exact}
     return out
 

@@ -74,6 +74,11 @@ class BeyondConfig:
     lookahead_layers: int = 1  # ... for the heads of layers < this, AtP for the rest
     heldout: bool = False  # also the table on the `heldout` prompt set (its own exact scans)
     max_rows: int = 256  # rows (prompts x interpolation points / heads) per forward
+    # calibrated AtP (analysis/calibrated.py): a one-time exact scan of calibration prompts
+    calibration: str = ""  # prompt set of the calibration scan ("" = off; prompts it predicts are left out)
+    calibration_prompts: int = 32  # calibration prompts (evenly spaced usable rows, disjoint from the predicted)
+    calibration_variant: str = "auto"  # auto (cross-validated on the calibration set) | one of calibrated.VARIANTS
+    calibration_folds: int = 8  # cross-validation folds over the calibration prompts
 
 
 def check_beyond(bc: BeyondConfig) -> None:
@@ -82,9 +87,19 @@ def check_beyond(bc: BeyondConfig) -> None:
 
     if bc.ig_rule not in RULES:
         raise ConfigError(f"beyond.ig_rule={bc.ig_rule}: use one of {', '.join(RULES)} (e.g. beyond.ig_rule=left)")
-    for key, low in (("ig_steps", 1), ("ig_layers", 0), ("lookahead_k", 0), ("lookahead_layers", 0), ("max_rows", 1)):
+    for key, low in (("ig_steps", 1), ("ig_layers", 0), ("lookahead_k", 0), ("lookahead_layers", 0), ("max_rows", 1),
+                     ("calibration_prompts", 4), ("calibration_folds", 2)):
         if int(getattr(bc, key)) < low:
             raise ConfigError(f"beyond.{key}={getattr(bc, key)}: must be >= {low} (default {getattr(BeyondConfig, key)})")
+    from analysis.calibrated import VARIANTS  # calibrated AtP (issue 20)
+
+    if bc.calibration_variant not in ("auto", *VARIANTS):
+        raise ConfigError(f"beyond.calibration_variant={bc.calibration_variant}: use auto or one of "
+                          f"{', '.join(VARIANTS)} (e.g. beyond.calibration_variant=auto)")
+    if bc.calibration and str(bc.calibration).lower() != "none":
+        from analysis.prompts import load_prompts
+
+        load_prompts(str(bc.calibration))  # PromptFileError (one line) if it is neither bundled nor a file
 
 
 def make_groups(ad: ArchitectureAdapter, grouping: str, layers: Sequence[int] | None = None) -> Groups:
