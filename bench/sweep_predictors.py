@@ -10,6 +10,11 @@ process (the exact scan's seconds printed first; ``--exact FILE`` caches the sca
 Rows: AtP; IG with all heads interpolated jointly (2 and 4 steps, left and midpoint rule); IG per
 layer for layers 0-1 (2 steps) + AtP; RelP; lookahead k = 1, 2, 4, 8 for the heads of layers < 1,
 < 2, < 3 + AtP (docs/analysis.md, "Past attribution patching").
+
+``--calibrate N``: calibrated AtP (:mod:`analysis.calibrated`): a one-time exact scan of N prompts
+of the same set, disjoint from the scan prompts (cached next to ``--exact`` as ``*.calN.npz``),
+every variant fitted there (lam by cross-validation on those N alone) and evaluated on the scan
+prompts, plus the per-head calibration mean; ``--calibration-only`` skips the other rows.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-set", default="extended")
     ap.add_argument("--exact", default="", help="cache file (.npy) of the exact scan's effect matrix")
+    ap.add_argument("--calibrate", type=int, default=0, help="calibrated AtP rows: N calibration prompts")
+    ap.add_argument("--calibration-only", action="store_true", help="AtP and the calibrated rows only")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lm = load_model(ModelConfig(name=args.model, dtype="float32"))
@@ -48,7 +55,7 @@ def main(argv=None) -> dict:
     ad = get_adapter(model, lm.name)
     pad = pad_token_id(tok)
     full = tokenize_set(tok, load_prompts(args.prompt_set), context_window(model) or 10**9, warn=False)
-    ts = full.subset([i for i in _evenly(len(full), args.prompts) if i not in set(full.shared_first)])
+    ts = full.subset(_scan_ids(len(full), args.prompts, set(full.shared_first)))
     heads = [(l, h) for l in range(ad.n_layers) for h in range(ad.n_heads)]
     ids, mask = pad_left(ts.ids, pad)
     g, b = ts.good_first, ts.bad_first
@@ -96,6 +103,10 @@ def main(argv=None) -> dict:
         a = a.copy()
         a[np.isnan(a)] = atp[np.isnan(a)]
         return a
+    if args.calibrate:
+        _calibrated_rows(args, model, ad, full, ts, heads, pad, exact, show)
+    if args.calibration_only:
+        return out
     for rule in ("left", "midpoint"):
         for S in (2, 4):
             timed(f"ig_joint_{rule}_S{S}", lambda: ig_attribution(model, ad, ids, mask, g, b, make_groups(ad, "joint"),
@@ -113,6 +124,44 @@ def main(argv=None) -> dict:
                 return pred
             timed(f"lookahead_k{k}_layers<{nl}+atp", la, t_trace)
     return out
+
+
+def _calibrated_rows(args, model, ad, full, ts, heads, pad, exact, show) -> None:
+    """The calibrated-AtP rows (module docstring): calibration scan cached, CV on it alone."""
+    from analysis.calibrated import VARIANTS, Features, atp_features, calibrate, calibration_ids, fit
+
+    shared = set(full.shared_first)
+    cal_ids = calibration_ids(len(full), [i not in shared for i in range(len(full))], args.calibrate,
+                              _scan_ids(len(full), args.prompts, shared))  # disjoint from the scan prompts
+    cache = Path(args.exact).with_suffix(f".cal{args.calibrate}.npz") if args.exact else None
+    cts = full.subset(cal_ids)
+    if cache is not None and cache.exists():
+        z = np.load(cache)
+        assert z["ids"].tolist() == cal_ids, "stale calibration cache: delete it"
+        feat, ex = Features(z["atp"], z["gap"]), z["exact"]
+    else:
+        t0 = time.perf_counter()
+        ex = ablation_scan(model, ad, cts, heads, "zero", None, pad, 8, progress=False).effect
+        feat = atp_features(model, ad, cts, heads, "zero", None, pad, 8)
+        print(f"calibration scan ({len(cal_ids)} prompts, disjoint from the scan prompts): "
+              f"{time.perf_counter() - t0:.2f} s", flush=True)
+        if cache is not None:
+            np.savez(cache, ids=np.array(cal_ids), atp=feat.atp, gap=feat.gap, exact=ex)
+    layer = np.array([l for l, _ in heads])
+    cal = calibrate(feat, ex, layer, "auto", 8)
+    print("calibration CV (out-of-fold pooled r on the calibration prompts): " + "; ".join(
+        f"{v} " + " ".join(f"{lam:g}:{r:.3f}" for lam, r in cal.cv[v].items()) for v in VARIANTS), flush=True)
+    new = atp_features(model, ad, ts, heads, "zero", None, pad, len(ts))
+    show("calib_mean (no per-prompt info)", fit(feat, ex, layer, "mean").predict(new), 1e-6)
+    show("calib_layer", fit(feat, ex, layer, "layer").predict(new), new.seconds)
+    for v in ("head", "head_gap", "head_gap_early"):
+        lam = max(cal.cv[v], key=cal.cv[v].get)
+        show(f"calib_{v} (lam {lam:g})", fit(feat, ex, layer, v, lam).predict(new), new.seconds)
+    show(f"calibrated (CV pick: {cal.variant})", cal.predict(new), new.seconds)
+
+
+def _scan_ids(n: int, prompts: int, shared: set[int]) -> list[int]:
+    return [i for i in _evenly(n, prompts) if i not in shared]
 
 
 if __name__ == "__main__":
