@@ -367,7 +367,7 @@ def test_refilled_rows_match_a_plain_forward(tiny_gpt2, one_thread):
     n_new = 10
     run = block_generate(lm, drafter, ids, mask, 3, n_new, torch.Generator().manual_seed(5), batch_size=2)
     assert run.tokens.shape == (len(seqs), n_new) and bool(run.valid.all())
-    assert run.stats["prefills"] == 6 and int(run.accepted.sum()) > 0  # the first 2 together, then one per slot
+    assert run.stats["prefills"] == 4 and int(run.accepted.sum()) > 0  # batches of 2 prefilled ahead: 2 + 2 + 2 + 1
     for b, s in enumerate(seqs):
         seq = torch.tensor([s + run.tokens[b].tolist()])
         with torch.no_grad():
@@ -377,3 +377,26 @@ def test_refilled_rows_match_a_plain_forward(tiny_gpt2, one_thread):
     # a static batch (no refill, no eviction) of the first two prompts: the same machinery, same law
     static = block_generate(lm, drafter, ids[:2], mask[:2], 3, n_new, torch.Generator().manual_seed(5), evict=False)
     assert static.tokens.shape == (2, n_new) and static.stats["prefills"] == 1
+
+
+@pytest.mark.parametrize("n_new", [1, 5])
+def test_continuous_batching_with_eos(tiny_gpt2, one_thread, n_new):
+    """Rows that stop at an EOS (some at their free first token, n_new = 1: every prompt is done
+    before it gets a slot) leave and their slots take the next prompts; every prompt gets its tokens."""
+    model, tok = tiny_gpt2
+    lm = BlockLM(model, get_adapter(model), window=128)
+    eos = tok.eos_token_id
+    bias = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    bias[eos] = 4.0  # EOS is likely at every position
+    r = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    r[eos] = 1.0
+    ids = torch.tensor([[3, 5, 6, 7], [0, 0, 8, 9]] * 20)
+    mask = (ids > 0).long()
+    run = block_generate(lm, FixedDrafter(r), ids, mask, 2, n_new, torch.Generator().manual_seed(0), eos_id=eos,
+                         pad_id=eos, logit_bias=bias, batch_size=6)
+    lens = run.valid.sum(1)
+    assert run.tokens.shape[0] == 40 and bool((lens >= 1).all()) and bool((lens <= n_new).all())
+    for b in range(40):
+        toks = run.tokens[b][run.valid[b]].tolist()
+        assert eos not in toks[:-1] and (toks[-1] == eos or len(toks) == n_new)
+    assert run.stats["prefills"] >= 2

@@ -149,35 +149,30 @@ class BlockLM:
             state.mask = state.mask[:, first:]
         return first
 
-    @torch.no_grad()
-    def admit(self, state: BlockState, slots: Tensor, ids: Tensor, mask: Tensor
-              ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Prefill the prompts ``ids`` / ``mask`` (m, L) (left padded) in one forward of their own
-        and splice their KV into rows ``slots`` (m,) of the running cache, right-aligned with its C
-        columns (the cache is left-padded with masked columns first when L > C); the row's old
-        columns get mask 0 and its position ids restart at its prompt length (RoPE / position
-        embeddings were applied at the prompt's own positions). Returns the prompts' last logits
-        (m, V), hidden (m, d) and field (m, d) | None, as :meth:`prefill`."""
-        ids, mask = _trim_left(ids, mask)
-        new, logits, h, f = self.prefill(ids, mask)
-        m, L = mask.shape
-        C = state.mask.shape[1]
+    def splice(self, state: BlockState, slots: Tensor, src: BlockState, rows: Tensor) -> None:
+        """Move rows ``rows`` (m,) of the prefilled prompts ``src`` (:meth:`prefill`) into rows
+        ``slots`` (m,) of the running cache, right-aligned with its C columns (the cache is
+        left-padded with masked columns first when the prompts are longer); the slot's old columns
+        get mask 0 and its position ids continue from its prompt's (RoPE / position embeddings were
+        applied at the prompt's own positions, so where the columns sit does not matter)."""
+        mask = src.mask[rows]
+        first = int(mask.bool().any(0).to(torch.int8).argmax())  # the columns padding in every moved row
+        mask = mask[:, first:]
+        L, C = mask.shape[1], state.mask.shape[1]
         if L > C:
             for ly in self._layers(state):
                 pad = ly.keys.new_zeros(*ly.keys.shape[:2], L - C, ly.keys.shape[-1])
                 ly.keys, ly.values = torch.cat([pad, ly.keys], 2), torch.cat([pad, ly.values], 2)
             state.mask = torch.cat([state.mask.new_zeros(state.mask.shape[0], L - C), state.mask], 1)
             C = L
-        for ly, nl in zip(self._layers(state), self._layers(new)):
+        for ly, nl in zip(self._layers(state), self._layers(src)):
             for name in ("keys", "values"):
-                dst, src = getattr(ly, name), getattr(nl, name)
+                dst = getattr(ly, name)
                 dst[slots] = 0
-                dst[slots, :, C - L:] = src.to(dst.dtype)
+                dst[slots, :, C - L:] = getattr(nl, name)[rows, :, first:].to(dst.dtype)
         state.mask[slots] = 0
         state.mask[slots, C - L:] = mask.to(state.mask.dtype)
-        state.next_pos[slots] = new.next_pos
-        state.forwards += 1
-        return logits, h, f
+        state.next_pos[slots] = src.next_pos[rows]
 
 
 def _trim_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,26 +255,39 @@ def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: 
             "lm_logprob": _logprob(logits, z0)[:, None]})
         return z0
 
+    def prefill(sel: Tensor) -> tuple[BlockState, Tensor, Tensor | None, Tensor]:
+        """One forward over the prompts ``sel`` and their free first tokens: (state, hidden, field, z)."""
+        st, lg, h, f = lm.prefill(*_trim_left(ids[sel], mask[sel]))
+        return st, h, f, first_token(sel, lg)
+
     who = torch.arange(bs, device=dev)  # the prompt each batch row is generating
-    state, logits, hidden, fld = lm.prefill(*_trim_left(ids[:bs], mask[:bs]))
-    z = first_token(who, logits)
-    waiting = bs  # the next prompt to admit
+    state, hidden, fld, z = prefill(who)
+    waiting = bs  # the next prompt to prefill
+    pool: list[Any] = []  # prompts prefilled ahead, waiting for a slot: [state, hidden, field, z, who, next row]
+    extra_prefills = 0
     while True:
         fin = done[who]
-        if bool(fin.any()) and waiting < N:  # continuous batching: finished rows take waiting prompts
-            slots = fin.nonzero(as_tuple=True)[0][: N - waiting]
-            nxt = torch.arange(waiting, waiting + len(slots), device=dev)
-            waiting += len(slots)
-            logits, h_new, f_new = lm.admit(state, slots, ids[nxt], mask[nxt])
-            who = who.clone()
-            who[slots] = nxt
-            hidden, z = hidden.clone(), z.clone()
-            hidden[slots] = h_new.to(hidden.dtype)
-            if fld is not None:
-                fld = fld.clone()
-                fld[slots] = f_new.to(fld.dtype)
-            z[slots] = first_token(nxt, logits)
-            continue  # the admitted prompts may be done already (max_new_tokens = 1, or an EOS)
+        if bool(fin.any()) and (pool or waiting < N):  # continuous batching: finished rows take waiting prompts
+            if not pool:  # prefill the next batch_size prompts in ONE forward (as a static batch would)
+                sel = torch.arange(waiting, min(waiting + bs, N), device=dev)
+                waiting += len(sel)
+                pool = [*prefill(sel), sel, 0]
+                extra_prefills += 1
+            pst, ph, pf, pz, pwho, at = pool
+            ready = (~done[pwho[at:]]).nonzero(as_tuple=True)[0] + at  # prompts done at their first token leave
+            slots = fin.nonzero(as_tuple=True)[0][: len(ready)]
+            rows = ready[: len(slots)]
+            pool[5] = int(rows[-1]) + 1 if len(rows) else len(pwho)
+            if pool[5] >= len(pwho):
+                pool = []
+            if len(slots):
+                lm.splice(state, slots, pst, rows)
+                who, hidden, z = who.clone(), hidden.clone(), z.clone()
+                who[slots], hidden[slots], z[slots] = pwho[rows], ph[rows].to(hidden.dtype), pz[rows]
+                if fld is not None:
+                    fld = fld.clone()
+                    fld[slots] = pf[rows].to(fld.dtype)
+            continue
         if bool(fin.all()):
             break
         if evict and bool(fin.any()):  # finished rows leave: later forwards are narrower
@@ -330,7 +338,8 @@ def block_generate(lm: BlockLM, drafter: Drafter, ids: Tensor, mask: Tensor, k: 
         valid = valid & (torch.arange(W, device=dev)[None] <= first[:, None])
     T = int(count.max())
     # row_forwards: every prompt's prefill (its free first token) + every row of every verification
-    stats = {"prefills": state.forwards - rounds, "rounds": rounds, "rows_per_forward": rows_fed / max(rounds, 1),
+    state.forwards += extra_prefills
+    stats = {"prefills": 1 + extra_prefills, "rounds": rounds, "rows_per_forward": rows_fed / max(rounds, 1),
              "row_forwards": rows_fed + N}
     return BlockRun(tokens[:, :T].cpu(), valid[:, :T].cpu(), {key: x[:, :T].float() for key, x in diag.items()},
                     state.forwards, drafted, accepted_k, stats)
@@ -365,6 +374,7 @@ class BlockSampler(Sampler):
                                                           vocab=int(getattr(cfg, "draft_vocab", 0) or 0))
         self.lm = BlockLM(session.model, session.adapter, self.provider, self.drafter.needs_field, session.window)
         self.last: dict[str, Any] = {}
+        self.evict = True  # finished rows leave the batch (False: the plain static batch, for benchmarks)
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -434,7 +444,7 @@ class BlockSampler(Sampler):
         run = block_generate(self.lm, self.drafter, ids, mask, self.k, max_new_tokens, generator,
                              float(self.cfg.temperature), float(self.cfg.top_p),
                              sess.eos_id if stop_at_eos else None, sess.pad_id, self._bias(), on_token,
-                             batch_size=batch_size)
+                             batch_size=batch_size, evict=self.evict)
         seconds = time.perf_counter() - t0
         B, T = run.tokens.shape
         diag = {key: torch.full((B, T), float("nan")) for key in DIAG_KEYS}
@@ -444,6 +454,7 @@ class BlockSampler(Sampler):
         self.last = {"lm_forwards": run.forwards, "verify_rounds": int(run.stats["rounds"]),
                      "prefills": int(run.stats["prefills"]),
                      "rows_per_forward": round(float(run.stats["rows_per_forward"]), 3),
+                     "row_forwards": int(run.stats["row_forwards"]),
                      "tokens_per_forward": round(n_tok / max(run.stats["row_forwards"], 1), 4),
                      "acceptance_by_offset": [round(float(a) / max(int(d), 1), 4)
                                               for a, d in zip(run.accepted, run.drafted)],
