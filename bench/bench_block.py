@@ -5,6 +5,12 @@ from the training seed prompts):
     python bench/bench_block.py --ckpt runs/train/block/checkpoints/last.ckpt     # ~20-30 min on 2 cores
     python bench/bench_block.py --ckpt PATH --quick                               # a few minutes
 
+Scheduling arms at batch > 1 (``--schedule``): ``block[..](K)`` is the static batch (chunks of B
+prompts, finished rows fed until the slowest row is done), ``+evict`` lets finished rows leave the
+batch, ``+queue`` is continuous batching (every prompt of the cell through B rows; a finished row's
+slot takes the next prompt, prefilled B at a time ahead of need); a queue arm runs once over all
+prompts, the queue arms spread between the chunks of the other arms.
+
 Arms: ``ar`` (HF ``generate``: the control, same model and dtype), ``block[<drafter>](K)`` for
 K in --ks (the first drafter of --drafters in every cell, the others at batch 8, T = 1), and HF prompt-lookup decoding (``generate(...,
 prompt_lookup_num_tokens=K)``, the peer arm; transformers supports it at batch 1 only), at batch 1
@@ -40,6 +46,7 @@ from spindiff.evaluation.evaluate import excess_metrics, load_eval_prompts, toke
 from spindiff.generation import GenerationSession, build_sampler
 from spindiff.runtime import atomic_savefig, atomic_write_json, atomic_write_text, package_versions
 
+SCHED_TAG = {"static": "", "evict": " +evict", "queue": " +queue"}
 SETTINGS = {
     "full": dict(prompts=16, b1_prompts=4, tokens=24, ks=[2, 4, 8], ceiling_reps=15),
     "quick": dict(prompts=8, b1_prompts=2, tokens=16, ks=[2, 4], ceiling_reps=5),
@@ -122,12 +129,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s.update({k: v for k, v in (("tokens", args.tokens), ("prompts", args.prompts)) if v})
     ks = [int(k) for k in (args.ks.split(",") if args.ks else s["ks"])]
     drafters = [d for d in args.drafters.split(",") if d]
+    schedules = [x for x in args.schedule.split(",") if x]
+    queued: set[str] = set()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     session = GenerationSession.load(compose("sample", [f"model.name={args.model}"]).model)
     prompts = load_eval_prompts("", 0)[: s["prompts"]]
     seqs = session.encode(prompts, reserve=s["tokens"])
     counter = ForwardCounter(session.model)
-    res: dict[str, Any] = {"settings": {**s, "ks": ks, "drafters": drafters, "ckpt": args.ckpt},
+    res: dict[str, Any] = {"settings": {**s, "ks": ks, "drafters": drafters, "ckpt": args.ckpt, "schedule": schedules,
+                                        "threads": torch.get_num_threads()},
                            "load_start": _load(), "versions": package_versions(), "arms": {}}
     print(f"# ceiling (cached forward over n positions / 1), load {_load()}", flush=True)
     res["ceiling"] = ceiling(session, prompts, ks, s["ceiling_reps"]) if not args.no_ceiling else {}
@@ -145,21 +155,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if k > top:
                         print(f"  skip block[{label}](K={k}): its checkpoint has heads for {top} offsets", flush=True)
                         continue
-                    arms[f"block[{label}](K={k})"] = _sampler(session, [
-                        "sampler.name=block", f"sampler.block={k}", f"sampler.drafter={d}",
-                        f"sampler.temperature={temp}", f"ckpt={path or args.ckpt}",
-                        *([f"sampler.draft_vocab={vocab}"] if vocab is not None else [])])
+                    for sched in (schedules if B > 1 else ["static"]):  # one row: nothing to schedule
+                        arm = _sampler(session, [
+                            "sampler.name=block", f"sampler.block={k}", f"sampler.drafter={d}",
+                            f"sampler.temperature={temp}", f"ckpt={path or args.ckpt}",
+                            *([f"sampler.draft_vocab={vocab}"] if vocab is not None else [])])
+                        arm.evict = sched != "static"
+                        if sched == "queue":
+                            queued.add(f"block[{label}](K={k})" + SCHED_TAG[sched])
+                        arms[f"block[{label}](K={k})" + SCHED_TAG[sched]] = arm
             if B == 1:
                 for k in ks[:2]:
                     arms[f"prompt_lookup(K={k})"] = _prompt_lookup(session, k, temp == 0)
             use = seqs[: s["b1_prompts"]] if B == 1 else seqs
             tag = f"T={temp:g},B={B}"
-            acc = {name: dict(tokens=0, seconds=0.0, forwards=0, conts=[], prompts=[], drafted=None, accepted=None)
-                   for name in arms}
-            for i in range(0, len(use), B):
+            acc = {name: dict(tokens=0, seconds=0.0, forwards=0, conts=[], prompts=[], drafted=None, accepted=None,
+                              row_forwards=0, rows=[]) for name in arms}
+            chunks = list(range(0, len(use), B))
+            # a queue arm runs once over all the cell's prompts, after chunk j (queue arms spread over the run)
+            q_at = {name: chunks[min(j * len(chunks) // max(len(queued), 1), len(chunks) - 1)]
+                    for j, name in enumerate(n for n in arms if n in queued)}
+            for i in chunks:
                 chunk = use[i:i + B]
                 ids, mask = session.batch(chunk)
                 for name, arm in arms.items():
+                    if name in queued and q_at[name] != i:
+                        continue
                     g = torch.Generator().manual_seed(1000 + i)
                     n0 = counter.n
                     t0 = time.perf_counter()
@@ -167,24 +188,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         new = arm(ids, mask, s["tokens"], g).cpu()
                         conts = [r.tolist() for r in new]
                     else:
-                        gb = arm.generate(ids, mask, s["tokens"], g, stop_at_eos=False)
-                        conts = [gb.tokens[b][gb.valid[b]].tolist() for b in range(len(chunk))]
+                        if name in queued:  # continuous batching: every prompt of the cell, B rows at once
+                            gb = arm.generate_queue(use, B, s["tokens"], g, stop_at_eos=False)
+                        else:
+                            gb = arm.generate(ids, mask, s["tokens"], g, stop_at_eos=False)
+                        conts = [gb.tokens[b][gb.valid[b]].tolist() for b in range(gb.tokens.shape[0])]
                         last = getattr(arm, "last", {})
                         if "drafted" in last:
                             a = acc[name]
                             a["drafted"] = np.add(a["drafted"] or 0, last["drafted"]).tolist()
                             a["accepted"] = np.add(a["accepted"] or 0, last["accepted"]).tolist()
+                            a["row_forwards"] += last["row_forwards"]
+                            a["rows"].append(last["rows_per_forward"])
                     a = acc[name]
                     a["seconds"] += time.perf_counter() - t0
                     a["forwards"] += counter.n - n0
                     a["tokens"] += sum(len(c) for c in conts)
                     a["conts"] += conts
-                    a["prompts"] += chunk
+                    a["prompts"] += use if name in queued else chunk
             base = acc["ar"]["tokens"] / acc["ar"]["seconds"]
             for name, a in acc.items():
                 row = {"tokens_per_s": a["tokens"] / a["seconds"], "speedup_vs_ar": a["tokens"] / a["seconds"] / base,
                        "lm_forwards": a["forwards"], "tokens": a["tokens"],
                        "tokens_per_forward_per_row": a["tokens"] / max(a["forwards"], 1) / min(B, len(use))}
+                if a["row_forwards"]:  # block: per row actually fed (a prompt's prefill counts as one, as for ar)
+                    row["tokens_per_forward_per_row"] = a["tokens"] / a["row_forwards"]
+                    row["rows_per_forward"] = round(float(np.mean(a["rows"])), 3)
                 if a["drafted"] is not None:
                     row["acceptance_by_offset"] = [round(x / max(d, 1), 4) for x, d in zip(a["accepted"], a["drafted"])]
                 if temp == 1.0:
@@ -195,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{tag:12s} {name:26s} {row['tokens_per_s']:7.2f} tok/s  x{row['speedup_vs_ar']:.2f}  "
                       f"tok/fwd {row['tokens_per_forward_per_row']:.2f}  "
                       + (f"excess {row['gen/excess']:+.3f} ± {row['gen/excess_ci']:.3f}  " if temp == 1.0 else "")
-                      + (f"acc {row.get('acceptance_by_offset')}" if "acceptance_by_offset" in row else ""), flush=True)
+                      + (f"acc {row.get('acceptance_by_offset')}  rows/fwd {row['rows_per_forward']:.2f}  "
+                         f"LM forwards {row['lm_forwards']}" if "acceptance_by_offset" in row else ""), flush=True)
     _exactness(res)
     res["memory"] = memory(session, args.ckpt, max(ks))
     res["load_end"] = _load()
@@ -210,7 +240,7 @@ def _exactness(res: dict[str, Any]) -> None:
     for key, row in res["arms"].items():
         if not key.startswith("block") or "_per_cont" not in row:
             continue
-        tag = key.split(" ", 1)[1]
+        tag = key.rsplit(" ", 1)[1]
         ar = res["arms"][f"ar {tag}"]["_per_cont"]
         x, y = np.asarray(row["_per_cont"]), np.asarray(ar)
         diff = float(x.mean() - y.mean())
@@ -250,12 +280,13 @@ def _load() -> Optional[float]:
 def report(res: dict[str, Any], out: Path) -> None:
     lines = ["# bench_block", "", f"load average {res['load_start']} -> {res['load_end']} (shared 2-core machine)", "",
              "## Ceiling: cached forward over n positions / one position (median)", "", str(res["ceiling"]), "",
-             "## Arms", "", "| arm | tok/s | x ar | tok/forward/row | excess (T=1) | acceptance by offset |",
-             "|---|---|---|---|---|---|"]
+             "## Arms", "", "| arm | tok/s | x ar | tok/forward/row | rows/forward | excess (T=1) | acceptance by offset |",
+             "|---|---|---|---|---|---|---|"]
     for key, r in res["arms"].items():
         exc = f"{r['gen/excess']:+.3f} ± {r['gen/excess_ci']:.3f}" if "gen/excess" in r else ""
         lines.append(f"| {key} | {r['tokens_per_s']:.2f} | {r['speedup_vs_ar']:.2f} | "
-                     f"{r['tokens_per_forward_per_row']:.2f} | {exc} | {r.get('acceptance_by_offset', '')} |")
+                     f"{r['tokens_per_forward_per_row']:.2f} | {r.get('rows_per_forward', '')} | {exc} | "
+                     f"{r.get('acceptance_by_offset', '')} |")
     lines += ["", "## Exactness: block minus ar continuation excess (95% CI)", ""]
     lines += [f"- {k}: {v['excess_minus_ar']:+.4f} ± {v['ci95']:.4f}" for k, v in res["exactness"].items()]
     lines += ["", "## Memory (MB)", "", str(res["memory"])]
@@ -272,9 +303,12 @@ def figure(res: dict[str, Any], out: Path) -> None:
     for ax, temp in zip(axes, ("1", "0")):
         for B, style in ((1, "o--"), (8, "s-")):
             for d in [parse_drafter(x)[3] for x in res["settings"]["drafters"]]:
-                ks = [k for k in res["settings"]["ks"] if f"block[{d}](K={k}) T={temp},B={B}" in res["arms"]]
-                ys = [res["arms"][f"block[{d}](K={k}) T={temp},B={B}"]["speedup_vs_ar"] for k in ks]
-                ax.plot(ks, ys, style, label=f"{d}, batch {B}")
+                for tag in SCHED_TAG.values():
+                    name = lambda k: f"block[{d}](K={k}){tag} T={temp},B={B}"  # noqa: E731
+                    ks = [k for k in res["settings"]["ks"] if name(k) in res["arms"]]
+                    if ks:
+                        ys = [res["arms"][name(k)]["speedup_vs_ar"] for k in ks]
+                        ax.plot(ks, ys, style, label=f"{d}{tag}, batch {B}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("K (drafts per LM forward)")
         ax.set_title(f"T = {temp}" if temp == "1" else "greedy")
@@ -295,11 +329,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                     "(VOCAB: sampler.draft_vocab, e.g. heads:0 = the whole vocabulary; CKPT: another checkpoint, "
                     "e.g. potts_lowrank=PATH)")
     ap.add_argument("--cells", default="1:1,1:8,0:1,0:8", help="temperature:batch cells to run (0 = greedy)")
+    ap.add_argument("--schedule", default="static,evict,queue", help="block scheduling arms at batch > 1: static (a "
+                    "fixed batch, finished rows fed until the slowest is done), evict (finished rows leave the batch), "
+                    "queue (continuous batching: a finished row's slot takes the next prompt of the cell)")
     ap.add_argument("--tokens", type=int, default=0, help="new tokens per continuation (default: the mode's)")
     ap.add_argument("--prompts", type=int, default=0, help="held-out prompts at batch 8 (default: the mode's)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the forward-cost ceiling")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    bad = [x for x in args.schedule.split(",") if x and x not in SCHED_TAG]
+    if bad or not args.schedule:
+        ap.error(f"--schedule {args.schedule}: choose from {', '.join(SCHED_TAG)} (comma-separated), e.g. "
+                 "--schedule static,queue")
     out = Path(args.out or f"runs/bench/block-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     res = run(args)
     out.mkdir(parents=True, exist_ok=True)
