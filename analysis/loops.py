@@ -52,11 +52,12 @@ class RepetitionConfig:
     ppl_budget: float = 0.05  # allowed relative perplexity cost on non-looping text
     ref_texts: int = 8  # non-looping reference continuations for the perplexity cost
     batch_size: int = 64
+    workers: int = 2  # generation processes (one torch thread each); 1 = in this process
 
 
 QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "dense_prompts": 16, "max_new_tokens": 96,
          "max_period": 12, "min_repeated": 6, "window": 6, "horizons": [1, 4], "induction_len": 16, "induction_batch": 2,
-         "xu_copies": 3, "xu_sentences": 4, "intervention": False}
+         "xu_copies": 3, "xu_sentences": 4, "intervention": False, "batch_size": 16}
 
 
 def check_rep(rc: RepetitionConfig) -> None:
@@ -68,7 +69,7 @@ def check_rep(rc: RepetitionConfig) -> None:
     for key, low in (("prompts_per_cell", 1), ("dense_prompts", 1), ("max_new_tokens", 8), ("max_period", 1), ("min_copies", 2),
                      ("min_repeated", 1), ("window", 1), ("induction_len", 2), ("induction_batch", 1),
                      ("xu_copies", 1), ("xu_sentences", 1), ("int_prompts", 1), ("int_heads", 1), ("ref_texts", 1),
-                     ("batch_size", 1)):
+                     ("batch_size", 1), ("workers", 1)):
         if int(getattr(rc, key)) < low:
             raise ConfigError(f"repetition.{key}={getattr(rc, key)}: must be >= {low}")
     if float(rc.dense_temperature) < 0:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from analysis import attractor_stats as ast
-from analysis.attractor import generate_recorded
+from analysis.attractor import GenPool, generate_recorded
 from analysis.induction import induction_scores
 from analysis.pipeline import _jsonable
 from analysis.loops import QUICK, RepetitionConfig, boot_ci, check_rep, detect_loop, distinct_n, rep_w, seq_rep_n, wilson
@@ -179,13 +179,15 @@ def _pick_arms(ppl: dict[str, float], rc: RepetitionConfig) -> dict[str, str]:
 
 
 def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref: list[tuple[list[int], list[int]]],
-                 seed: int, n_boot: int, base: tuple[list[list[int]], torch.Tensor] | None = None) -> dict[str, Any]:
+                 seed: int, n_boot: int, base: tuple[list[list[int]], torch.Tensor] | None = None,
+                 pool: GenPool | None = None) -> dict[str, Any]:
     """Loop rate, seq-rep-4, distinct-2 and reference perplexity of each arm at (int_temperature,
     int_top_k) on ``int_prompts`` prompts (paired: every arm continues every prompt).
 
     Args:
         base: (prompt ids, their continuations (n, S)) already generated in that cell by the grid:
-            the base arm, not generated again (greedy: the same continuations up to float noise)."""
+            the base arm, not generated again (greedy: the same continuations up to float noise).
+        pool: worker processes for the generations (:class:`analysis.attractor.GenPool`)."""
     ppl = reference_costs(A, ref, heads, rc)
     pick = _pick_arms(ppl, rc)
     arms = list(dict.fromkeys(["base", pick["penalty_matched"], pick["penalty_budget"], pick["no_repeat"]]))
@@ -207,11 +209,11 @@ def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref
     T, k = float(rc.int_temperature), int(rc.int_top_k)
     prog = _progress("repetition: intervention") if A.cfg.progress else None
     out = generate_recorded(A.model, A.ad, prompts, [T] * len(prompts), [k] * len(prompts), rc.max_new_tokens,
-                            A.pad_id, rc.batch_size, seed + 7, record=False, extra=extra, progress=prog)["tokens"]
+                            A.pad_id, rc.batch_size, seed + 7, record=False, extra=extra, progress=prog,
+                            pool=pool)["tokens"]
     g = float(pick["head_gains"].split("=")[1])
-    with HeadGains(A.ad, {h: g for h in heads}):
-        og = generate_recorded(A.model, A.ad, enc, [T] * n, [k] * n, rc.max_new_tokens, A.pad_id, rc.batch_size,
-                               seed + 7, record=False, progress=prog)["tokens"]
+    og = generate_recorded(A.model, A.ad, enc, [T] * n, [k] * n, rc.max_new_tokens, A.pad_id, rc.batch_size,
+                           seed + 7, record=False, progress=prog, gains={h: g for h in heads}, pool=pool)["tokens"]
     conts = {arm: out[j * n:(j + 1) * n] for j, arm in enumerate(arms)}
     if base is not None:
         conts = {"base": base_toks, **conts}
@@ -248,8 +250,19 @@ def _progress(label: str):
 
 def step_repetition(A: Any) -> dict[str, Any]:
     """The whole study on ``A``'s model; writes loops.csv, heads_attractor.csv, intervention.csv,
-    repetition.json and the figures under ``A.out``; returns repetition.json's content."""
-    c, rc = A.cfg, rep_config(A.cfg)
+    repetition.json and the figures under ``A.out``; returns repetition.json's content. With
+    ``repetition.workers`` > 1 the generations run in that many worker processes (one torch thread
+    each, each loading the model once), the rest in this process."""
+    rc = rep_config(A.cfg)
+    if rc.workers <= 1:
+        return _study(A, rc, None)
+    mcfg = {**OmegaConf.to_container(A.cfg.model, resolve=True), "name": A.lm.name, "fallback": False}
+    with GenPool(mcfg, rc.workers, threads=1) as pool:
+        return _study(A, rc, pool)
+
+
+def _study(A: Any, rc: RepetitionConfig, gpool: GenPool | None) -> dict[str, Any]:
+    c = A.cfg
     t0 = time.perf_counter()
     nb, seed = int(c.n_bootstrap), int(c.seed)
     pool, conts = grid_prompts(A, rc)
@@ -260,7 +273,7 @@ def step_repetition(A: Any) -> dict[str, Any]:
     temps = [T for T, _, _ in conts]
     ks = [k for _, k, _ in conts]
     rec = generate_recorded(A.model, A.ad, prompts, temps, ks, rc.max_new_tokens, A.pad_id, rc.batch_size, seed,
-                            progress=_progress("repetition: grid") if c.progress else None)
+                            progress=_progress("repetition: grid") if c.progress else None, pool=gpool)
     t_gen = time.perf_counter() - t0
     loops = _loops(rec["tokens"], rc)
     rows = []
@@ -271,7 +284,7 @@ def step_repetition(A: Any) -> dict[str, Any]:
                      "top_k": ks[i], "loop": lp.loop, "onset": lp.onset, "period": lp.period,
                      "copies": round(lp.copies, 3), "seq_rep_4": seq_rep_n(toks, 4), "distinct_2": distinct_n(toks, 2),
                      "rep_w16": rep_w(toks, 16), "mean_logp": float(rec["logp"][i].mean()), "prompt": text,
-                     "continuation": A.tok.decode(toks), "tokens": " ".join(map(str, toks))})
+                     "continuation": A.tok.decode(toks).replace("\r", "\\r"), "tokens": " ".join(map(str, toks))})
     write_csv(A.out / "loops.csv", list(rows[0]), rows)
     onsets = np.array([lp.onset for lp in loops])
     periods = np.array([lp.period for lp in loops])
@@ -304,7 +317,7 @@ def step_repetition(A: Any) -> dict[str, Any]:
             Ti, ki = float(rc.int_temperature), int(rc.int_top_k) if float(rc.int_temperature) > 0 else 0
             cell = [i for i in range(len(conts)) if temps[i] == Ti and ks[i] == ki][:rc.int_prompts]
             base = ([prompts[i] for i in cell], rec["tokens"][cell]) if cell else None
-            res["intervention"] = intervention(A, rc, top, ref, seed, nb, base)
+            res["intervention"] = intervention(A, rc, top, ref, seed, nb, base, gpool)
             write_csv(A.out / "intervention.csv", ["arm", "loop_rate", "loop_reduction", "seq_rep_4", "distinct_2",
                                                    "rep_w16", "ref_ppl", "ppl_cost"],
                       [{**r, "seq_rep_4": r["seq_rep_4"][0], "distinct_2": r["distinct_2"][0]}

@@ -56,10 +56,23 @@ def test_repetition_metrics_and_stats():
 
 def test_row_sampler_greedy_and_top_k():
     s = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    f = RowSampler([0.0, 1.0, 0.5], [0, 2, 0]).filtered(s)
+    assert torch.isfinite(f[0]).sum() == 1 and f[0, 1] == 3.0  # greedy: the argmax only
+    assert torch.isfinite(f[1]).tolist() == [False, True, False, True]  # top-2
+    assert torch.allclose(f[2], s[2] / 0.5)  # temperature, whole vocabulary
     out = RowSampler([0.0, 1.0, 0.5], [0, 2, 0])(None, s)
-    assert torch.isfinite(out[0]).sum() == 1 and out[0, 1] == 3.0  # greedy: the argmax only
-    assert torch.isfinite(out[1]).tolist() == [False, True, False, True]  # top-2
-    assert torch.allclose(out[2], s[2] / 0.5)  # temperature, whole vocabulary
+    assert (torch.isfinite(out).sum(-1) == 1).all() and out[0, 1] == 0.0  # one token per row, greedy = argmax
+
+
+def test_row_sampler_draws_from_tempered_top_k():
+    torch.manual_seed(0)
+    n = 20000
+    s = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]).repeat(n, 1)
+    for T, k in ((1.0, 0), (0.5, 3)):
+        out = RowSampler([T] * n, [k] * n)(None, s)
+        freq = torch.bincount(out.argmax(-1), minlength=5).double() / n
+        want = (s[0] / T).masked_fill(s[0] < (s[0].topk(k).values[-1] if k else -1e9), float("-inf")).double().softmax(-1)
+        assert torch.allclose(freq, want, atol=4 * (0.25 / n) ** 0.5), (T, k, freq, want)
 
 
 # --------------------------------------------------------------------------- attractor push
@@ -182,7 +195,7 @@ def test_repetition_cli_small_run_and_bad_input(tmp_path, capsys):
     out = tmp_path / "r"
     main(["repetition", "model.name=tiny-gpt2", "model.dtype=float64", "quick=true", "progress=false",
           "n_bootstrap=30", "repetition.prompts_per_cell=3", "repetition.dense_prompts=4",
-          "repetition.max_new_tokens=12", "repetition.induction_len=8", f"out={out}"])
+          "repetition.max_new_tokens=12", "repetition.induction_len=8", "repetition.workers=1", f"out={out}"])
     for f in ("loops.csv", "repetition.json", "fig_phase.png", "fig_attractor_time_course.png"):
         assert (out / f).exists(), f
     rows = list(csv.DictReader(open(out / "loops.csv")))
@@ -231,3 +244,31 @@ def test_intervention_arms_reuse_the_grid_base_and_read_back(tmp_path):
         assert 0 <= r["loop_rate"] <= 1 and r["loop_ci"][0] <= r["loop_rate"] <= r["loop_ci"][1], arm
         if arm != "base":
             assert r["loop_reduction"] == pytest.approx(1 - r["loop_rate"] / (2 / 3))
+
+
+@pytest.mark.slow  # spawns two processes (~20-30 s)
+def test_worker_pool_gives_the_in_process_continuations():
+    """generate_recorded with a 2-process GenPool: the same tokens (greedy and sampled: each batch
+    has its own seed) and the same recorded signals as in-process, also under head gains."""
+    from omegaconf import OmegaConf
+
+    from analysis.attractor import GenPool
+    from spindiff.config import compose
+
+    mcfg = OmegaConf.to_container(compose("analysis", ["model.name=tiny-llama", "model.dtype=float64"]).model)
+    model, tok = build_tiny_model("tiny-llama", seed=mcfg["tiny_seed"], dtype=torch.float64)
+    ad = get_adapter(model)
+    texts = ["the cat sat", "a dog", "one two three four", "hello", "the end of it", "x y"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    temps, ks = [0.0, 1.0, 0.7, 0.0, 1.0, 0.4], [0, 0, 5, 0, 3, 0]
+    args = (prompts, temps, ks, 8, tok.pad_token_id, 2, 5)
+    gains = {(0, 1): 0.0, (1, 0): 0.5}
+    ref = generate_recorded(model, ad, *args)
+    ref_g = generate_recorded(model, ad, *args, record=False, gains=gains)
+    with GenPool(mcfg, 2) as pool:
+        got = generate_recorded(None, None, *args, pool=pool)
+        got_g = generate_recorded(None, None, *args, record=False, gains=gains, pool=pool)
+    assert torch.equal(ref["tokens"], got["tokens"]) and torch.equal(ref_g["tokens"], got_g["tokens"])
+    assert not torch.equal(ref["tokens"], ref_g["tokens"])  # the gains act
+    for k in ("field", "push", "entropy", "logp"):
+        assert torch.allclose(ref[k], got[k], atol=1e-6), k
