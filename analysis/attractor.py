@@ -209,11 +209,14 @@ class FieldRecorder(LogitsProcessor):
 
 def batch_plan(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Rows of each batch: sorted by prompt length, in an even number of equal batches of at most
-    ``batch_size`` (so two workers finish together); independent of the number of workers, so
-    every row sees the same batch (and seed) with any ``workers``."""
+    ``batch_size`` (so two workers finish together; at least two batches from 16 rows on);
+    independent of the number of workers, so every row sees the same batch (and seed) with any
+    ``workers``."""
     N = len(prompts)
     order = sorted(range(N), key=lambda i: len(prompts[i]))
     nb = -(-N // max(batch_size, 1))
+    if N >= 16:
+        nb = max(nb, 2)
     nb += nb % 2 if nb > 1 else 0
     size = -(-N // max(nb, 1))
     return [order[s:s + size] for s in range(0, N, size)]

@@ -30,7 +30,7 @@ class RepetitionConfig:
     top_ks: list = _field(default_factory=lambda: [5, 0])  # effective vocabulary; 0 = all
     prompts_per_cell: int = 24  # prompts per (T, top_k) cell (half open-ended, half `prompts`)
     dense_temperature: float = 0.2  # cells at T <= this (greedy included) get dense_prompts prompts:
-    dense_prompts: int = 180  # loops live there, so that is where the >= 200 loops come from
+    dense_prompts: int = 220  # loops live there, so that is where the >= 200 loops come from (~236 expected)
     max_new_tokens: int = 160
     max_period: int = 24  # longest loop period searched
     min_copies: int = 3  # copies of the p-gram that must end the continuation
