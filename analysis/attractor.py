@@ -4,9 +4,10 @@
 logits processor that gives every row its own temperature and top-k (:class:`RowSampler`), so a
 whole temperature x top-k grid goes through the same batches. While it runs, a
 :class:`FieldRecorder` reads the model's own forward passes (:mod:`spindiff.lm.hooks` points
-``blocks.{l}.attn.z``, ``ln_final.in`` and ``logits``; it is also a logits processor, which
-learns each emitted token from the next step's input ids), so the field signals cost no extra
-forward pass. For step s (the forward whose logits choose generated token x_s):
+``blocks.{l}.attn.z``, ``blocks.{l}.attn.out``, ``ln_final.in`` and ``logits``; it is also a
+logits processor, which learns each emitted token from the next step's input ids), so the field
+signals cost no extra forward pass (sum_h o_h is the output projections' outputs minus their
+biases, as the model computed them). For step s (the forward whose logits choose generated token x_s):
 
     o_h      = z_h W_O[h]                                    (D,)  head h's output, last position
     N_s      = sum_h fn(o_h)                                 (D,)  the heads' summed field
@@ -16,7 +17,8 @@ with fn the final norm frozen at the step's residual (``ArchitectureAdapter.fina
 centring for LayerNorm, then the scale), e(v) the unembedding row of token v. push_h,s is
 exactly the in_situ per-head logit attribution of :mod:`analysis.gaps` / ``ContextFieldProvider``
 with the emitted token as the candidate (tested), and sum_h push_h,s = N_s . e(x_s).
-Also recorded: the LM's own (T = 1) entropy, max-probability and log-probability of x_s.
+Also recorded: the LM's own (T = 1) entropy, max-probability and log-probability of x_s (in the
+logits' dtype). :class:`GenPool` runs the batches in worker processes (``repetition.workers``).
 """
 from __future__ import annotations
 
