@@ -73,6 +73,23 @@ def test_sample_writes_block_diagnostics(block_ckpt, tmp_path):
     assert summary["lm_forwards"] >= 1 and len(summary["acceptance_by_offset"]) == 3
 
 
+def test_sample_continuous_batching_keeps_prompt_order(block_ckpt, tmp_path):
+    """More prompts than sampler.batch_size: sample.py runs the block sampler's continuous batching
+    (one queue, prompts prefilled 2 at a time) and writes one record per prompt, in the file's order."""
+    prompts = ["The capital of", "Once upon a time there was a", "In 1905", "Water boils at"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "q"
+    r = run(["sample.py", "sampler.name=block", "sampler.block=2", f"ckpt={block_ckpt}", f"out={out}",
+             "max_new_tokens=9", "stop_at_eos=false", "sampler.batch_size=2", f"prompts={tmp_path / 'p.txt'}"],
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in recs] == prompts and all(x["n_tokens"] == 9 for x in recs)
+    assert all(x["diagnostics"][0]["block_offset"] == 0 for x in recs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prefills"] == 2 and summary["rows_per_forward"] <= 2
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["sampler.block=0"], r"sampler\.block=0.*>= 1"),
     (["sampler.block=5"], r"draft heads for 3 offsets"),

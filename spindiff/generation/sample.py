@@ -242,7 +242,17 @@ def sample(cfg: Any, session: Optional[GenerationSession] = None) -> SampleResul
     if cfg.stream:  # stdout carries the text only: the header goes to stderr
         tag = " [FIELD-ONLY: no learned residual]" if sampler.field_only else ""
         print(f"# {sampler.label}{tag} on {session.name}", file=sys.stderr, flush=True)
-    for start in range(0, len(seqs), bs):
+    # --- block sampler (issue 18): continuous batching over every prompt when they do not fit one batch
+    queue = getattr(sampler, "generate_queue", None) if (1 < bs < len(seqs)) else None
+    if queue is not None:  # a finished row's slot takes the next prompt; records in the prompts' order
+        with interventions, quiet_third_party():
+            gb = queue(seqs, bs, int(cfg.max_new_tokens), gen, stop_at_eos=bool(cfg.stop_at_eos))
+        seconds += gb.seconds
+        records.extend(batch_records(session, sampler, prompts, gb, int(cfg.seed)))
+        for j, r in enumerate(records if cfg.stream else ()):  # as a batch > 1 streams: each text when done
+            print(("\n" if j else "") + r["prompt"] + r["text"], flush=True)
+    # --- end block
+    for start in (range(0, len(seqs), bs) if queue is None else ()):
         chunk, texts = seqs[start:start + bs], prompts[start:start + bs]
         ids, mask = session.batch(chunk)
         streamer = _Streamer(session.tokenizer) if (cfg.stream and len(chunk) == 1) else None
