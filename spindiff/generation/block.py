@@ -17,6 +17,11 @@ Per round, for every row (B rows at once):
    and the positions rejected by every row are cropped off the cache (``DynamicCache.crop``); at
    batch 1 that is the whole rollback.
 
+Scheduling (:func:`block_generate` with ``batch_size`` < the number of prompts): continuous
+batching. A finished row leaves the batch and its slot takes the next waiting prompt (prefilled
+``batch_size`` at a time ahead of need; its KV spliced into the row with its own mask and position
+ids, :meth:`BlockLM.splice`), so the forwards follow the mean row, not the slowest.
+
 Tokens per LM forward = n + 1 per row. Per-token diagnostics (samples.jsonl): ``block_offset``
 (0 = the prompt's free draw; k = 1 .. K drafted position; K + 1 = bonus), ``accepted`` (1 an
 accepted draft, 0 a residual draw after a rejection, NaN otherwise), ``draft_r`` = r_k(x),
