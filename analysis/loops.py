@@ -57,7 +57,8 @@ class RepetitionConfig:
 
 QUICK = {"temperatures": [0.0, 1.0], "top_ks": [5, 0], "prompts_per_cell": 6, "dense_prompts": 16, "max_new_tokens": 96,
          "max_period": 12, "min_repeated": 6, "window": 6, "horizons": [1, 4], "induction_len": 16, "induction_batch": 2,
-         "xu_copies": 3, "xu_sentences": 4, "intervention": False, "batch_size": 16}
+         "xu_copies": 3, "xu_sentences": 4, "intervention": False,
+         "workers": 1}  # spawning workers costs more than it saves on this small grid
 
 
 def check_rep(rc: RepetitionConfig) -> None:
