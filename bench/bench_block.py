@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "sampler.name=block", f"sampler.block={k}", f"sampler.drafter={d}",
                             f"sampler.temperature={temp}", f"ckpt={path or args.ckpt}",
                             *([f"sampler.draft_vocab={vocab}"] if vocab is not None else [])])
-                        arm.evict = sched != "static"
+                        arm.evict = sched == "evict"  # the queue always evicts (its drained tail)
                         if sched == "queue":
                             queued.add(f"block[{label}](K={k})" + SCHED_TAG[sched])
                         arms[f"block[{label}](K={k})" + SCHED_TAG[sched]] = arm

@@ -133,7 +133,7 @@ class BlockLM:
             state.cache.crop(-drop)
             state.mask = state.mask[:, :C - drop]
 
-    # -- continuous batching: rows leave (evict) and new prompts take their slots (admit)
+    # -- continuous batching: rows leave (evict) and new prompts take their slots (splice)
     @staticmethod
     def _layers(state: BlockState) -> list[Any]:
         return [ly for ly in state.cache.layers if getattr(ly, "keys", None) is not None and ly.keys.numel()]
@@ -379,7 +379,9 @@ class BlockSampler(Sampler):
                                                           vocab=int(getattr(cfg, "draft_vocab", 0) or 0))
         self.lm = BlockLM(session.model, session.adapter, self.provider, self.drafter.needs_field, session.window)
         self.last: dict[str, Any] = {}
-        self.evict = True  # finished rows leave the batch (False: the plain static batch, for benchmarks)
+        # generate(): finished rows leave the static batch (measured: no speed gain on CPU, and the
+        # draws then differ from the plain static batch's for a seed); generate_queue always evicts
+        self.evict = False
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -432,7 +434,7 @@ class BlockSampler(Sampler):
 
     @torch.no_grad()
     def generate(self, ids, mask, max_new_tokens, generator, stop_at_eos=True, on_token=None):
-        return self._run(ids, mask, max_new_tokens, generator, stop_at_eos, on_token, 0)
+        return self._run(ids, mask, max_new_tokens, generator, stop_at_eos, on_token, 0, self.evict)
 
     @torch.no_grad()
     def generate_queue(self, seqs: Sequence[Sequence[int]], batch_size: int, max_new_tokens: int,
@@ -441,15 +443,15 @@ class BlockSampler(Sampler):
         continuous batching (:func:`block_generate`): a finished row's slot takes the next prompt.
         One :class:`GenerationBatch` of N rows, in the order of ``seqs``."""
         ids, mask = self.session.batch(seqs)
-        return self._run(ids, mask, max_new_tokens, generator, stop_at_eos, None, int(batch_size))
+        return self._run(ids, mask, max_new_tokens, generator, stop_at_eos, None, int(batch_size), True)
 
-    def _run(self, ids, mask, max_new_tokens, generator, stop_at_eos, on_token, batch_size) -> GenerationBatch:
+    def _run(self, ids, mask, max_new_tokens, generator, stop_at_eos, on_token, batch_size, evict) -> GenerationBatch:
         sess = self.session
         t0 = time.perf_counter()
         run = block_generate(self.lm, self.drafter, ids, mask, self.k, max_new_tokens, generator,
                              float(self.cfg.temperature), float(self.cfg.top_p),
                              sess.eos_id if stop_at_eos else None, sess.pad_id, self._bias(), on_token,
-                             batch_size=batch_size, evict=self.evict)
+                             batch_size=batch_size, evict=evict)
         seconds = time.perf_counter() - t0
         B, T = run.tokens.shape
         diag = {key: torch.full((B, T), float("nan")) for key in DIAG_KEYS}
