@@ -45,6 +45,8 @@ class RepetitionConfig:
     int_temperature: float = 0.0  # greedy: where loops are common enough to count (T = 0.7: ~5% at 160 tokens)
     int_top_k: int = 0
     int_prompts: int = 64  # if (int_temperature, int_top_k) is a grid cell, its first continuations are the base arm
+    int_loop_prone: bool = False  # intervention prompts = those whose greedy grid continuation looped (loop-prone)
+    int_max_new_tokens: int = 0  # intervention continuation length; 0 = max_new_tokens
     int_heads: int = 5  # top attractor heads down-weighted
     int_gains: list = _field(default_factory=lambda: [0.5, 0.25, 0.0])
     penalties: list = _field(default_factory=lambda: [1.01, 1.02, 1.03, 1.05, 1.1, 1.2])  # HF repetition_penalty
@@ -75,6 +77,10 @@ def check_rep(rc: RepetitionConfig) -> None:
             raise ConfigError(f"repetition.{key}={getattr(rc, key)}: must be >= {low}")
     if float(rc.dense_temperature) < 0:
         raise ConfigError(f"repetition.dense_temperature={rc.dense_temperature}: must be >= 0 (0 = greedy only)")
+    if int(rc.int_max_new_tokens) < 0 or 0 < int(rc.int_max_new_tokens) < 8:
+        raise ConfigError(f"repetition.int_max_new_tokens={rc.int_max_new_tokens}: 0 (= max_new_tokens) or >= 8")
+    if rc.int_loop_prone and 0.0 not in [float(t) for t in rc.temperatures]:
+        raise ConfigError("repetition.int_loop_prone=true needs greedy (0) in repetition.temperatures")
     if float(rc.int_temperature) < 0 or int(rc.int_top_k) < 0:
         raise ConfigError("repetition.int_temperature must be >= 0 (0 = greedy) and repetition.int_top_k >= 0")
     if not rc.horizons or any(int(k) < 1 for k in rc.horizons):

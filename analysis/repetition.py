@@ -180,14 +180,15 @@ def _pick_arms(ppl: dict[str, float], rc: RepetitionConfig) -> dict[str, str]:
 
 def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref: list[tuple[list[int], list[int]]],
                  seed: int, n_boot: int, base: tuple[list[list[int]], torch.Tensor] | None = None,
-                 pool: GenPool | None = None) -> dict[str, Any]:
+                 pool: GenPool | None = None, enc: list[list[int]] | None = None) -> dict[str, Any]:
     """Loop rate, seq-rep-4, distinct-2 and reference perplexity of each arm at (int_temperature,
     int_top_k) on ``int_prompts`` prompts (paired: every arm continues every prompt).
 
     Args:
         base: (prompt ids, their continuations (n, S)) already generated in that cell by the grid:
             the base arm, not generated again (greedy: the same continuations up to float noise).
-        pool: worker processes for the generations (:class:`analysis.attractor.GenPool`)."""
+        pool: worker processes for the generations (:class:`analysis.attractor.GenPool`).
+        enc: the prompts (token ids) when ``base`` is None (default: ``int_prompts`` of the pool)."""
     ppl = reference_costs(A, ref, heads, rc)
     pick = _pick_arms(ppl, rc)
     arms = list(dict.fromkeys(["base", pick["penalty_matched"], pick["penalty_budget"], pick["no_repeat"]]))
@@ -195,7 +196,7 @@ def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref
         enc, base_toks = base
         arms = arms[1:]
     else:
-        enc = _encode(A, [p[2] for p in prompt_pool(A, rc.int_prompts)])
+        enc = enc or _encode(A, [p[2] for p in prompt_pool(A, rc.int_prompts)])
     n = len(enc)
     prompts = enc * len(arms)
     extra = []
@@ -207,12 +208,13 @@ def intervention(A: Any, rc: RepetitionConfig, heads: list[tuple[int, int]], ref
         extra.append((RepetitionPenaltyLogitsProcessor(float(v)) if arm.startswith("repetition")
                       else NoRepeatNGramLogitsProcessor(int(v)), mask))
     T, k = float(rc.int_temperature), int(rc.int_top_k)
+    S = int(rc.int_max_new_tokens) or rc.max_new_tokens
     prog = _progress("repetition: intervention") if A.cfg.progress else None
-    out = generate_recorded(A.model, A.ad, prompts, [T] * len(prompts), [k] * len(prompts), rc.max_new_tokens,
+    out = generate_recorded(A.model, A.ad, prompts, [T] * len(prompts), [k] * len(prompts), S,
                             A.pad_id, rc.batch_size, seed + 7, record=False, extra=extra, progress=prog,
                             pool=pool)["tokens"]
     g = float(pick["head_gains"].split("=")[1])
-    og = generate_recorded(A.model, A.ad, enc, [T] * n, [k] * n, rc.max_new_tokens, A.pad_id, rc.batch_size,
+    og = generate_recorded(A.model, A.ad, enc, [T] * n, [k] * n, S, A.pad_id, rc.batch_size,
                            seed + 7, record=False, progress=prog, gains={h: g for h in heads}, pool=pool)["tokens"]
     conts = {arm: out[j * n:(j + 1) * n] for j, arm in enumerate(arms)}
     if base is not None:
@@ -317,7 +319,14 @@ def _study(A: Any, rc: RepetitionConfig, gpool: GenPool | None) -> dict[str, Any
             Ti, ki = float(rc.int_temperature), int(rc.int_top_k) if float(rc.int_temperature) > 0 else 0
             cell = [i for i in range(len(conts)) if temps[i] == Ti and ks[i] == ki][:rc.int_prompts]
             base = ([prompts[i] for i in cell], rec["tokens"][cell]) if cell else None
-            res["intervention"] = intervention(A, rc, top, ref, seed, nb, base, gpool)
+            prone = None
+            if rc.int_loop_prone:  # the prompts whose greedy continuation looped; base generated anew
+                prone = [prompts[i] for i in range(len(conts)) if temps[i] == 0 and loops[i].loop][:rc.int_prompts]
+                base = None
+            if rc.int_max_new_tokens and rc.int_max_new_tokens != rc.max_new_tokens:
+                base = None  # other length: the grid's continuations are not the base arm
+            res["intervention"] = intervention(A, rc, top, ref, seed, nb, base, gpool, prone)
+            res["intervention"]["loop_prone_prompts"] = bool(rc.int_loop_prone)
             write_csv(A.out / "intervention.csv", ["arm", "loop_rate", "loop_reduction", "seq_rep_4", "distinct_2",
                                                    "rep_w16", "ref_ppl", "ppl_cost"],
                       [{**r, "seq_rep_4": r["seq_rep_4"][0], "distinct_2": r["distinct_2"][0]}
@@ -405,7 +414,8 @@ def answers(res: dict[str, Any]) -> dict[str, str]:
         target = ("not resolved (no base loop)" if np.isnan(g["loop_reduction"]) else
                   "reached" if lo_red >= 0.5 and cost <= 0.05 else
                   "not reached" if g["loop_reduction_ci"][1] < 0.5 or cost > 0.05 else "not resolved (CI spans 50%)")
-        out["intervention"] = (f"target (>= 50% fewer loops at <= 5% cost, at T = {iv['temperature']:g}) {target}: "
+        where = f"T = {iv['temperature']:g}" + (", loop-prone prompts" if iv.get("loop_prone_prompts") else "")
+        out["intervention"] = (f"target (>= 50% fewer loops at <= 5% cost, at {where}) {target}: "
                                f"{iv['arms']['head_gains']} on {','.join(iv['heads'])}: loop rate "
                                f"{t['base']['loop_rate']:.2f} -> {g['loop_rate']:.2f} (reduction {g['loop_reduction']:+.2f} "
                                f"[{g['loop_reduction_ci'][0]:+.2f}, {g['loop_reduction_ci'][1]:+.2f}]) at ppl cost "

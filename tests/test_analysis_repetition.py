@@ -244,6 +244,21 @@ def test_intervention_arms_reuse_the_grid_base_and_read_back(tmp_path):
         assert 0 <= r["loop_rate"] <= 1 and r["loop_ci"][0] <= r["loop_rate"] <= r["loop_ci"][1], arm
         if arm != "base":
             assert r["loop_reduction"] == pytest.approx(1 - r["loop_rate"] / (2 / 3))
+    # given prompts (int_loop_prone) and another length: every arm generated, on those prompts
+    rc.int_max_new_tokens = 12
+    res2 = intervention(A, rc, heads, ref, seed=0, n_boot=20, enc=prompts[:2])
+    assert not res2["base_from_grid"] and res2["n_prompts"] == 2
+
+
+def test_loop_prone_intervention_keys_checked():
+    from analysis.loops import RepetitionConfig, check_rep
+    from spindiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="int_max_new_tokens"):
+        check_rep(RepetitionConfig(int_max_new_tokens=4))
+    with pytest.raises(ConfigError, match="int_loop_prone"):
+        check_rep(RepetitionConfig(int_loop_prone=True, temperatures=[0.7]))
+    check_rep(RepetitionConfig(int_loop_prone=True, int_max_new_tokens=384, int_temperature=0.7))
 
 
 @pytest.mark.slow  # spawns two processes (~20-30 s)
