@@ -287,3 +287,21 @@ def test_worker_pool_gives_the_in_process_continuations():
     assert not torch.equal(ref["tokens"], ref_g["tokens"])  # the gains act
     for k in ("field", "push", "entropy", "logp"):
         assert torch.allclose(ref[k], got[k], atol=1e-6), k
+
+
+def test_answers_induction_verdict_follows_the_spearman_ci():
+    """yes needs a strong rank agreement (CI above 0.5); a moderate one (SmolLM2: 0.34 [0.32, 0.35]) is partly."""
+    from analysis.repetition import answers
+
+    def res(lo, hi):
+        nan = [float("nan")] * 3
+        return {"phase": {}, "time_course": {"push": {"after_minus_before": [1.0, 0.5, 1.5]},
+                                             "n_loops_with_4_pre_onset_steps": 3},
+                "self_reinforcement": {"copy3_minus_copy1": nan},
+                "constructed_reinforcement": {"last_minus_first_repeat": [0.4, 0.3, 0.5]},
+                "heads": {"spearman": (lo + hi) / 2, "spearman_ci": [lo, hi], "top_overlap": 4,
+                          "top_overlap_chance": 0.37, "top_overlap_p": 1.8e-4}}
+    key = "attractor heads are induction heads"
+    assert answers(res(0.32, 0.35))[key].startswith("partly")
+    assert answers(res(0.6, 0.7))[key].startswith("yes")
+    assert answers(res(-0.1, 0.1))[key].startswith("no")
